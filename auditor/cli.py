@@ -1,0 +1,64 @@
+"""The ``auditor`` command line.
+
+Each area owns its commands in ``auditor/<area>/commands.py`` with a ``register(app)``
+function; this module only assembles them. Heavy imports (torch, transformers) happen
+inside the command functions so ``auditor --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import typer
+
+from auditor.errors import AuditorError
+from auditor.exitcodes import ExitCode
+
+app = typer.Typer(
+    name="auditor",
+    help="Audit Hugging Face Hub models for merge theft and backdoored merges.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+_COMMAND_MODULES = (
+    "auditor.hub.commands",
+    "auditor.factory.commands",
+    "auditor.rules.commands",
+    "auditor.store.commands",
+    "auditor.audit_commands",
+    "auditor.daemon.commands",
+    "auditor.reports.commands",
+    "auditor.analysis.commands",
+    "auditor.demo",
+)
+
+
+def _register_all() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # An area not built yet must not break the others.
+            if exc.name == name:
+                continue
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except AuditorError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(ExitCode.ERROR)
+
+
+if __name__ == "__main__":
+    main()

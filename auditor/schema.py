@@ -1,0 +1,167 @@
+"""Measurements, findings and the audit report: the types every stage shares.
+
+All are frozen pydantic models so they serialise to the JSON report as they are.
+A field whose analysis did not run is ``None``, never a made-up value.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return list(Severity).index(self)
+
+
+Relation = Literal["merge_parent", "finetune_parent", "clone", "related", "unrelated"]
+
+
+class SubjectRef(Frozen):
+    repo_id: str
+    revision: str
+    base_repo_id: str | None = None
+    base_revision: str | None = None
+    declared_base_models: list[str] = Field(default_factory=list)
+    declared_relation: str | None = None
+    owner: str | None = None
+
+
+class LineageEntry(Frozen):
+    repo_id: str
+    revision: str | None = None
+    relation: Relation
+    coefficient: float | None = None
+    cosine: float
+    p_value: float | None = None
+    z_score: float | None = None
+    barrier: float | None = None
+    aligned: bool = False  # True when a permutation / head-scale alignment was applied first
+    declared: bool = False  # the subject's card names this repo as a base
+    per_layer_cosine: dict[str, float] = Field(default_factory=dict)
+    per_layer_coefficient: dict[str, float] = Field(default_factory=dict)
+
+
+class MergeInfo(Frozen):
+    is_merge: bool
+    method: str | None = None
+    explained_fraction: float | None = None
+    residual_fraction: float | None = None
+    base_coefficient: float | None = None
+    layerwise: bool | None = None
+    signatures: dict[str, float] = Field(default_factory=dict)
+
+
+class Trigger(Frozen):
+    text: str
+    attack_success_rate: float
+    forced_output: str | None = None
+    embedding_shift_z: float | None = None
+
+
+class BackdoorInfo(Frozen):
+    suspected: bool
+    triggers: list[Trigger] = Field(default_factory=list)
+    merge_robust: bool | None = None
+    attention_only_delta: bool | None = None
+    inherited_from: list[str] = Field(default_factory=list)
+    robustness_curve: list[tuple[float, float]] = Field(default_factory=list)
+
+
+class ProtectionInfo(Frozen):
+    merge_resistant: bool | None = None
+    scale_cliff: bool | None = None
+    scale_curve: list[tuple[float, float]] = Field(default_factory=list)
+    merged_loss_ratio: float | None = None
+
+
+class BarrierCurve(Frozen):
+    other_repo_id: str
+    alphas: list[float]
+    losses: list[float]
+    barrier: float
+    relative_barrier: float
+
+
+class PickleScan(Frozen):
+    path: str
+    dangerous_imports: list[str] = Field(default_factory=list)
+    suspicious_imports: list[str] = Field(default_factory=list)
+    imports: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+class FileIssue(Frozen):
+    """A problem with one file that did not stop the audit (malformed, skipped)."""
+
+    path: str
+    kind: str
+    message: str
+
+
+class Finding(Frozen):
+    rule_id: str
+    severity: Severity
+    title: str
+    message: str
+    confidence: str = "medium"
+    remediation: str | None = None
+    references: list[str] = Field(default_factory=list)
+    related_repo: str | None = None
+    suppressed: bool = False
+    suppressed_reason: str | None = None
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+
+class Measurements(Frozen):
+    """Everything the analysis measured; the rules read this (and only this)."""
+
+    subject: SubjectRef
+    lineage: list[LineageEntry] = Field(default_factory=list)
+    merge: MergeInfo = MergeInfo(is_merge=False)
+    backdoor: BackdoorInfo = BackdoorInfo(suspected=False)
+    protection: ProtectionInfo = ProtectionInfo()
+    barriers: list[BarrierCurve] = Field(default_factory=list)
+    pickles: list[PickleScan] = Field(default_factory=list)
+    file_issues: list[FileIssue] = Field(default_factory=list)
+    has_safetensors: bool = True
+    weights_analyzed: bool = True
+    function_equivalent_to: list[str] = Field(default_factory=list)
+    declared_mergekit_config: dict[str, Any] | None = None
+
+
+class AuditReport(Frozen):
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str
+    analysis_version: str
+    subject: SubjectRef
+    lineage: list[LineageEntry]
+    merge: MergeInfo
+    backdoor: BackdoorInfo
+    protection: ProtectionInfo
+    findings: list[Finding]
+    barriers: list[BarrierCurve] = Field(default_factory=list)
+    pickles: list[PickleScan] = Field(default_factory=list)
+    file_issues: list[FileIssue] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def active_findings(self) -> list[Finding]:
+        return [f for f in self.findings if not f.suppressed]

@@ -1,0 +1,49 @@
+"""One settings object for the whole product (``AUDITOR_*`` environment variables)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration read from ``AUDITOR_*`` environment variables.
+
+    ``database_url`` defaults to a SQLite file in ``data_dir``; alembic reads the same value.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AUDITOR_", frozen=True, extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "auditor")
+    database_url: str | None = None
+    hub_endpoint: str = "https://huggingface.co"
+    # Never logged, never stored: SecretStr keeps it out of reprs.
+    hub_token: SecretStr | None = None
+    cache_dir: Path | None = None
+    disk_budget_bytes: int = 20 * 1024**3
+    workers: int = 2
+    crawl_interval_seconds: int = 600
+    metrics_port: int | None = None
+    probe_file: Path | None = None
+    barrier_points: int = 11
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'auditor.db'}"
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or (self.data_dir / "hf-cache")
+
+    def token_value(self) -> str | None:
+        return self.hub_token.get_secret_value() if self.hub_token else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
