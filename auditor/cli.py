@@ -48,6 +48,14 @@ def _register_all() -> None:
         module.register(app)
 
 
+@app.command()
+def version() -> None:
+    """Print the tool and analysis versions."""
+    from auditor import ANALYSIS_VERSION, __version__
+
+    typer.echo(f"auditor {__version__} (analysis {ANALYSIS_VERSION})")
+
+
 _register_all()
 
 
