@@ -48,6 +48,11 @@ def _register_all() -> None:
         module.register(app)
 
 
+@app.callback()
+def _root() -> None:
+    """Audit Hugging Face Hub models for merge theft and backdoored merges."""
+
+
 @app.command()
 def version() -> None:
     """Print the tool and analysis versions."""
