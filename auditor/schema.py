@@ -129,6 +129,18 @@ class Finding(Frozen):
     evidence: dict[str, Any] = Field(default_factory=dict)
 
 
+class RuleMeta(Frozen):
+    """What a formatter needs to know of a rule (SARIF rules, HTML remediation)."""
+
+    id: str
+    title: str
+    severity: Severity
+    confidence: str = "medium"
+    description: str = ""
+    remediation: str = ""
+    references: list[str] = Field(default_factory=list)
+
+
 class Measurements(Frozen):
     """Everything the analysis measured; the rules read this (and only this)."""
 

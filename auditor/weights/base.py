@@ -49,3 +49,15 @@ class DeltaSource(Protocol):
 def iter_deltas(source: DeltaSource) -> Iterator[tuple[str, torch.Tensor]]:
     for name in source.keys():
         yield name, source.delta(name)
+
+
+@runtime_checkable
+class ByteSource(Protocol):
+    """Random access to a file's bytes: a local file, or HTTP Range reads on a Hub file."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from ``offset`` (raises if fewer are available)."""
+        ...

@@ -1,0 +1,1 @@
+"""Pytest fixtures for the zoo area."""
