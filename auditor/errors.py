@@ -24,6 +24,10 @@ class RevisionNotFound(HubError):
     pass
 
 
+class EntryNotFound(HubError):
+    """The repo (at that revision) has no such file."""
+
+
 class GatedRepo(HubError):
     """The repo needs accepted terms or a token we do not have: skipped, never retried."""
 

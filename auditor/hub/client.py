@@ -1,0 +1,395 @@
+"""Resolve a repo id or local folder to a pinned revision, download files, list derivatives.
+
+All traffic goes through the real ``huggingface_hub`` with ``endpoint=``, ``cache_dir=``
+and ``token=`` passed explicitly: its module-level constants (HF_ENDPOINT, HF_HUB_CACHE,
+HF_TOKEN...) are read at import time, so relying on them would make the settings object
+lie. Every huggingface_hub / httpx exception becomes an ``auditor.errors`` type in
+``map_hub_error``, the one place that knows both vocabularies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+import yaml
+
+from auditor.errors import (
+    AuditorError,
+    EntryNotFound,
+    GatedRepo,
+    HubError,
+    RateLimited,
+    RepoNotFound,
+    RevisionNotFound,
+    TransientHubError,
+)
+from auditor.hub.card import CardInfo, card_from_data, is_repo_id, parse_card
+
+if TYPE_CHECKING:
+    from auditor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_CONFIG_BYTES = 1_000_000
+MERGEKIT_CONFIG = "mergekit_config.yml"
+_LOCAL_ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class ResolvedRepo:
+    """A repo pinned to one revision: everything later stages need without more lookups."""
+
+    repo_id: str
+    revision: str
+    files: dict[str, int]
+    card: CardInfo
+    mergekit_config: dict[str, Any] | None = None
+    local_dir: Path | None = None
+    gated: str | bool = False
+    private: bool = False
+    created_at: datetime | None = None
+    last_modified: datetime | None = None
+    owner: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_dir is not None
+
+    @property
+    def has_adapter(self) -> bool:
+        return "adapter_config.json" in self.files
+
+
+@dataclass(frozen=True)
+class RepoSummary:
+    repo_id: str
+    sha: str | None
+    created_at: datetime | None
+    last_modified: datetime | None
+    tags: list[str]
+    gated: str | bool
+    private: bool
+
+
+# --- error mapping -----------------------------------------------------------------
+def _retry_after(response: Any) -> float | None:
+    try:
+        value = response.headers.get("Retry-After")
+        return float(value) if value is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def map_hub_error(exc: BaseException, *, what: str = "Hub request") -> AuditorError:
+    """The ``auditor.errors`` equivalent of a huggingface_hub / httpx / OS exception."""
+    import httpx2
+    from huggingface_hub import errors as hf_errors
+
+    if isinstance(exc, AuditorError):
+        return exc
+    # hf_hub_download wraps the HEAD failure in LocalEntryNotFoundError: the cause says more.
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for err in chain:
+        msg = f"{what}: {type(err).__name__}"
+        if isinstance(err, hf_errors.GatedRepoError):
+            return GatedRepo(f"{what}: gated repo, access needs accepted terms or a token")
+        if isinstance(err, hf_errors.RepositoryNotFoundError):
+            return RepoNotFound(f"{what}: repository not found (or private)")
+        if isinstance(err, hf_errors.RevisionNotFoundError):
+            return RevisionNotFound(f"{what}: revision not found")
+        if isinstance(err, hf_errors.RemoteEntryNotFoundError):
+            return EntryNotFound(f"{what}: file not found in the repository")
+        if isinstance(err, hf_errors.HfHubHTTPError | httpx.HTTPStatusError):
+            response = getattr(err, "response", None)
+            status = getattr(response, "status_code", None)
+            if status == 429:
+                retry = _retry_after(response)
+                return RateLimited(f"{what}: rate limited (429)", retry_after=retry)
+            if status is not None and (status >= 500 or status == 408):
+                return TransientHubError(f"{what}: server error {status}")
+            if status is not None:
+                return HubError(f"{what}: HTTP {status}")
+        if isinstance(err, httpx2.TransportError | httpx.TransportError | TimeoutError
+                      | ConnectionError):
+            return TransientHubError(f"{msg} (connection failed or cut)")
+        if isinstance(err, OSError) and "Consistency check failed" in str(err):
+            return TransientHubError(f"{what}: incomplete download (connection cut)")
+    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
+        return TransientHubError(f"{what}: Hub unreachable and file not cached")
+    return HubError(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def _is_retryable(err: AuditorError) -> bool:
+    return isinstance(err, RateLimited | TransientHubError)
+
+
+# --- the client --------------------------------------------------------------------
+class HubClient:
+    """Talk to the Hub (or serve-hub) through huggingface_hub; local folders work too."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        token: str | None,
+        cache_dir: Path,
+        disk_budget_bytes: int | None,
+        max_retries: int = 3,
+        backoff_seconds: float = 1.0,
+        max_wait_seconds: float = 30.0,
+    ) -> None:
+        from huggingface_hub import HfApi
+
+        self.endpoint = endpoint.rstrip("/")
+        # Kept private and out of reprs/logs; ``False`` stops huggingface_hub from
+        # falling back to a token stored on disk or in HF_TOKEN.
+        self._token: str | None = token or None
+        self.cache_dir = Path(cache_dir)
+        self.disk_budget_bytes = disk_budget_bytes
+        self.max_retries = max_retries
+        self.backoff_seconds = backoff_seconds
+        self.max_wait_seconds = max_wait_seconds
+        self.api = HfApi(endpoint=self.endpoint, token=self._hf_token)
+        from auditor.hub.server_repos import RepoStore
+
+        self._local_store = RepoStore(Path("/"))  # only its folder hashing is used
+
+    def __repr__(self) -> str:
+        return f"HubClient(endpoint={self.endpoint!r}, cache_dir={str(self.cache_dir)!r})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HubClient:
+        return cls(
+            endpoint=settings.hub_endpoint,
+            token=settings.token_value(),
+            cache_dir=settings.resolved_cache_dir,
+            disk_budget_bytes=settings.disk_budget_bytes,
+        )
+
+    @property
+    def _hf_token(self) -> str | bool:
+        return self._token if self._token else False
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers for direct HTTP calls (range reads); never logged."""
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def file_url(self, resolved: ResolvedRepo, filename: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(resolved.repo_id, filename, revision=resolved.revision,
+                          endpoint=self.endpoint)
+
+    def _call(self, fn: Callable[[], T], *, what: str) -> T:
+        """Run ``fn`` retrying 429 / transient failures with backoff (Retry-After honoured)."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                mapped = map_hub_error(exc, what=what)
+                if not _is_retryable(mapped) or attempt >= self.max_retries:
+                    raise mapped from exc
+                wait = self.backoff_seconds * (2**attempt)
+                if isinstance(mapped, RateLimited) and mapped.retry_after is not None:
+                    wait = mapped.retry_after
+                wait = min(wait, self.max_wait_seconds)
+                log.warning("%s failed (%s); retry %d/%d in %.1fs", what, mapped,
+                            attempt + 1, self.max_retries, wait)
+                time.sleep(wait)
+                attempt += 1
+
+    # ----- resolve -------------------------------------------------------------------
+    def resolve(self, spec: str, *, revision: str | None = None) -> ResolvedRepo:
+        """Pin ``spec`` (an existing local folder or a Hub repo id) to one revision."""
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            return self._resolve_local(path, revision=revision)
+        if not is_repo_id(spec):
+            raise RepoNotFound(f"{spec!r} is neither a local folder nor a valid repo id")
+        return self._resolve_remote(spec, revision=revision)
+
+    def _resolve_local(self, folder: Path, *, revision: str | None) -> ResolvedRepo:
+        from auditor.hub.server_repos import RepoLookupError
+
+        folder = folder.resolve()
+        name = _LOCAL_ID_RE.sub("-", folder.name).strip("-.") or "model"
+        repo_id = f"local/{name}"
+        try:
+            snap = self._local_store.folder_snapshot(repo_id, folder, revision or "main",
+                                                     self._local_store.meta(folder))
+        except RepoLookupError as exc:
+            raise RevisionNotFound(f"{folder}: revision {revision!r} does not match the "
+                                   "folder's content hash") from exc
+        files = {p: e.size for p, e in sorted(snap.files.items())}
+        card = CardInfo()
+        readme = folder / "README.md"
+        if "README.md" in files:
+            with readme.open("rb") as fh:
+                card = parse_card(fh.read(1_000_001))
+        mergekit = None
+        if MERGEKIT_CONFIG in files:
+            mergekit = _load_yaml_config(folder / MERGEKIT_CONFIG)
+        gated = snap.meta.get("gated", False)
+        return ResolvedRepo(
+            repo_id=repo_id,
+            revision=snap.sha,
+            files=files,
+            card=card,
+            mergekit_config=mergekit,
+            local_dir=folder,
+            gated=gated if gated in ("auto", "manual") else False,
+            private=bool(snap.meta.get("private", False)),
+            created_at=snap.created_at,
+            last_modified=snap.last_modified,
+            owner=None,
+            tags=list(card.tags),
+        )
+
+    def _resolve_remote(self, repo_id: str, *, revision: str | None) -> ResolvedRepo:
+        info = self._call(
+            lambda: self.api.model_info(repo_id, revision=revision, files_metadata=True),
+            what=f"model_info {repo_id}",
+        )
+        if not info.sha:
+            raise HubError(f"model_info {repo_id}: the server gave no commit sha")
+        files = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+        card_data = info.card_data.to_dict() if info.card_data is not None else None
+        card = card_from_data(card_data)
+        resolved = ResolvedRepo(
+            repo_id=repo_id,
+            revision=info.sha,
+            files=files,
+            card=card,
+            gated=info.gated if info.gated in ("auto", "manual") else False,
+            private=bool(info.private),
+            created_at=info.created_at,
+            last_modified=info.last_modified,
+            owner=info.author or (repo_id.partition("/")[0] if "/" in repo_id else None),
+            tags=list(info.tags or []),
+        )
+        if MERGEKIT_CONFIG in files:
+            try:
+                config = _load_yaml_config(self.fetch(resolved, MERGEKIT_CONFIG))
+            except GatedRepo:
+                config = None  # resolving a gated repo is fine; fetching weights is not
+            resolved = _replace(resolved, mergekit_config=config)
+        return resolved
+
+    # ----- files -----------------------------------------------------------------------
+    def local_path(self, resolved: ResolvedRepo, filename: str) -> Path:
+        """The file inside a local folder, refusing paths that escape it."""
+        assert resolved.local_dir is not None
+        from auditor.hub.server_repos import safe_relpath
+
+        rel = safe_relpath(filename)
+        base = resolved.local_dir.resolve()
+        if rel is None:
+            raise EntryNotFound(f"{filename!r}: path escapes the model folder")
+        path = (base / rel).resolve()
+        if not path.is_relative_to(base):
+            raise EntryNotFound(f"{filename!r}: path escapes the model folder")
+        if not path.is_file():
+            raise EntryNotFound(f"{filename!r} not found in {base}")
+        return path
+
+    def fetch(self, resolved: ResolvedRepo, filename: str) -> Path:
+        """A local path to ``filename`` at exactly ``resolved.revision``."""
+        if resolved.local_dir is not None:
+            return self.local_path(resolved, filename)
+        if filename not in resolved.files:
+            raise EntryNotFound(f"{resolved.repo_id}@{resolved.revision[:12]}: no file "
+                                f"{filename!r}")
+        from huggingface_hub import hf_hub_download
+
+        path = Path(self._call(
+            lambda: hf_hub_download(
+                resolved.repo_id, filename, revision=resolved.revision,
+                endpoint=self.endpoint, cache_dir=self.cache_dir, token=self._hf_token,
+            ),
+            what=f"download {resolved.repo_id}/{filename}",
+        ))
+        _touch(path)
+        if self.disk_budget_bytes is not None:
+            from auditor.hub.cache import enforce_disk_budget
+
+            enforce_disk_budget(self.cache_dir, self.disk_budget_bytes,
+                                protect={resolved.revision})
+        return path
+
+    def list_derivatives(self, base_repo_id: str, *, limit: int | None = None
+                         ) -> Iterator[RepoSummary]:
+        """Repos declaring ``base_repo_id`` as a base model, newest first."""
+        if not is_repo_id(base_repo_id):
+            raise RepoNotFound(f"{base_repo_id!r} is not a valid repo id")
+        what = f"list derivatives of {base_repo_id}"
+        iterator = self._call(
+            lambda: iter(self.api.list_models(filter=f"base_model:{base_repo_id}",
+                                              sort="created_at", limit=limit, full=True)),
+            what=what,
+        )
+        while True:
+            try:
+                info = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:
+                # Pages are fetched lazily here and huggingface_hub's paginate already
+                # retried them with backoff: surface the failure, do not restart the listing.
+                raise map_hub_error(exc, what=what) from exc
+            yield RepoSummary(
+                repo_id=info.id,
+                sha=info.sha,
+                created_at=info.created_at,
+                last_modified=info.last_modified,
+                tags=list(info.tags or []),
+                gated=info.gated if info.gated in ("auto", "manual") else False,
+                private=bool(info.private),
+            )
+
+
+def _replace(resolved: ResolvedRepo, **changes: Any) -> ResolvedRepo:
+    from dataclasses import replace
+
+    return replace(resolved, **changes)
+
+
+def _touch(path: Path) -> None:
+    """Record an access on the blob so cache eviction is LRU even on noatime mounts."""
+    try:
+        blob = path.resolve()
+        st = blob.stat()
+        os.utime(blob, (time.time(), st.st_mtime))
+    except OSError:
+        pass
+
+
+def _load_yaml_config(path: Path) -> dict[str, Any] | None:
+    """Safe-load a (small) YAML config; anything odd gives None."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            return None
+        data = yaml.safe_load(raw.decode("utf-8", errors="replace"))
+    except (OSError, yaml.YAMLError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    # Re-use the card's JSON-safety pass so odd YAML types never reach the report.
+    return card_from_data(data).data
