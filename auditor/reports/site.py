@@ -1,0 +1,313 @@
+"""The static site: index, one page per watched base, audited model and owner.
+
+Pages are plain files with relative links only, so the site works from ``file://``, from
+any static host, and offline. File names come from ``slugify``: repo ids are
+attacker-controlled, so a name is reduced to ``[A-Za-z0-9._-]`` plus a hash of the full id
+(no path traversal, no collisions between ``a/b`` and ``a-b``), and every write is checked
+to land inside ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from auditor.reports import charts, json_format, sarif
+from auditor.reports.html import model_context, render_page
+from auditor.reports.summary import severity_counts, sorted_findings, verdict
+from auditor.schema import AuditReport, RuleMeta, Severity
+
+_DETECTED = ("merge_parent", "finetune_parent", "clone")
+
+
+class WatchedBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str
+    derivatives: list[str] = Field(default_factory=list)
+
+
+class RepoMeta(BaseModel):
+    """What the Hub says about a repo that the audit report does not carry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str
+    owner: str | None = None
+    created_at: datetime | None = None
+    declared_bases: list[str] = Field(default_factory=list)
+
+
+class SiteData(BaseModel):
+    """Everything the site shows. ``audits`` are oldest first: a repo's last audit wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bases: list[WatchedBase] = Field(default_factory=list)
+    audits: list[AuditReport] = Field(default_factory=list)
+    repos: list[RepoMeta] = Field(default_factory=list)
+    generated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+def slugify(repo_id: str) -> str:
+    """A safe, unique file-name stem for an attacker-chosen id."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", repo_id).strip(".-_")[:80].strip(".-_")
+    digest = hashlib.sha256(repo_id.encode("utf-8")).hexdigest()[:10]
+    return f"{clean or 'repo'}-{digest}"
+
+
+@dataclass
+class _Site:
+    data: SiteData
+    rules: Sequence[RuleMeta]
+    out_dir: Path
+
+    def __post_init__(self) -> None:
+        self.latest: dict[str, AuditReport] = {}
+        for report in self.data.audits:
+            self.latest[report.subject.repo_id] = report
+        self.meta = {m.repo_id: m for m in self.data.repos}
+        self.bases = {b.repo_id: b for b in self.data.bases}
+        self.generated = self.data.generated_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        self.written: list[Path] = []
+
+    # --- facts ---------------------------------------------------------------------------------
+    def owner_of(self, repo_id: str) -> str | None:
+        meta = self.meta.get(repo_id)
+        if meta and meta.owner:
+            return meta.owner
+        report = self.latest.get(repo_id)
+        if report and report.subject.owner:
+            return report.subject.owner
+        return repo_id.split("/", 1)[0] if "/" in repo_id else None
+
+    def declared_bases(self, repo_id: str) -> list[str]:
+        meta = self.meta.get(repo_id)
+        report = self.latest.get(repo_id)
+        found = list(meta.declared_bases) if meta else []
+        if report:
+            found += [b for b in report.subject.declared_base_models if b not in found]
+        return found
+
+    def owners(self) -> list[str]:
+        repos: Iterable[str] = [*self.latest, *self.bases,
+                                *(d for b in self.data.bases for d in b.derivatives)]
+        return sorted({o for r in repos if (o := self.owner_of(r))})
+
+    def family(self, base_id: str) -> list[str]:
+        """Derivatives of a base: watched list, plus any audit that declares or detects it."""
+        members = list(self.bases[base_id].derivatives) if base_id in self.bases else []
+        for repo_id, report in self.latest.items():
+            if repo_id == base_id or repo_id in members:
+                continue
+            detected = any(e.repo_id == base_id and e.relation in _DETECTED
+                           for e in report.lineage)
+            if detected or base_id in self.declared_bases(repo_id):
+                members.append(repo_id)
+        return members
+
+    # --- links ---------------------------------------------------------------------------------
+    def model_href(self, repo_id: str, root: str) -> str | None:
+        if repo_id in self.latest:
+            return f"{root}models/{slugify(repo_id)}.html"
+        if repo_id in self.bases:
+            return f"{root}bases/{slugify(repo_id)}.html"
+        return None
+
+    def owner_href(self, owner: str | None, root: str) -> str | None:
+        return f"{root}owners/{slugify(owner)}.html" if owner else None
+
+    # --- writing -------------------------------------------------------------------------------
+    def write(self, rel: str, text: str) -> Path:
+        root = self.out_dir.resolve()
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root):  # defence in depth: slugify already prevents it
+            raise ValueError(f"refusing to write outside the site: {rel!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        self.written.append(path)
+        return path
+
+    def page(self, rel: str, template: str, **context: Any) -> Path:
+        root = "../" * rel.count("/")
+        html = render_page(template, root=root, generated_at=self.generated, **context)
+        return self.write(rel, html)
+
+    # --- pages ---------------------------------------------------------------------------------
+    def model_page(self, report: AuditReport) -> None:
+        repo_id = report.subject.repo_id
+        slug = slugify(repo_id)
+        owner = self.owner_of(repo_id)
+        meta = self.meta.get(repo_id)
+        self.write(f"models/{slug}.json", json_format.format_report(report, rules=self.rules))
+        self.write(f"models/{slug}.sarif", sarif.format_report(report, rules=self.rules))
+        context = model_context(
+            report, rules=self.rules, link_for=lambda r: self.model_href(r, "../"),
+            meta={
+                "owner": owner,
+                "owner_href": self.owner_href(owner, "../"),
+                "created_at": meta.created_at.strftime("%Y-%m-%d") if meta and meta.created_at
+                else None,
+            },
+        )
+        context["downloads"] = {"json": f"{slug}.json", "sarif": f"{slug}.sarif"}
+        self.page(f"models/{slug}.html", "model.j2", **context)
+
+    def base_page(self, base_id: str) -> None:
+        members = self.family(base_id)
+        rows = []
+        for repo_id in members:
+            report = self.latest.get(repo_id)
+            declared = base_id in self.declared_bases(repo_id)
+            entry = next((e for e in report.lineage if e.repo_id == base_id), None) \
+                if report else None
+            detected = entry is not None and entry.relation in _DETECTED
+            if report is None:
+                status, label = "info", "not audited"
+            elif detected and declared:
+                status, label = "declared", "declared"
+            elif detected:
+                status, label = "undeclared", "undeclared"
+            elif declared:
+                status, label = "related", "declared, not detected"
+            else:
+                status, label = "related", "related"
+            others = [e for e in report.lineage
+                      if e.repo_id != base_id and e.relation in _DETECTED] if report else []
+            rows.append({
+                "repo_id": repo_id, "href": self.model_href(repo_id, "../"),
+                "owner": self.owner_of(repo_id), "entry": entry, "status": status,
+                "label": label, "verdict": verdict(report) if report else None,
+                "declared_relation": report.subject.declared_relation if report else None,
+                "others": [{"repo_id": e.repo_id, "href": self.model_href(e.repo_id, "../"),
+                            "declared": e.declared} for e in others],
+            })
+        self.page(
+            f"bases/{slugify(base_id)}.html", "base_family.j2",
+            base_id=base_id, owner=self.owner_of(base_id),
+            owner_href=self.owner_href(self.owner_of(base_id), "../"),
+            base_href=self.model_href(base_id, "../") if base_id in self.latest else None,
+            graph=self.family_graph(base_id, members), rows=rows,
+        )
+
+    def family_graph(self, base_id: str, members: list[str]) -> Any:
+        nodes: dict[str, charts.GraphNode] = {
+            base_id: charts.GraphNode(base_id, base_id, self.model_href(base_id, "../"), "base")
+        }
+        edges: dict[tuple[str, str], charts.GraphEdge] = {}
+
+        def edge(src: str, dst: str) -> charts.GraphEdge:
+            if src not in nodes:
+                nodes[src] = charts.GraphNode(src, src, self.model_href(src, "../"),
+                                              "base" if src in self.bases else "model")
+            return edges.setdefault((src, dst), charts.GraphEdge(src, dst))
+
+        for repo_id in members:
+            report = self.latest.get(repo_id)
+            kind = "model"
+            if report:
+                if report.merge.is_merge:
+                    kind = "merge"
+                if any(f.severity.rank >= Severity.HIGH.rank for f in report.active_findings):
+                    kind = "flagged"
+            nodes.setdefault(repo_id, charts.GraphNode(repo_id, repo_id,
+                                                       self.model_href(repo_id, "../"), kind))
+            for parent in self.declared_bases(repo_id):
+                edge(parent, repo_id).declared = True
+            for e in report.lineage if report else []:
+                if e.relation in _DETECTED:
+                    ge = edge(e.repo_id, repo_id)
+                    ge.detected = True
+                    ge.declared = ge.declared or e.declared
+                    ge.label = e.relation.replace("_", " ")
+            if not report and base_id not in self.declared_bases(repo_id):
+                # A watched derivative not audited yet: the Hub listed it under this base.
+                edge(base_id, repo_id).declared = True
+        return charts.lineage_graph(list(nodes.values()), list(edges.values()),
+                                    title=f"Family of {base_id}", id_prefix="fam")
+
+    def owner_page(self, owner: str) -> None:
+        mine = {r for r in [*self.latest, *self.bases,
+                            *(d for b in self.data.bases for d in b.derivatives)]
+                if self.owner_of(r) == owner}
+        derived = []
+        for repo_id, report in self.latest.items():
+            if repo_id in mine:
+                continue
+            for e in report.lineage:
+                if e.repo_id in mine and e.relation != "unrelated":
+                    derived.append({
+                        "repo_id": repo_id, "href": self.model_href(repo_id, "../"),
+                        "yours": e.repo_id, "yours_href": self.model_href(e.repo_id, "../"),
+                        "entry": e, "verdict": verdict(report),
+                        "owner": self.owner_of(repo_id),
+                    })
+        protection = []
+        for repo_id in sorted(mine):
+            report = self.latest.get(repo_id)
+            if report is None:
+                continue
+            p = report.protection
+            if p.merge_resistant is True:
+                status, text = "clean", "Protected: merging it breaks the merged model"
+            elif p.merge_resistant is False:
+                status, text = "medium", "Not protected: it can be merged without loss"
+            else:
+                status, text = "info", "Not measured"
+            protection.append({"repo_id": repo_id, "href": self.model_href(repo_id, "../"),
+                               "p": p, "status": status, "text": text,
+                               "derived": sum(1 for d in derived if d["yours"] == repo_id)})
+        self.page(
+            f"owners/{slugify(owner)}.html", "owner.j2", owner=owner,
+            repos=[{"repo_id": r, "href": self.model_href(r, "../"),
+                    "verdict": verdict(self.latest[r]) if r in self.latest else None}
+                   for r in sorted(mine)],
+            derived=derived, protection=protection,
+        )
+
+    def index_page(self) -> None:
+        reports = list(self.latest.values())
+        latest_findings = []
+        for report in reversed(reports):  # newest audit first
+            for f in sorted_findings(report.active_findings):
+                latest_findings.append({"f": f, "repo_id": report.subject.repo_id,
+                                        "href": self.model_href(report.subject.repo_id, "")})
+        latest_findings.sort(key=lambda row: -row["f"].severity.rank)
+        bases = []
+        for base_id in self.bases:
+            members = self.family(base_id)
+            flagged = sum(1 for m in members if m in self.latest
+                          and self.latest[m].active_findings)
+            bases.append({"repo_id": base_id, "href": f"bases/{slugify(base_id)}.html",
+                          "derivatives": len(members),
+                          "audited": sum(1 for m in members if m in self.latest),
+                          "flagged": flagged})
+        models = [{"repo_id": r.subject.repo_id, "href": self.model_href(r.subject.repo_id, ""),
+                   "owner": self.owner_of(r.subject.repo_id), "verdict": verdict(r)}
+                  for r in reversed(reports)]
+        self.page(
+            "index.html", "index.j2", counts=severity_counts(reports), bases=bases,
+            findings=latest_findings[:100], models=models,
+            owners=[{"name": o, "href": self.owner_href(o, "")} for o in self.owners()],
+        )
+
+
+def build_site(out_dir: Path, data: SiteData, *, rules: Sequence[RuleMeta] = ()) -> list[Path]:
+    """Render the whole site into ``out_dir``; returns every file written."""
+    site = _Site(data=data, rules=rules, out_dir=Path(out_dir))
+    site.out_dir.mkdir(parents=True, exist_ok=True)
+    for report in site.latest.values():
+        site.model_page(report)
+    for base_id in site.bases:
+        site.base_page(base_id)
+    for owner in site.owners():
+        site.owner_page(owner)
+    site.index_page()
+    return site.written
