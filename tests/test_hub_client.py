@@ -87,7 +87,7 @@ def test_resolve_local_folder(repos: Path, hf_cache: Path, tmp_path: Path) -> No
     client = _client("http://127.0.0.1:9", hf_cache)  # never contacted for folders
     folder = repos / "org/merge"
     res = client.resolve(str(folder))
-    assert res.repo_id == "local/merge" and res.local_dir == folder.resolve()
+    assert res.repo_id == "org/merge" and res.local_dir == folder.resolve()
     assert len(res.revision) == 40
     assert res.revision == client.resolve(str(folder)).revision
     assert res.card.base_models == ["org/base", "u0/ft"]

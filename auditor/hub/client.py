@@ -229,7 +229,10 @@ class HubClient:
 
         folder = folder.resolve()
         name = _LOCAL_ID_RE.sub("-", folder.name).strip("-.") or "model"
-        repo_id = f"local/{name}"
+        # A folder in Hub layout (ROOT/<org>/<name>) keeps its Hub id, so owners compare as
+        # on the Hub; anything else is owned by "local".
+        owner = _LOCAL_ID_RE.sub("-", folder.parent.name).strip("-.") or "local"
+        repo_id = f"{owner}/{name}"
         try:
             snap = self._local_store.folder_snapshot(repo_id, folder, revision or "main",
                                                      self._local_store.meta(folder))
@@ -257,7 +260,7 @@ class HubClient:
             private=bool(snap.meta.get("private", False)),
             created_at=snap.created_at,
             last_modified=snap.last_modified,
-            owner=None,
+            owner=owner,
             tags=list(card.tags),
         )
 

@@ -1,0 +1,137 @@
+"""The built-in detectors, in run order. See ``auditor.detectors`` for the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from auditor.detectors import register
+from auditor.errors import AuditorError, WeightsError
+from auditor.orchestrator import AuditContext, OpenModel
+from auditor.schema import FileIssue, PickleScan
+from auditor.weights.base import TensorSource
+
+
+@register("pickles", needs_weights=False)
+def detect_pickles(ctx: AuditContext) -> None:
+    """Scan pickle-format files statically (never loaded) for the imports they would run."""
+    scans: list[PickleScan] = []
+    resolved = ctx.subject.resolved
+    for name in ctx.subject.inventory.pickles:
+        try:
+            path = ctx.client.fetch(resolved, name)
+        except AuditorError as exc:
+            ctx.file_issues.append(FileIssue(path=name, kind="download", message=str(exc)))
+            continue
+        from auditor.weights.pickles import scan_pickle
+
+        scan = scan_pickle(path)
+        scans.append(scan.model_copy(update={"path": name}))
+    ctx.values["pickles"] = scans
+
+
+def _open_weights(model: OpenModel) -> TensorSource:
+    from auditor.weights.reader import open_model
+
+    files = {n: p for n, p in model.files.items() if not n.startswith("adapter_")}
+    return open_model(files)
+
+
+def _fingerprint(
+    ctx: AuditContext, model: OpenModel, base_src: TensorSource, *, role: str
+) -> tuple[Any, dict[str, Any]]:
+    """Task-vector fingerprint of one model against the base, disguises undone first."""
+    from auditor.analysis.align import align_to_base
+    from auditor.analysis.fingerprint import compute_fingerprint
+    from auditor.weights.lora import lora_deltas
+    from auditor.weights.task_vectors import model_deltas
+
+    info: dict[str, Any] = {}
+    if model.inventory.has_adapter and not model.inventory.safetensors:
+        adapter_files = {n: p for n, p in model.files.items() if n.startswith("adapter_")}
+        deltas, areport = lora_deltas(adapter_files, base_src)
+        info["adapter_exact"] = areport.exact
+        if not areport.exact:
+            ctx.file_issues.append(
+                FileIssue(path=model.inventory.adapter_weights or "adapter",
+                          kind="adapter", message=areport.reason or "not exactly reconstructable")
+            )
+        fp = compute_fingerprint(deltas)
+        return fp, info
+    src = _open_weights(model)
+    ctx.state.setdefault("closers", []).append(src)
+    config = model.config or (ctx.base.config if ctx.base else None)
+    aligned = align_to_base(src, base_src, config=config)
+    info["aligned"] = aligned.report.applied
+    info["alignment"] = aligned.report
+    deltas, report = model_deltas(aligned.source, base_src, model_config=model.config,
+                                  base_config=ctx.base.config if ctx.base else None)
+    for name, (old, new) in report.resized.items():
+        ctx.file_issues.append(FileIssue(
+            path=name, kind="vocab_resize",
+            message=f"{role}: vocabulary resized from {old} to {new} rows; shared rows compared"))
+    info["source"] = aligned.source
+    info["raw_source"] = src
+    return compute_fingerprint(deltas), info
+
+
+@register("weights", needs_weights=False)
+def detect_weights(ctx: AuditContext) -> None:
+    """Stream the subject and its base, align the subject, fingerprint its task vector."""
+    from auditor.analysis.fingerprint import fingerprint_weights
+
+    if ctx.base is None or not ctx.subject.files:
+        return
+    try:
+        base_src = _open_weights(ctx.base)
+    except WeightsError as exc:
+        raise AuditorError(f"base {ctx.base.resolved.repo_id}: {exc}") from exc
+    ctx.state.setdefault("closers", []).append(base_src)
+    ctx.state["base_source"] = base_src
+    try:
+        fp, info = _fingerprint(ctx, ctx.subject, base_src, role="subject")
+    except WeightsError as exc:
+        ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="weights",
+                                         message=str(exc)))
+        return
+    ctx.state.update(fingerprint=fp, subject_info=info, weights_analyzed=True)
+    ctx.state["base_fingerprint"] = fingerprint_weights(base_src)
+    cand_fps: dict[str, Any] = {}
+    cand_info: dict[str, dict[str, Any]] = {}
+    for repo_id, cand in ctx.candidates.items():
+        try:
+            cand_fps[repo_id], cand_info[repo_id] = _fingerprint(ctx, cand, base_src,
+                                                                 role=repo_id)
+        except AuditorError as exc:
+            ctx.errors.append(f"candidate {repo_id}: {exc}")
+    ctx.state["candidate_fingerprints"] = cand_fps
+    ctx.state["candidate_info"] = cand_info
+
+
+@register("lineage")
+def detect_lineage(ctx: AuditContext) -> None:
+    """Relate the subject to every candidate and homologue: parents, clones, coefficients."""
+    from auditor.analysis.lineage import analyze_lineage
+
+    fps: dict[str, Any] = {}
+    revisions: dict[str, str] = {}
+    for repo_id, ref in ctx.homologues.items():
+        if repo_id == ctx.subject.resolved.repo_id:
+            continue
+        fps[repo_id] = ref.fingerprint
+        if ref.revision:
+            revisions[repo_id] = ref.revision
+    for repo_id, fp in ctx.state.get("candidate_fingerprints", {}).items():
+        fps[repo_id] = fp
+        revisions[repo_id] = ctx.candidates[repo_id].resolved.revision
+    info = ctx.state.get("subject_info", {})
+    result = analyze_lineage(
+        ctx.state["fingerprint"],
+        fps,
+        declared_parents=ctx.declared_parents,
+        base_fingerprint=ctx.state.get("base_fingerprint"),
+        subject_aligned=bool(info.get("aligned")),
+        revisions=revisions,
+    )
+    ctx.state["lineage_result"] = result
+    ctx.values["lineage"] = result.entries
+    ctx.values["merge"] = result.merge
