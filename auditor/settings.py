@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     probe_file: Path | None = None
     barrier_points: int = 11
+    # Directory of rules/*.yaml; default: the rules/ folder next to the package.
+    rules_dir: Path | None = None
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,0 +1,203 @@
+"""Evaluate loaded rules on Measurements and produce Findings.
+
+The CEL activation holds ``m`` (``measurements.model_dump(mode="json")``), ``item`` (the
+lineage entry, trigger or pickle scan of per-item rules; null for subject rules) and
+``subject_owner``. Lineage items get a derived ``owner`` (the part of ``repo_id`` before
+the slash) because CEL as cel-python implements it has no string split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import celpy
+import jinja2
+
+from auditor.errors import RuleError
+from auditor.rules.authz import AuthorizationLike, authorization_matches, owner_of
+from auditor.rules.loader import Rule, example_measurements
+from auditor.schema import Finding, Measurements, RuleMeta
+
+__all__ = [
+    "AuthorizationLike",
+    "ExampleFailure",
+    "evaluate",
+    "rule_metas",
+    "run_examples",
+]
+
+
+def _subject_owner(m: dict[str, Any]) -> str:
+    subject = m["subject"]
+    return subject.get("owner") or owner_of(subject["repo_id"])
+
+
+def _items(rule: Rule, m: dict[str, Any]) -> list[dict[str, Any] | None]:
+    scope = rule.spec.scope
+    if scope == "subject":
+        return [None]
+    if scope == "lineage":
+        return [{**entry, "owner": owner_of(entry["repo_id"])} for entry in m["lineage"]]
+    if scope == "triggers":
+        return list(m["backdoor"]["triggers"])
+    return list(m["pickles"])
+
+
+def _short(exc: BaseException) -> str:
+    # celpy errors carry the whole activation in their text: keep the first line of it.
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return " ".join(text.split())[:300]
+
+
+def _condition(rule: Rule, activation: dict[str, Any]) -> bool:
+    try:
+        result = rule.program.evaluate(activation)
+    except celpy.CELEvalError as exc:
+        raise RuleError(f"{rule.where}: rule {rule.id}: condition failed: {_short(exc)}") from None
+    if isinstance(result, celpy.CELEvalError):
+        raise RuleError(f"{rule.where}: rule {rule.id}: condition failed: {_short(result)}")
+    if not isinstance(result, bool | celpy.celtypes.BoolType):
+        raise RuleError(
+            f"{rule.where}: rule {rule.id}: condition must give a bool, got {type(result).__name__}"
+        )
+    return bool(result)
+
+
+def _lookup(m: dict[str, Any], path: str) -> Any:
+    value: Any = m
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise RuleError(f"evidence path {path!r} not in the measurements")
+        value = value[part]
+    return value
+
+
+def _finding(rule: Rule, m: dict[str, Any], item: dict[str, Any] | None) -> Finding:
+    spec = rule.spec
+    try:
+        message = rule.template.render(m=m, item=item, subject_owner=_subject_owner(m)).strip()
+    except jinja2.TemplateError as exc:
+        raise RuleError(f"{rule.where}: rule {rule.id}: message failed: {exc}") from None
+    related: str | None = None
+    if item is not None:
+        evidence = dict(item)
+        if spec.scope == "lineage":
+            related = item["repo_id"]
+    else:
+        try:
+            evidence = {path: _lookup(m, path) for path in spec.evidence}
+        except RuleError as exc:
+            raise RuleError(f"{rule.where}: rule {rule.id}: {exc}") from None
+    return Finding(
+        rule_id=spec.id,
+        severity=spec.severity,
+        title=spec.title,
+        message=message,
+        confidence=spec.confidence,
+        remediation=spec.remediation.strip() or None,
+        references=list(spec.references),
+        related_repo=related,
+        evidence=evidence,
+    )
+
+
+def _suppress(
+    finding: Finding, subject_repo: str, authorizations: Sequence[AuthorizationLike]
+) -> Finding:
+    for auth in authorizations:
+        if authorization_matches(
+            auth, subject_repo=subject_repo, related_repo=finding.related_repo
+        ):
+            scope = auth.related_repo or f"models of {auth.owner}"
+            reason = f"{auth.owner} authorized {auth.subject} to use {scope}"
+            if auth.note:
+                reason += f": {auth.note}"
+            return finding.model_copy(update={"suppressed": True, "suppressed_reason": reason})
+    return finding
+
+
+def evaluate(
+    rules: Sequence[Rule],
+    measurements: Measurements,
+    *,
+    authorizations: Sequence[AuthorizationLike] = (),
+) -> list[Finding]:
+    """Every finding the rules give on ``measurements``, most severe first.
+
+    Findings an owner authorized are kept, marked ``suppressed`` with the reason.
+    """
+    m = measurements.model_dump(mode="json")
+    base = {"m": celpy.json_to_cel(m), "subject_owner": celpy.json_to_cel(_subject_owner(m))}
+    findings: list[Finding] = []
+    for rule in rules:
+        for item in _items(rule, m):
+            activation = {**base, "item": celpy.json_to_cel(item)}
+            if _condition(rule, activation):
+                findings.append(_finding(rule, m, item))
+    subject_repo = measurements.subject.repo_id
+    findings = [_suppress(f, subject_repo, authorizations) for f in findings]
+    findings.sort(key=lambda f: (-f.severity.rank, f.rule_id, f.related_repo or ""))
+    return findings
+
+
+def rule_metas(rules: Sequence[Rule]) -> list[RuleMeta]:
+    return [
+        RuleMeta(
+            id=r.spec.id,
+            title=r.spec.title,
+            severity=r.spec.severity,
+            confidence=r.spec.confidence,
+            description=r.spec.description.strip(),
+            remediation=r.spec.remediation.strip(),
+            references=list(r.spec.references),
+        )
+        for r in rules
+    ]
+
+
+@dataclass(frozen=True)
+class ExampleFailure:
+    rule_id: str
+    source: str
+    kind: str  # "fires" or "does_not_fire"
+    index: int
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.source}: rule {self.rule_id}: examples.{self.kind}[{self.index}]: {self.reason}"
+        )
+
+
+def run_examples(rules: Sequence[Rule]) -> tuple[int, list[ExampleFailure]]:
+    """Run every rule's examples alone; returns (examples run, failures)."""
+    failures: list[ExampleFailure] = []
+    count = 0
+    for rule in rules:
+        cases = [("fires", e, True) for e in rule.spec.examples.fires]
+        cases += [("does_not_fire", e, False) for e in rule.spec.examples.does_not_fire]
+        index = {"fires": 0, "does_not_fire": 0}
+        for kind in ("fires", "does_not_fire"):
+            if not getattr(rule.spec.examples, kind):
+                failures.append(
+                    ExampleFailure(rule.id, rule.where, kind, 0, f"no '{kind}' example given")
+                )
+        for kind, example, expected in cases:
+            i = index[kind]
+            index[kind] += 1
+            count += 1
+            try:
+                found = evaluate([rule], example_measurements(example))
+            except RuleError as exc:
+                failures.append(ExampleFailure(rule.id, rule.where, kind, i, str(exc)))
+                continue
+            if bool(found) != expected:
+                reason = (
+                    "expected a finding, got none"
+                    if expected
+                    else (f"expected no finding, got {len(found)}: {found[0].message}")
+                )
+                failures.append(ExampleFailure(rule.id, rule.where, kind, i, reason))
+    return count, failures

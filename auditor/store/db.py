@@ -1,0 +1,115 @@
+"""Engines, sessions and schema upgrades (Alembic, programmatically)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+import auditor
+from auditor.errors import StoreError
+from auditor.settings import get_settings
+
+# The Alembic scripts live next to the package (repo root), not inside it.
+ALEMBIC_DIR = Path(auditor.__file__).resolve().parent.parent / "alembic"
+ALEMBIC_INI = ALEMBIC_DIR.parent / "alembic.ini"
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def default_database_url() -> str:
+    """The configured URL, or a SQLite file in AUDITOR_DATA_DIR (directory created)."""
+    settings = get_settings()
+    if settings.database_url:
+        return normalize_url(settings.database_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings.resolved_database_url
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for plain ``postgresql://`` URLs (psycopg2 is not installed)."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    if url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url[len("postgres://") :]
+    return url
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
+    """An engine for ``url`` (default: settings). SQLite gets WAL, a busy timeout and
+    foreign keys on every connection, so several processes can share the file."""
+    url = normalize_url(url or default_database_url())
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        _ensure_sqlite_dir(url)
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+        engine = create_engine(url, connect_args=connect_args, **kwargs)
+        _install_sqlite_hooks(engine)
+        return engine
+    if backend == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(url, **kwargs)
+    raise StoreError(f"unsupported database URL {make_url(url).render_as_string()!r}")
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+        # Let SQLAlchemy emit BEGIN itself (see _sqlite_begin) instead of pysqlite's
+        # implicit, deferred transactions, so claims can use BEGIN IMMEDIATE.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn: Any) -> None:
+        # IMMEDIATE takes the write lock up front: two processes cannot both read a
+        # queued audit and then both update it (no lock-upgrade deadlocks either).
+        mode = conn.get_execution_options().get("sqlite_begin", "")
+        conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    # expire_on_commit=False: callers read attributes of returned rows after commit.
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config(str(ALEMBIC_INI)) if ALEMBIC_INI.exists() else Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    # '%' must be escaped for configparser interpolation.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logging"] = False
+    return config
+
+
+def upgrade_database(url: str | None = None, *, revision: str = "head") -> None:
+    """Run Alembic migrations up to ``revision`` on ``url`` (default: settings)."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(normalize_url(url or default_database_url())), revision)
+
+
+def downgrade_database(url: str | None = None, *, revision: str = "base") -> None:
+    from alembic import command
+
+    command.downgrade(_alembic_config(normalize_url(url or default_database_url())), revision)
