@@ -451,6 +451,22 @@ def already_audited(session: Session, revision_id: int, analysis_version: str) -
     return found is not None
 
 
+def find_audit_id(
+    session: Session, revision_id: int, *, analysis_version: str, config_hash: str
+) -> int:
+    """The id of the audit row for this key (it exists once queue_audit has run)."""
+    found = session.scalar(
+        select(Audit.id).where(
+            Audit.revision_id == revision_id,
+            Audit.analysis_version == analysis_version,
+            Audit.config_hash == config_hash,
+        )
+    )
+    if found is None:
+        raise StoreError(f"no audit of revision {revision_id} at version {analysis_version}")
+    return found
+
+
 def get_audit(session: Session, audit_id: int) -> Audit | None:
     return session.get(Audit, audit_id, populate_existing=True)
 
