@@ -1,0 +1,41 @@
+"""CLI commands of the analysis area: ``auditor sanitize``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sanitize")
+    def sanitize_cmd(
+        subject: Annotated[Path, typer.Argument(help="Folder of the (possibly backdoored) model.")],
+        homologues: Annotated[list[Path], typer.Option("--with", help="Benign homologue folder.")],
+        output: Annotated[Path, typer.Option("--output", help="Folder to write the result to.")],
+        weight: Annotated[list[float] | None, typer.Option(
+            "--weight", help="One weight per model (default uniform).")] = None,
+        base: Annotated[Path | None, typer.Option(
+            "--base", help="Base folder: find the triggers.")] = None,
+        trigger: Annotated[str | None, typer.Option("--trigger", help="Known trigger.")] = None,
+        forced: Annotated[str | None, typer.Option(
+            "--forced-output", help="The trigger's forced output.")] = None,
+    ) -> None:
+        """Average SUBJECT with benign homologues ("Here's a Free Lunch") into OUTPUT."""
+        from auditor.analysis.sanitize import sanitize
+        from auditor.schema import Trigger
+
+        trigs = None
+        if trigger:
+            trigs = [Trigger(text=trigger, attack_success_rate=0.0, forced_output=forced)]
+        res = sanitize(subject, homologues, output_dir=output, weights=weight or None,
+                       triggers=trigs, base=base)
+
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.3f}"
+
+        typer.echo(f"wrote {res.tensors_written} tensors to {res.output_dir}")
+        typer.echo(f"trigger: {res.trigger or 'none'}  ASR {fmt(res.asr_before)} -> "
+                   f"{fmt(res.asr_after)}  probe loss {fmt(res.loss_before)} -> "
+                   f"{fmt(res.loss_after)}")
