@@ -61,17 +61,33 @@ def _fingerprint(
     ctx.state.setdefault("closers", []).append(src)
     config = model.config or (ctx.base.config if ctx.base else None)
     aligned = align_to_base(src, base_src, config=config)
-    info["aligned"] = aligned.report.applied
+    disguised = _disguise_detected(aligned.report, config or {})
+    info["aligned"] = disguised
     info["alignment"] = aligned.report
-    deltas, report = model_deltas(aligned.source, base_src, model_config=model.config,
+    # Ordinary fine-tuning also moves a few neuron scales; only a real disguise (a
+    # permutation, or most units rescaled) justifies comparing the aligned weights.
+    chosen = aligned.source if disguised else src
+    deltas, report = model_deltas(chosen, base_src, model_config=model.config,
                                   base_config=ctx.base.config if ctx.base else None)
     for name, (old, new) in report.resized.items():
         ctx.file_issues.append(FileIssue(
             path=name, kind="vocab_resize",
             message=f"{role}: vocabulary resized from {old} to {new} rows; shared rows compared"))
-    info["source"] = aligned.source
+    info["source"] = chosen
     info["raw_source"] = src
     return compute_fingerprint(deltas), info
+
+
+def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:
+    """A function-preserving disguise: neurons permuted, or a large share of units rescaled."""
+    if report.permuted:
+        return True
+    layers = {la.layer for la in report.layers}
+    inter = int(config.get("intermediate_size") or 0)
+    heads = int(config.get("num_attention_heads") or 0)
+    units = len(layers) * (inter + 2 * heads)
+    rescaled = sum(la.rescaled for la in report.layers)
+    return units > 0 and rescaled / units > 0.2
 
 
 @register("weights", needs_weights=False)
