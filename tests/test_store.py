@@ -137,6 +137,22 @@ def test_queue_dedupe(store_session: Session) -> None:
     store_session.rollback()
 
 
+def test_claims_follow_upload_order(store_session: Session) -> None:
+    # Queued newest first (as a crawl lists them), claimed oldest upload first, so a
+    # merge's parents are audited (and fingerprinted) before the merge itself.
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    ids = {}
+    for i, name in enumerate(["o/merge", "o/parent-b", "o/parent-a"]):
+        rev = repo.upsert_revision(store_session, name, f"{i:040x}",
+                                   created_at=t0 - timedelta(hours=i))
+        ids[name] = repo.queue_audit(store_session, rev.id, analysis_version="1",
+                                     config_hash="c")
+    order = []
+    while (audit := repo.claim_next_audit(store_session, worker_id="w", lease_seconds=60)):
+        order.append(audit.id)
+    assert order == [ids["o/parent-a"], ids["o/parent-b"], ids["o/merge"]]
+
+
 def test_complete_stores_report_comparisons_findings(store_session: Session) -> None:
     rev = _revision(store_session)
     audit_id = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c")

@@ -215,13 +215,16 @@ def queue_audit(
 
 
 def _claimable(now: datetime) -> Select[tuple[int]]:
+    # Oldest upload first: a merge's parents are uploaded before it, so by the time the
+    # merge is audited their fingerprints are in the store to compare against.
     return (
         select(Audit.id)
+        .join(Revision, Revision.id == Audit.revision_id)
         .where(
             Audit.status == "queued",
             or_(Audit.next_attempt_at.is_(None), Audit.next_attempt_at <= now),
         )
-        .order_by(Audit.queued_at, Audit.id)
+        .order_by(Revision.created_at.asc().nulls_last(), Audit.queued_at, Audit.id)
         .limit(1)
     )
 
@@ -247,7 +250,7 @@ def claim_next_audit(
         now = utcnow()
         query = _claimable(now)
         if is_pg:
-            query = query.with_for_update(skip_locked=True)
+            query = query.with_for_update(skip_locked=True, of=Audit)
         audit_id = session.scalar(query)
         if audit_id is None:
             session.rollback()
