@@ -1,0 +1,227 @@
+"""List the derivatives of a watched base and queue an audit for every new revision.
+
+Two listings, both newest first and both stopping at the stored cursor:
+
+* by creation date (``HubClient.list_derivatives``) back to the newest ``createdAt`` seen
+  by the last successful crawl: new repos;
+* by last modification back to the last successful crawl (minus a margin for clock
+  skew): new commits of repos created before the cursor.
+
+Every listed repo's current sha is compared with the stored revisions; new ones are
+recorded and queued. The cursor moves only after everything listed is recorded, so a
+crash mid-crawl lists the same repos again and the unique keys (repo id, revision sha,
+audit key) make that a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session
+
+from auditor import ANALYSIS_VERSION
+from auditor.daemon import metrics
+from auditor.errors import AuditorError
+from auditor.hub.client import HubClient, RepoSummary, map_hub_error
+from auditor.store import repository
+
+if TYPE_CHECKING:
+    from auditor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# How far before the last successful crawl the "modified since" listing reaches back:
+# Hub timestamps come from another clock, and re-listing a repo is harmless.
+MODIFIED_MARGIN = timedelta(hours=1)
+
+
+@dataclass
+class CrawlResult:
+    base_repo_id: str
+    listed: int = 0
+    new_repos: list[str] = field(default_factory=list)
+    new_revisions: list[tuple[str, str]] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _list_modified(client: HubClient, base_repo_id: str) -> Iterator[RepoSummary]:
+    """Derivatives of ``base_repo_id`` by last modification, newest first."""
+    what = f"list modified derivatives of {base_repo_id}"
+    # HubClient._call retries the first page; later pages use huggingface_hub's backoff.
+    iterator = client._call(
+        lambda: iter(client.api.list_models(filter=f"base_model:{base_repo_id}",
+                                            sort="last_modified", full=True)),
+        what=what,
+    )
+    while True:
+        try:
+            info = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise map_hub_error(exc, what=what) from exc
+        yield RepoSummary(
+            repo_id=info.id,
+            sha=info.sha,
+            created_at=info.created_at,
+            last_modified=info.last_modified,
+            tags=list(info.tags or []),
+            gated=info.gated if info.gated in ("auto", "manual") else False,
+            private=bool(info.private),
+        )
+
+
+def _skip_reason(summary: RepoSummary, *, has_token: bool) -> str | None:
+    if summary.private:
+        # Reports are public: a private repo visible to our token is not ours to publish.
+        return "private repo"
+    if summary.gated and not has_token:
+        return f"gated repo ({summary.gated}): needs accepted terms and a token"
+    return None
+
+
+def crawl_base(
+    session: Session,
+    client: HubClient,
+    base_repo_id: str,
+    *,
+    config_hash: str,
+    analysis_version: str = ANALYSIS_VERSION,
+    progress: Callable[[str], None] | None = None,
+) -> CrawlResult:
+    """Crawl one base: record and queue every new derivative revision.
+
+    Hub errors are recorded on the cursor (which then stays where it was) and returned
+    in ``CrawlResult.error``; they never raise.
+    """
+    result = CrawlResult(base_repo_id=base_repo_id)
+    cursor = repository.get_cursor(session, base_repo_id)
+    stop_created = cursor.last_created_at if cursor else None
+    last_success = cursor.last_success_at if cursor else None
+    session.rollback()
+    newest_created: datetime | None = None
+    newest_sha: str | None = None
+    seen: set[str] = set()
+    has_token = bool(client.auth_headers())
+    try:
+        for summary in client.list_derivatives(base_repo_id):
+            if stop_created is not None and summary.created_at is not None \
+                    and summary.created_at < stop_created:
+                break  # older than everything the last crawl saw: known ground
+            if newest_created is None and summary.created_at is not None:
+                newest_created, newest_sha = summary.created_at, summary.sha
+            seen.add(summary.repo_id)
+            _record(session, summary, base_repo_id=base_repo_id, result=result,
+                    config_hash=config_hash, analysis_version=analysis_version,
+                    has_token=has_token, progress=progress)
+        if last_success is not None:
+            since = last_success - MODIFIED_MARGIN
+            for summary in _list_modified(client, base_repo_id):
+                if summary.last_modified is not None and summary.last_modified < since:
+                    break
+                if summary.repo_id in seen:
+                    continue
+                seen.add(summary.repo_id)
+                _record(session, summary, base_repo_id=base_repo_id, result=result,
+                        config_hash=config_hash, analysis_version=analysis_version,
+                        has_token=has_token, progress=progress)
+    except AuditorError as exc:
+        result.error = str(exc)
+        session.rollback()
+        repository.set_cursor(session, base_repo_id, error=result.error)
+        metrics.CRAWL_FAILURES.labels(base=base_repo_id).inc()
+        log.warning("crawl failed base=%s error=%s listed=%d", base_repo_id, exc,
+                    result.listed)
+        return result
+    result.listed = len(seen)
+    # Only now: every listed revision is recorded and queued.
+    repository.set_cursor(session, base_repo_id, last_created_at=newest_created,
+                          last_sha=newest_sha)
+    metrics.CRAWL_SUCCESS.labels(base=base_repo_id).set(time.time())
+    log.info("crawl done base=%s listed=%d new_repos=%d new_revisions=%d queued=%d "
+             "skipped=%d", base_repo_id, result.listed, len(result.new_repos),
+             len(result.new_revisions), len(result.queued), len(result.skipped))
+    return result
+
+
+def _record(
+    session: Session,
+    summary: RepoSummary,
+    *,
+    base_repo_id: str,
+    result: CrawlResult,
+    config_hash: str,
+    analysis_version: str,
+    has_token: bool,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Record one listed repo's current revision and queue (or skip) its audit."""
+    if progress is not None:
+        progress(summary.repo_id)
+    if not summary.sha:
+        log.warning("listed repo without a sha repo=%s base=%s", summary.repo_id, base_repo_id)
+        return
+    known = repository.get_repo(session, summary.repo_id)
+    reason = _skip_reason(summary, has_token=has_token)
+    declared = list(known.declared_base_models) if known is not None else []
+    if base_repo_id not in declared:
+        declared.append(base_repo_id)
+    if known is None:
+        result.new_repos.append(summary.repo_id)
+    repository.upsert_repo(
+        session, summary.repo_id, declared_base_models=declared,
+        gated=bool(summary.gated), private=summary.private,
+        # "" clears a stale reason when a repo stops being gated.
+        skip_reason=reason or "",
+    )
+    existing = repository.get_revision(session, summary.repo_id, summary.sha)
+    revision = repository.upsert_revision(session, summary.repo_id, summary.sha,
+                                          created_at=summary.last_modified or summary.created_at)
+    if existing is None:
+        result.new_revisions.append((summary.repo_id, summary.sha))
+    audit_id = repository.queue_audit(session, revision.id, analysis_version=analysis_version,
+                                      config_hash=config_hash)
+    if audit_id is None:
+        return  # already queued, running, done or skipped
+    if reason is not None:
+        repository.skip_audit(session, audit_id, reason=reason)
+        result.skipped[summary.repo_id] = reason
+        log.info("skipped repo=%s sha=%s reason=%r", summary.repo_id, summary.sha[:12], reason)
+        return
+    result.queued.append(audit_id)
+    log.info("queued repo=%s sha=%s audit=%d", summary.repo_id, summary.sha[:12], audit_id)
+
+
+def crawl_all(
+    session: Session,
+    client: HubClient,
+    settings: Settings,
+    *,
+    progress: Callable[[str, str], None] | None = None,
+) -> list[CrawlResult]:
+    """Crawl every watched base once (``progress(base, repo_id)`` per listed repo)."""
+    from auditor.daemon.queries import analysis_config_hash
+
+    config_hash = analysis_config_hash(settings)
+    bases = [w.repo_id for w in repository.watch_list(session)]
+    session.rollback()
+    results = []
+    for base in bases:
+        def report(repo_id: str, base: str = base) -> None:
+            if progress is not None:
+                progress(base, repo_id)
+
+        results.append(crawl_base(session, client, base, config_hash=config_hash,
+                                  progress=report))
+    return results

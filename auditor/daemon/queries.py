@@ -1,0 +1,229 @@
+"""Store queries the daemon needs beyond ``auditor.store.repository``.
+
+They live here (not in the store) so the daemon can grow without touching the store's
+API; each writing function commits its own transaction like the store's do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from auditor.store.models import Audit, Fingerprint, Repo, Revision, WatchedBase
+from auditor.store.repository import _begin_write
+
+if TYPE_CHECKING:
+    from auditor.schema import BackdoorInfo
+    from auditor.settings import Settings
+
+
+def analysis_config_hash(settings: Settings) -> str:
+    """A short hash of the settings that change an audit's result.
+
+    Part of the audit's unique key: changing them queues the revisions again (the
+    history is kept) while unrelated settings (workers, ports, token) do not.
+    """
+    rules_digest = ""
+    if settings.rules_dir is not None and settings.rules_dir.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(settings.rules_dir.glob("*.y*ml")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        rules_digest = digest.hexdigest()
+    probe_digest = ""
+    if settings.probe_file is not None and settings.probe_file.is_file():
+        probe_digest = hashlib.sha256(settings.probe_file.read_bytes()).hexdigest()
+    payload = {
+        "barrier_points": settings.barrier_points,
+        "probe_file": probe_digest,
+        "rules": rules_digest,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- worker identity -------------------------------------------------------------
+def worker_prefix() -> str:
+    """``host:pid`` of this process; worker ids start with it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def requeue_dead_local(session: Session) -> int:
+    """Re-queue running audits held by a worker of a dead process on this host.
+
+    A daemon killed with SIGKILL leaves its audits running until their lease expires;
+    on restart on the same host we know the holder is gone and need not wait. A live
+    pid (even a reused one) is left alone: the lease then decides, which is safe.
+    """
+    host = socket.gethostname()
+    rows = session.execute(
+        select(Audit.id, Audit.worker_id).where(Audit.status == "running")
+    ).all()
+    session.rollback()
+    dead: list[tuple[int, str]] = []
+    for audit_id, worker_id in rows:
+        parts = (worker_id or "").split(":")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1])):
+            dead.append((audit_id, worker_id))
+    requeued = 0
+    for audit_id, worker_id in dead:
+        if release_audit(session, audit_id, worker_id=worker_id):
+            requeued += 1
+    return requeued
+
+
+def release_audit(session: Session, audit_id: int, *, worker_id: str) -> bool:
+    """Give a running audit back to the queue without counting the attempt
+    (shutdown or a dead holder is not the audit's fault)."""
+    _begin_write(session)
+    result = session.execute(
+        update(Audit)
+        .where(Audit.id == audit_id, Audit.status == "running", Audit.worker_id == worker_id)
+        .values(
+            status="queued",
+            worker_id=None,
+            lease_expires_at=None,
+            next_attempt_at=None,
+            attempts=func.max(Audit.attempts - 1, 0)
+            if session.get_bind().dialect.name == "sqlite"
+            else func.greatest(Audit.attempts - 1, 0),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+# --- what an audit needs ---------------------------------------------------------
+@dataclass(frozen=True)
+class AuditTarget:
+    audit_id: int
+    revision_id: int
+    repo_id: str
+    sha: str
+    base_repo_id: str | None
+    analysis_version: str
+
+
+def audit_target(session: Session, audit_id: int) -> AuditTarget:
+    """The repo, revision and watched base of an audit."""
+    row = session.execute(
+        select(Audit.id, Audit.revision_id, Audit.analysis_version, Revision.sha, Repo.repo_id,
+               Repo.declared_base_models)
+        .join(Revision, Audit.revision_id == Revision.id)
+        .join(Repo, Revision.repo_pk == Repo.id)
+        .where(Audit.id == audit_id)
+    ).one()
+    declared = [b for b in (row.declared_base_models or []) if isinstance(b, str)]
+    watched = set(session.scalars(select(WatchedBase.repo_id)))
+    # A merge declares several bases: prefer the watched one the crawler found it under.
+    base = next((b for b in declared if b in watched), declared[0] if declared else None)
+    session.rollback()
+    return AuditTarget(audit_id=row.id, revision_id=row.revision_id, repo_id=row.repo_id,
+                       sha=row.sha, base_repo_id=base, analysis_version=row.analysis_version)
+
+
+@dataclass(frozen=True)
+class StoredHomologue:
+    repo_id: str
+    revision: str
+    fingerprint: bytes
+    backdoor: BackdoorInfo | None
+
+
+def stored_homologues(
+    session: Session, *, base_repo_id: str, exclude_repo_id: str, analysis_version: str
+) -> list[StoredHomologue]:
+    """Fingerprints of the base's other known derivatives (newest audited revision of each
+    repo with a fingerprint at ``analysis_version``), with the backdoor verdict of their
+    latest done audit when it was flagged."""
+    from auditor.schema import BackdoorInfo
+
+    rows = session.execute(
+        select(Repo.repo_id, Repo.declared_base_models, Revision.id, Revision.sha,
+               Fingerprint.data, Fingerprint.path, Fingerprint.created_at)
+        .join(Revision, Revision.repo_pk == Repo.id)
+        .join(Fingerprint, Fingerprint.revision_id == Revision.id)
+        .where(Fingerprint.analysis_version == analysis_version,
+               Repo.repo_id != exclude_repo_id)
+        .order_by(Fingerprint.created_at.desc(), Fingerprint.id.desc())
+    ).all()
+    chosen: dict[str, Any] = {}
+    for row in rows:
+        # JSON containment is not portable across SQLite / PostgreSQL: filter here.
+        if base_repo_id not in (row.declared_base_models or []) or row.repo_id in chosen:
+            continue
+        chosen[row.repo_id] = row
+    out: list[StoredHomologue] = []
+    for repo_id, row in chosen.items():
+        data = row.data
+        if data is None and row.path:
+            try:
+                with open(row.path, "rb") as fh:
+                    data = fh.read()
+            except OSError:
+                continue  # a lost fingerprint file only shrinks the comparison set
+        if data is None:
+            continue
+        report = session.scalar(
+            select(Audit.report)
+            .where(Audit.revision_id == row.id, Audit.status == "done",
+                   Audit.analysis_version == analysis_version)
+            .order_by(Audit.finished_at.desc(), Audit.id.desc())
+            .limit(1)
+        )
+        backdoor = None
+        if isinstance(report, dict) and isinstance(report.get("backdoor"), dict):
+            info = BackdoorInfo.model_validate(report["backdoor"])
+            backdoor = info if info.suspected else None
+        out.append(StoredHomologue(repo_id=repo_id, revision=row.sha, fingerprint=data,
+                                   backdoor=backdoor))
+    session.rollback()
+    return out
+
+
+# --- queue facts -----------------------------------------------------------------
+def pending_count(session: Session) -> int:
+    """Audits still to run (queued, including those waiting for a retry, or running)."""
+    n = session.scalar(
+        select(func.count()).select_from(Audit).where(Audit.status.in_(("queued", "running")))
+    )
+    session.rollback()
+    return int(n or 0)
+
+
+def next_due_at(session: Session) -> datetime | None:
+    """When the earliest queued audit becomes claimable (None: now or nothing queued)."""
+    value = session.scalar(
+        select(func.min(Audit.next_attempt_at)).where(Audit.status == "queued")
+    )
+    session.rollback()
+    return value
+
+
+def running_shas(session: Session) -> set[str]:
+    """Commits being audited right now (protected from cache eviction)."""
+    shas = set(session.scalars(
+        select(Revision.sha).join(Audit, Audit.revision_id == Revision.id)
+        .where(Audit.status == "running")
+    ))
+    session.rollback()
+    return shas

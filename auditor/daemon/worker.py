@@ -1,0 +1,367 @@
+"""Run queued audits: claim with a lease, audit through the orchestrator, record.
+
+``run_one`` does one audit; ``WorkerPool`` runs ``run_one`` on N threads, each with its
+own session, until the queue is drained or it is told to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from auditor.daemon import metrics
+from auditor.daemon.queries import (
+    StoredHomologue,
+    audit_target,
+    next_due_at,
+    pending_count,
+    release_audit,
+    running_shas,
+    stored_homologues,
+    worker_prefix,
+)
+from auditor.errors import AuditorError, GatedRepo, RateLimited, StoreError, TransientHubError
+from auditor.store import repository
+from auditor.store.models import utcnow
+
+if TYPE_CHECKING:
+    from auditor.hub.client import HubClient
+    from auditor.settings import Settings
+
+log = structlog.get_logger("auditor.daemon.worker")
+
+DEFAULT_LEASE_SECONDS = 300.0
+
+AuditFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How failed audits are retried (the store's defaults; tests shrink them)."""
+
+    max_attempts: int = repository.DEFAULT_MAX_ATTEMPTS
+    backoff_seconds: float = repository.DEFAULT_BACKOFF_SECONDS
+
+
+def _audit_fn() -> AuditFn:
+    # Looked up at call time so the orchestrator can be wrapped (tests, instrumentation).
+    from auditor import orchestrator
+
+    return orchestrator.audit_revision  # type: ignore[no-any-return]
+
+
+def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
+    from auditor.analysis.fingerprint import Fingerprint
+    from auditor.orchestrator import HomologueRef
+
+    refs: dict[str, Any] = {}
+    for h in stored:
+        try:
+            fp = Fingerprint.from_bytes(h.fingerprint)
+        except AuditorError as exc:
+            # A bad stored fingerprint only removes that repo from the comparison set.
+            log.warning("bad stored fingerprint", repo=h.repo_id, error=str(exc))
+            continue
+        refs[h.repo_id] = HomologueRef(repo_id=h.repo_id, revision=h.revision,
+                                       fingerprint=fp, backdoor=h.backdoor)
+    return refs
+
+
+class _LeaseRenewer(threading.Thread):
+    """Keeps a long audit's lease alive; notes when the lease was lost."""
+
+    def __init__(self, factory: sessionmaker[Session], audit_id: int, *, worker_id: str,
+                 lease_seconds: float) -> None:
+        super().__init__(name=f"lease-{audit_id}", daemon=True)
+        self.factory = factory
+        self.audit_id = audit_id
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        period = max(0.05, self.lease_seconds / 3)
+        while not self.stop_event.wait(period):
+            try:
+                with self.factory() as session:
+                    if not repository.renew_lease(session, self.audit_id,
+                                                  worker_id=self.worker_id,
+                                                  lease_seconds=self.lease_seconds):
+                        self.lost = True
+                        log.warning("lease lost", audit=self.audit_id, worker=self.worker_id)
+                        return
+            except Exception as exc:  # a DB hiccup: try again next period
+                log.warning("lease renewal failed", audit=self.audit_id, error=str(exc))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=5)
+
+
+def run_one(
+    session_factory: sessionmaker[Session],
+    client: HubClient,
+    settings: Settings,
+    *,
+    worker_id: str,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    retry: RetryPolicy | None = None,
+    audit_fn: AuditFn | None = None,
+    on_claim: Callable[[int], None] | None = None,
+    on_release: Callable[[int], None] | None = None,
+) -> bool:
+    """Claim and run the next due audit; ``False`` if none was claimable."""
+    retry = retry or RetryPolicy()
+    with session_factory() as session:
+        audit = repository.claim_next_audit(session, worker_id=worker_id,
+                                            lease_seconds=lease_seconds)
+        if audit is None:
+            return False
+        # Read before audit_target's rollback expires the row.
+        audit_id, attempt = audit.id, audit.attempts
+        target = audit_target(session, audit_id)
+    if on_claim is not None:
+        on_claim(audit_id)
+    bound = log.bind(audit=audit_id, repo=target.repo_id, sha=target.sha[:12],
+                     worker=worker_id, attempt=attempt)
+    renewer = _LeaseRenewer(session_factory, target.audit_id, worker_id=worker_id,
+                            lease_seconds=lease_seconds)
+    renewer.start()
+    started = time.monotonic()
+    try:
+        _run_claimed(session_factory, client, settings, target=target, worker_id=worker_id,
+                     retry=retry, audit_fn=audit_fn or _audit_fn(), log=bound)
+    finally:
+        renewer.stop()
+        if on_release is not None:
+            on_release(target.audit_id)
+    bound.info("audit finished", seconds=round(time.monotonic() - started, 3))
+    _enforce_budget(session_factory, client)
+    return True
+
+
+def _run_claimed(
+    factory: sessionmaker[Session],
+    client: HubClient,
+    settings: Settings,
+    *,
+    target: Any,
+    worker_id: str,
+    retry: RetryPolicy,
+    audit_fn: AuditFn,
+    log: Any,
+) -> None:
+    try:
+        homologues: Mapping[str, Any] = {}
+        if target.base_repo_id is not None:
+            with factory() as session:
+                stored = stored_homologues(session, base_repo_id=target.base_repo_id,
+                                           exclude_repo_id=target.repo_id,
+                                           analysis_version=target.analysis_version)
+            homologues = _homologue_refs(stored) if stored else {}
+        log.info("audit started", base=target.base_repo_id, homologues=len(homologues))
+        outcome = audit_fn(target.repo_id, revision=target.sha, base=target.base_repo_id,
+                           homologues=homologues, settings=settings, client=client)
+    except GatedRepo as exc:
+        with factory() as session:
+            repository.upsert_repo(session, target.repo_id, gated=True, skip_reason=str(exc))
+            repository.skip_audit(session, target.audit_id, reason=str(exc))
+        metrics.AUDITS.labels(outcome="skipped").inc()
+        log.info("audit skipped", reason=str(exc))
+        return
+    except (RateLimited, TransientHubError) as exc:
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        _fail(factory, target, worker_id, error=str(exc), retryable=True,
+              retry=retry, retry_after=retry_after, log=log)
+        return
+    except AuditorError as exc:
+        _fail(factory, target, worker_id, error=str(exc), retryable=False, retry=retry,
+              retry_after=None, log=log)
+        return
+    except Exception as exc:
+        # A bug must not kill the worker nor leave the audit running until its lease ends.
+        log.exception("audit crashed")
+        _fail(factory, target, worker_id, error=f"internal error: {type(exc).__name__}: {exc}",
+              retryable=False, retry=retry, retry_after=None, log=log)
+        return
+    try:
+        with factory() as session:
+            fingerprint = getattr(outcome, "fingerprint", None)
+            if fingerprint is not None:
+                # Before completing: a crash in between re-runs the audit, and the
+                # fingerprint row is an upsert, so nothing is duplicated.
+                repository.save_fingerprint(session, target.revision_id,
+                                            analysis_version=target.analysis_version,
+                                            data=fingerprint.to_bytes(),
+                                            error_bound=fingerprint.error_bound)
+            repository.complete_audit(session, target.audit_id, report=outcome.report,
+                                      worker_id=worker_id)
+    except StoreError as exc:
+        # Lost the lease (someone else re-ran it): their result stands.
+        log.warning("audit result dropped", error=str(exc))
+        return
+    metrics.AUDITS.labels(outcome="done").inc()
+    log.info("audit done", findings=len(outcome.report.findings))
+
+
+def _fail(factory: sessionmaker[Session], target: Any, worker_id: str, *, error: str,
+          retryable: bool, retry: RetryPolicy, retry_after: float | None, log: Any) -> None:
+    try:
+        with factory() as session:
+            status = repository.fail_audit(
+                session, target.audit_id, error=error, retryable=retryable,
+                worker_id=worker_id, max_attempts=retry.max_attempts,
+                backoff_seconds=retry.backoff_seconds, retry_after=retry_after)
+    except StoreError as exc:
+        log.warning("failure not recorded", error=str(exc))
+        return
+    metrics.AUDITS.labels(outcome="retried" if status == "queued" else "failed").inc()
+    log.warning("audit failed", error=error, retryable=retryable, status=status,
+                retry_after=retry_after)
+
+
+def _enforce_budget(factory: sessionmaker[Session], client: HubClient) -> None:
+    budget = client.disk_budget_bytes
+    if budget is None:
+        return
+    from auditor.hub.cache import enforce_disk_budget
+
+    try:
+        with factory() as session:
+            protect = running_shas(session)
+        freed = enforce_disk_budget(client.cache_dir, budget, protect=protect)
+    except Exception as exc:  # eviction is housekeeping: never fail the worker for it
+        log.warning("disk budget enforcement failed", error=str(exc))
+        return
+    if freed:
+        log.info("cache evicted", freed_bytes=freed, budget_bytes=budget)
+
+
+# --- the pool --------------------------------------------------------------------------
+class WorkerPool:
+    """N worker threads running ``run_one``; ``drain`` or ``start`` + ``stop``."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        client: HubClient,
+        settings: Settings,
+        *,
+        workers: int,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        retry: RetryPolicy | None = None,
+        audit_fn: AuditFn | None = None,
+        poll_seconds: float = 1.0,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self.session_factory = session_factory
+        self.client = client
+        self.settings = settings
+        self.workers = max(1, workers)
+        self.lease_seconds = lease_seconds
+        self.retry = retry or RetryPolicy()
+        self.audit_fn = audit_fn
+        self.poll_seconds = poll_seconds
+        self.on_done = on_done
+        self.stop_event = threading.Event()
+        self._ids = itertools.count(1)
+        self._prefix = worker_prefix()
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, str] = {}  # audit id -> worker id
+        self._executor: ThreadPoolExecutor | None = None
+        self._futures: list[Future[None]] = []
+
+    # A worker id is host:pid:n so a restarted daemon can tell its dead predecessor's.
+    def _worker_id(self) -> str:
+        return f"{self._prefix}:{next(self._ids)}"
+
+    @property
+    def in_flight(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self._in_flight)
+
+    def _loop(self, *, until_empty: bool) -> None:
+        worker_id = self._worker_id()
+
+        def claimed(audit_id: int) -> None:
+            with self._lock:
+                self._in_flight[audit_id] = worker_id
+
+        def released(audit_id: int) -> None:
+            with self._lock:
+                self._in_flight.pop(audit_id, None)
+
+        while not self.stop_event.is_set():
+            try:
+                did = run_one(self.session_factory, self.client, self.settings,
+                              worker_id=worker_id, lease_seconds=self.lease_seconds,
+                              retry=self.retry, audit_fn=self.audit_fn,
+                              on_claim=claimed, on_release=released)
+            except Exception as exc:  # the DB went away: back off, keep the worker
+                log.warning("worker error", worker=worker_id, error=str(exc))
+                did = False
+            if did:
+                if self.on_done is not None:
+                    self.on_done()
+                continue
+            wait = self.poll_seconds
+            if until_empty:
+                with self.session_factory() as session:
+                    if pending_count(session) == 0:
+                        return
+                    due = next_due_at(session)
+                if due is not None:
+                    wait = min(wait, max(0.01, (due - utcnow()).total_seconds()))
+            self.stop_event.wait(wait)
+
+    def drain(self) -> None:
+        """Run until no audit is queued or running (retries included), then return."""
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="audit") as pool:
+            futures = [pool.submit(self._loop, until_empty=True) for _ in range(self.workers)]
+            for f in futures:
+                f.result()
+
+    def start(self) -> None:
+        """Run in the background until ``stop``."""
+        self._executor = ThreadPoolExecutor(max_workers=self.workers,
+                                            thread_name_prefix="audit")
+        self._futures = [self._executor.submit(self._loop, until_empty=False)
+                         for _ in range(self.workers)]
+
+    def stop(self, *, grace_seconds: float) -> bool:
+        """Stop claiming; wait up to ``grace_seconds`` for running audits. Audits still
+        running then are given back to the queue (the caller should exit). Returns True
+        if every audit finished in time."""
+        self.stop_event.set()
+        deadline = time.monotonic() + grace_seconds
+        for f in self._futures:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # A timeout or a worker error: the in-flight audits are handled below.
+            with contextlib.suppress(Exception):
+                f.result(timeout=remaining)
+        leftover = self.in_flight
+        for audit_id, worker_id in leftover.items():
+            try:
+                with self.session_factory() as session:
+                    released = release_audit(session, audit_id, worker_id=worker_id)
+                log.warning("audit interrupted by shutdown", audit=audit_id,
+                            requeued=released)
+            except Exception as exc:
+                # The lease expires and requeue_expired puts it back anyway.
+                log.warning("could not release audit", audit=audit_id, error=str(exc))
+        if self._executor is not None:
+            self._executor.shutdown(wait=not leftover, cancel_futures=True)
+        return not leftover
+
