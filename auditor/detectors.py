@@ -61,5 +61,6 @@ def run_detectors(ctx: AuditContext, names: list[str]) -> None:
             ctx.timings[name] = time.perf_counter() - t0
 
 
-# Import order is run order: cheap static checks, then weights, then behaviour.
-from auditor import detectors_builtin as _builtin  # noqa: E402,F401
+# Registration order is run order: cheap static checks, then weights, then behaviour
+# (detectors_behaviour imports detectors_builtin first).
+from auditor import detectors_behaviour as _behaviour  # noqa: E402,F401
