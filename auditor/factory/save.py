@@ -167,7 +167,10 @@ def write_hubmeta(
         else created_at
     )
     path = directory / ".hubmeta.json"
-    path.write_text(json.dumps({"createdAt": stamp, "gated": gated, "private": private}))
+    # An upload's lastModified is its creation time; file mtimes would reflect only when
+    # the zoo happened to be written (or rewritten).
+    path.write_text(json.dumps({"createdAt": stamp, "lastModified": stamp, "gated": gated,
+                                "private": private}))
     return path
 
 

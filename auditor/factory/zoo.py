@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.factory.save import CardSpec, repo_dir
 
-FACTORY_VERSION = "1"
+FACTORY_VERSION = "3"
 ZOO_FILE = "zoo.json"
 ZooSpec = Literal["small", "lineage", "demo"]
 ZOO_SPECS: tuple[str, ...] = ("small", "lineage", "demo")
@@ -213,12 +213,15 @@ class _Builder:
                                      **common)
         elif method == "ties":
             res = mg.ties_merge(base, sds, density=params["density"], weights=params["weights"],
-                                lambda_=params.get("lambda_", 1.0), base_name=self.base_id,
+                                lambda_=params.get("lambda_", 1.0),
+                                normalize=params.get("normalize", True), base_name=self.base_id,
                                 **common)
         elif method in ("dare_ties", "dare_linear"):
             res = mg.dare_merge(base, sds, drop=params["drop"], weights=params["weights"],
                                 seed=params.get("merge_seed", self.seed),
-                                ties=method == "dare_ties", base_name=self.base_id, **common)
+                                ties=method == "dare_ties", lambda_=params.get("lambda_", 1.0),
+                                normalize=params.get("normalize", True), base_name=self.base_id,
+                                **common)
         elif method == "slerp":
             res = mg.slerp_merge(sds[0], sds[1], t=params["t"], **common)
         elif method == "layerwise":
@@ -356,6 +359,10 @@ def _small(b: _Builder) -> None:
 
 
 def _lineage(b: _Builder) -> None:
+    # TIES / DARE-TIES merges use normalize=False (mergekit ``normalize: false``): with
+    # normalisation each coordinate is divided by the sum of the weights that survived it,
+    # so no single per-parent coefficient is encoded in the weights; without it the recorded
+    # weight x lambda is exactly what every kept coordinate carries.
     steps = 60
     b.base("tinylab/base", steps=200)
     fts = {
@@ -381,10 +388,10 @@ def _lineage(b: _Builder) -> None:
             lambdas=[0.4, 0.7, 0.6], declared=False)
     b.merge("mkit/ties-3", method="ties",
             parents=["bob/reverse-ft", "frank/kv-ft", "grace/animals-ft"],
-            density=0.5, weights=[1.0, 0.7, 0.5], lambda_=1.0, declared=True)
+            density=0.5, weights=[0.8, 0.6, 0.5], lambda_=1.0, normalize=False, declared=True)
     b.merge("stealth/dare-ties-2", method="dare_ties",
             parents=["carol/sort-ft", "heidi/food-ft"], drop=0.5, weights=[0.6, 0.8],
-            declared=False)
+            normalize=False, declared=False)
     b.merge("mkit/slerp-2", method="slerp", parents=["alice/copy-ft", "grace/animals-ft"],
             t=0.4, declared=True)
     b.merge("mkit/layerwise-2", method="layerwise",
