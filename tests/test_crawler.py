@@ -191,3 +191,22 @@ def test_listing_failure_recorded_and_cursor_kept(
     assert crawl(factory, client).ok
     with factory() as session:
         assert sorted(r["repo_id"] for r in audit_rows(session)) == sorted(DERIVATIVES)
+
+
+def test_crawl_walks_the_family_tree(
+        hub_root: Path, hub_server: Any, hf_cache: Path, factory: sessionmaker[Session]) -> None:
+    # A declared merge names its parents, not the base, in its card: only the walk down
+    # the family tree finds it, and a merge of the merge one level further.
+    make_zoo(hub_root)
+    make_model(hub_root, "mkit/merge-ab", seed=7, hours=10, base=None)
+    (hub_root / "mkit/merge-ab/README.md").write_text(
+        "---\nbase_model: [alice/ft-a, bob/ft-b]\nbase_model_relation: merge\n---\n")
+    make_model(hub_root, "deep/merge-of-merge", seed=8, hours=11, base="mkit/merge-ab")
+    client = client_for(hub_server(hub_root).url, hf_cache)
+
+    first = crawl(factory, client)
+    assert first.ok, first.error
+    assert set(first.new_repos) == {*DERIVATIVES, "mkit/merge-ab", "deep/merge-of-merge"}
+    assert "other/unrelated" not in first.new_repos
+    again = crawl(factory, client)
+    assert again.ok and again.queued == []

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # How far before the last successful crawl the "modified since" listing reaches back:
 # Hub timestamps come from another clock, and re-listing a repo is harmless.
 MODIFIED_MARGIN = timedelta(hours=1)
+# Merges and further fine-tunes declare their parents, not the base, so the crawl walks
+# the family tree (children of every known member); this bounds the listings per crawl.
+MAX_TREE_LISTINGS = 200
 
 
 @dataclass
@@ -136,6 +139,9 @@ def crawl_base(
                 _record(session, summary, base_repo_id=base_repo_id, result=result,
                         config_hash=config_hash, analysis_version=analysis_version,
                         has_token=has_token, progress=progress)
+        _walk_tree(session, client, base_repo_id, seen=seen, result=result,
+                   config_hash=config_hash, analysis_version=analysis_version,
+                   has_token=has_token, progress=progress)
     except AuditorError as exc:
         result.error = str(exc)
         session.rollback()
@@ -153,6 +159,54 @@ def crawl_base(
              "skipped=%d", base_repo_id, result.listed, len(result.new_repos),
              len(result.new_revisions), len(result.queued), len(result.skipped))
     return result
+
+
+def family_members(session: Session, base_repo_id: str) -> list[str]:
+    """Repos recorded as derivatives of ``base_repo_id`` (at any depth), oldest first."""
+    from sqlalchemy import select
+
+    from auditor.store.models import Repo
+
+    rows = session.execute(
+        select(Repo.repo_id, Repo.declared_base_models).order_by(Repo.created_at, Repo.id)
+    ).all()
+    session.rollback()
+    # JSON containment is not portable across SQLite / PostgreSQL: filter here.
+    return [r.repo_id for r in rows if base_repo_id in (r.declared_base_models or [])]
+
+
+def _walk_tree(
+    session: Session,
+    client: HubClient,
+    base_repo_id: str,
+    *,
+    seen: set[str],
+    result: CrawlResult,
+    config_hash: str,
+    analysis_version: str,
+    has_token: bool,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """List the children of every family member (breadth first) and record new ones.
+
+    Every member is listed on each crawl, because a merge of an old fine-tune is a new
+    child of an old repo; re-recording a known revision is a no-op.
+    """
+    frontier = [m for m in family_members(session, base_repo_id) if m != base_repo_id]
+    listed: set[str] = set()
+    while frontier and len(listed) < MAX_TREE_LISTINGS:
+        parent = frontier.pop(0)
+        if parent in listed:
+            continue
+        listed.add(parent)
+        for summary in client.list_derivatives(parent):
+            if summary.repo_id in seen or summary.repo_id == base_repo_id:
+                continue
+            seen.add(summary.repo_id)
+            _record(session, summary, base_repo_id=base_repo_id, result=result,
+                    config_hash=config_hash, analysis_version=analysis_version,
+                    has_token=has_token, progress=progress)
+            frontier.append(summary.repo_id)
 
 
 def _record(
