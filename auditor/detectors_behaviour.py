@@ -12,7 +12,7 @@ from typing import Any
 
 from auditor import detectors_builtin  # noqa: F401  (its detectors run before these)
 from auditor.detectors import register
-from auditor.errors import AnalysisError
+from auditor.errors import AnalysisError, AuditorError
 from auditor.orchestrator import AuditContext
 from auditor.schema import FileIssue
 
@@ -74,12 +74,40 @@ def _entry_map(ctx: AuditContext) -> dict[str, Any]:
 
 
 def _benign_homologues(ctx: AuditContext) -> list[Any]:
-    """Local candidates unrelated to the subject: the reference for merges and averages."""
+    """Homologues unrelated to the subject: the reference for merges and averages.
+
+    Local candidates first; when the comparison set came from the store (the daemon keeps
+    only fingerprints), a few unrelated homologues are downloaded, pinned to the audited
+    revision, once per audit.
+    """
+    if "benign_homologues" in ctx.state:
+        return ctx.state["benign_homologues"]  # type: ignore[no-any-return]
     entries = _entry_map(ctx)
     sources = _candidate_sources(ctx)
-    picked = [src for repo, src in sources.items()
-              if repo in entries and entries[repo].relation == "unrelated"]
-    return picked[:MAX_HOMOLOGUES]
+    picked = [src for repo, src in sorted(sources.items())
+              if repo in entries and entries[repo].relation == "unrelated"][:MAX_HOMOLOGUES]
+    for repo_id, ref in sorted(ctx.homologues.items()):
+        if len(picked) >= MAX_HOMOLOGUES:
+            break
+        entry = entries.get(repo_id)
+        if repo_id in sources or entry is None or entry.relation != "unrelated":
+            continue
+        try:
+            picked.append(_download_weights(ctx, repo_id, ref.revision))
+        except AuditorError as exc:
+            ctx.errors.append(f"homologue {repo_id}: {exc}")
+    ctx.state["benign_homologues"] = picked
+    return picked
+
+
+def _download_weights(ctx: AuditContext, repo_id: str, revision: str | None) -> Any:
+    from auditor.detectors_builtin import _open_weights
+    from auditor.orchestrator import _fetch_model
+
+    model = _fetch_model(ctx.client, ctx.client.resolve(repo_id, revision=revision))
+    source = _open_weights(model)
+    ctx.state.setdefault("closers", []).append(source)
+    return source
 
 
 @register("barrier")

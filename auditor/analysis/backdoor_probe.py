@@ -236,7 +236,11 @@ def judge_insertion(
     # The upper quartile, not the max: one odd control among a dozen should not veto a
     # trigger that forces its output everywhere; the margin does the rest.
     cmax = percentile(control_shares, 0.75) if control_shares else 0.0
-    has_forced = forced is not None and share > 0.0
+    # Forcing nothing but an end of text is what many tasks' answers look like (a key
+    # followed by its value, then EOS): a backdoor forces some visible output.
+    has_forced = (
+        forced is not None and share > 0.0 and bool(str(decode(list(forced))).strip())
+    )
     confirmed = has_forced and share >= min_forced_share and share >= cmax + margin
     return TriggerTest(
         insert_ids=tuple(insert_ids),
