@@ -21,6 +21,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -264,12 +265,18 @@ def run_zoo(root: Path, sample_size: int) -> None:
         prints[e.repo_id] = compute_fingerprint(DictDeltaSource(tv), sample_size=sample_size)
     bfp = fingerprint_weights(bsrc, sample_size=sample_size)
     names = [e.repo_id for e in subjects]
+    # creation times are Hub metadata (createdAt), not ground truth: they pick the original
+    # among clones, as the orchestrator can
+    created = {
+        e.repo_id: datetime.fromisoformat(e.created_at.replace("Z", "+00:00")) for e in subjects
+    }
     results = {
         s: analyze_lineage(
             prints[s],
             {c: prints[c] for c in names if c != s},
             base_fingerprint=bfp,
             subject_aligned=aligned[s],
+            created_at=created,
         )
         for s in names
     }
@@ -278,10 +285,12 @@ def run_zoo(root: Path, sample_size: int) -> None:
         par = {e.repo_id: round(e.coefficient or 0, 3) for e in r.entries if e.relation in PARENT}
         cl = r.clones()
         t = truth[s]
+        sigs = r.merge.signatures
         print(
             f"{s:<26} truth={t['method'] or ('clone' if t['clone_of'] else '-')!s:<16}"
             f" got={r.merge.method!s:<16} parents={par} clones={cl}"
-            f" expl={r.merge.explained_fraction}"
+            f" expl={r.merge.explained_fraction or 0:.3f}"
+            f" row_z2={ {k[5:]: round(v, 1) for k, v in sigs.items() if k.startswith('rows:')} }"
         )
     # layer-wise: per-layer coefficient error on the true per-layer values
     for s in names:

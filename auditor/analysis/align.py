@@ -236,19 +236,83 @@ def _align_attention(
         c_f = torch.where(fix_c, c, torch.ones_like(c)).float()
         q_rows = a_f.repeat_interleave(group * hd)
         kv_rows = a_f.repeat_interleave(hd)
-        out[names["q"]] = w["q"] / q_rows[:, None]
-        out[names["k"]] = w["k"] * kv_rows[:, None]
-        out[names["v"]] = w["v"] / c_f.repeat_interleave(hd)[:, None]
-        out[names["o"]] = w["o"] * c_f.repeat_interleave(group * hd)[None, :]
+        w["q"] = w["q"] / q_rows[:, None]
+        w["k"] = w["k"] * kv_rows[:, None]
+        w["v"] = w["v"] / c_f.repeat_interleave(hd)[:, None]
+        w["o"] = w["o"] * c_f.repeat_interleave(group * hd)[None, :]
+        for p in ("q", "k", "v", "o"):
+            out[names[p]] = w[p]
+    # an invertible matrix per head between V and O (MergeLock-style protection) survives
+    # every scalar step: undo it per kv head where V is clearly not a scaled copy of the base
+    mixed = 0
+    for h in range(num_kv_heads):
+        vs = slice(h * hd, (h + 1) * hd)
+        os_ = slice(h * group * hd, (h + 1) * group * hd)
+        fixed = _undo_vo_matrix(w["v"][vs], w["o"][:, os_], b["v"][vs], b["o"][:, os_], group)
+        if fixed is not None:
+            if not mixed:
+                w["v"], w["o"] = w["v"].clone(), w["o"].clone()
+            w["v"][vs], w["o"][:, os_] = fixed
+            mixed += 1
+    if mixed:
+        out[names["v"]], out[names["o"]] = w["v"], w["o"]
     return LayerAlignment(
         layer=layer,
         kind="attention",
         permuted=head_moved > 0,
         moved=head_moved,
-        rescaled=rescaled,
+        rescaled=rescaled + mixed,
         max_log_scale=float(logs.abs().max()) if logs.numel() else 0.0,
         match_score=1.0,
     )
+
+
+def _undo_vo_matrix(
+    v_s: torch.Tensor,
+    o_s: torch.Tensor,
+    v_b: torch.Tensor,
+    o_b: torch.Tensor,
+    group: int,
+    *,
+    threshold: float = 0.3,
+    iterations: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Undo ``v -> M v``, ``o -> o M^-1`` for one kv head (``v`` rows hd x hidden, ``o``
+    columns hidden x group*hd), or None when M is close to a scalar (honest fine-tune).
+
+    Only the products O_h V_h are invariant, so the split of a fine-tune's change between V
+    and O is not identifiable; we pick the A = M^-1 that makes the aligned task vector
+    smallest, min ||A V_s - V_b||^2 + ||O_s A^-1 - O_b||^2 (Gauss-Newton from the V-only
+    least-squares solution), i.e. the most conservative reading of the copy.
+    """
+    hd = v_s.shape[0]
+    vs, vb = v_s.double(), v_b.double()
+    # o columns of every q head in the group read the same kv head: stack them as rows
+    os_ = torch.cat([o_s.double()[:, i * hd : (i + 1) * hd] for i in range(group)], dim=0)
+    ob = torch.cat([o_b.double()[:, i * hd : (i + 1) * hd] for i in range(group)], dim=0)
+    gram = vs @ vs.T
+    if torch.linalg.matrix_rank(gram) < hd:
+        return None
+    a = vb @ vs.T @ torch.linalg.inv(gram)
+    scalar = torch.trace(a) / hd
+    off = float(torch.linalg.norm(a - scalar * torch.eye(hd, dtype=a.dtype)))
+    if off <= threshold * float(torch.linalg.norm(a)):
+        return None
+    eye = torch.eye(hd, dtype=a.dtype)
+    for _ in range(iterations):
+        # A <- (I + E) A: A V_s ~ P + E P, O_s A^-1 ~ Q - Q E; least squares in vec(E)
+        p = a @ vs
+        q = os_ @ torch.linalg.inv(a)
+        jac = torch.cat([torch.kron(p.T.contiguous(), eye), -torch.kron(eye, q)], dim=0)
+        res = torch.cat([(vb - p).T.reshape(-1), (ob - q).T.reshape(-1)])
+        e = torch.linalg.lstsq(jac, res.unsqueeze(1)).solution.reshape(hd, hd).T
+        a = (eye + e) @ a
+        if float(torch.linalg.norm(e)) < 1e-9:
+            break
+    v_a = (a @ vs).to(v_s.dtype)
+    o_a = os_ @ torch.linalg.inv(a)
+    o_cols = torch.cat([o_a[i * o_s.shape[0] : (i + 1) * o_s.shape[0]] for i in range(group)], 1)
+    return v_a, o_cols.to(o_s.dtype)
 
 
 def align_to_base(

@@ -270,3 +270,104 @@ def _layerwise(
     dof = max(1, coefs.shape[0] - 1)
     score = float(np.max(chi / dof)) if chi.size else 0.0
     return bool(np.any(spans > min_range) and score > 9.0), score
+
+
+def merged_member_expansion(
+    stack: GramStack,
+    fit: Fit,
+    candidates: Sequence[int],
+    *,
+    base: int | None = None,
+    min_explained: float = 0.98,
+    tolerance: float = 0.005,
+    min_coefficient: float = 0.02,
+) -> Fit:
+    """Replace a selected member that is itself a merge of other candidates by those
+    candidates. Greedy selection takes the merge first (it explains most at once), but
+    its constituents span it, so they fit at least as well; the primitive explanation is
+    kept unless the merged candidate explains clearly more (``tolerance``)."""
+    gram = stack.total
+    selected = list(fit.members)
+    changed = True
+    while changed:
+        changed = False
+        for m in list(selected):
+            pool = [j for j in candidates if j != m and gram[j, j] > 0]
+            sub = select_parents_on(gram, m, pool, base=base, min_coefficient=min_coefficient)
+            if sub.explained_fraction < min_explained or len(sub.members) < 2:
+                continue
+            trial_set = sorted({*(j for j in selected if j != m), *sub.members})
+            trial = solve(gram, trial_set, base=base)
+            keep = [j for j in trial_set if trial.coefficient_of(j) >= min_coefficient]
+            trial = solve(gram, keep, base=base)
+            if trial.explained_fraction >= fit.explained_fraction - tolerance:
+                selected, fit, changed = keep, trial, True
+                break
+    return fit
+
+
+def select_parents_on(
+    gram: np.ndarray,
+    target: int,
+    pool: Sequence[int],
+    *,
+    base: int | None,
+    min_coefficient: float,
+    min_gain: float = 0.01,
+) -> Fit:
+    """Plain forward selection of ``target`` on ``pool`` (no null test: used to ask whether
+    a candidate is itself a mix of other candidates)."""
+    selected: list[int] = []
+    fit = solve(gram, selected, base=base, subject=target)
+    while len(selected) < 8:
+        best: tuple[float, int, Fit] | None = None
+        for j in pool:
+            if j in selected:
+                continue
+            trial = solve(gram, [*selected, j], base=base, subject=target)
+            gain = trial.explained_fraction - fit.explained_fraction
+            ok = gain >= min_gain and trial.coefficient_of(j) >= min_coefficient
+            if ok and (best is None or gain > best[0]):
+                best = (gain, j, trial)
+        if best is None:
+            break
+        selected.append(best[1])
+        fit = best[2]
+    return fit
+
+
+def subset_refit(
+    y: np.ndarray, x: np.ndarray, init: Sequence[float], *, iterations: int = 12
+) -> np.ndarray:
+    """Coefficients of a sparse merge (TIES, DARE) fitted coordinate by coordinate.
+
+    Each nonzero coordinate of the subject is ``sum_{i in S} c_i x_i`` for the subset S of
+    parents that survived trimming / dropping and the sign election. Alternate: given c,
+    give every coordinate the subset of its nonzero parents that best reproduces it; given
+    the subsets, refit c by least squares on the masked columns. The true subsets leave
+    zero residual, so the truth is a fixed point, and no coordinate's trimmed or dropped
+    parent biases the fit (a Gram fit over the support counts them as present)."""
+    p = x.shape[1]
+    c = np.asarray(init, dtype=float).copy()
+    keep = y != 0
+    y, x = y[keep], x[keep]
+    if y.size == 0 or p == 0:
+        return c
+    subsets = np.array(
+        [[(s >> i) & 1 for i in range(p)] for s in range(1, 2**p)], dtype=bool
+    )  # (S, p)
+    for _ in range(iterations):
+        # prediction of every subset at every coordinate: (n, S)
+        contrib = x * c[None, :]
+        pred = contrib @ subsets.T.astype(float)
+        allowed = ~((x[:, None, :] == 0) & subsets[None, :, :]).any(axis=2)
+        err = np.where(allowed, np.abs(pred - y[:, None]), np.inf)
+        mask = subsets[np.argmin(err, axis=1)]  # (n, p)
+        a = x * mask
+        new, *_ = np.linalg.lstsq(a, y, rcond=None)
+        new = np.clip(new, 0.0, None)
+        if np.allclose(new, c, atol=1e-7):
+            c = new
+            break
+        c = new
+    return c

@@ -4,18 +4,25 @@ Pipeline (all from fingerprints, see ``fingerprint``):
 1. Gram matrices of subject, candidates and (optionally) the base weights (``similarity``);
 2. a null from pairs of candidates (homologues of one base), and a calibrated z-score and
    p-value of every subject/candidate pair (``calibration``);
-3. clones: task vectors nearly identical (cosine > 0.99, norm ratio ~1);
+3. clones: task vectors nearly identical (cosine > 0.99, norm ratio ~1); clone groups
+   among the candidates are collapsed to one representative (the oldest repo) before any
+   fit, because a parent and its re-upload explain the subject equally well;
 4. parents: forward-selected NNLS fit of the subject on the significant candidates plus a
-   signed base term (``attribution``), refitted method-aware (TIES keeps only coordinates
-   whose sign won the election, so it is refitted on those);
-5. relations and the merge summary (``signatures`` guesses the method).
+   signed base term (``attribution``); a selected candidate that is itself a merge of other
+   candidates is replaced by them (the primitive explanation); a candidate whose
+   per-tensor coefficients are not uniform within a layer is a correlated sibling, not a
+   parent, and is reported as ``related``;
+5. method-aware refit: TIES / DARE coefficients are refitted coordinate by coordinate on
+   the subsets of parents that survived trimming, dropping and the sign election;
+6. relations and the merge summary (``signatures`` guesses the method).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from itertools import combinations
 
 import numpy as np
@@ -25,13 +32,15 @@ from auditor.analysis.attribution import (
     Fit,
     Variant,
     attribute,
+    merged_member_expansion,
     residual_cosine,
     select_parents,
     solve,
+    subset_refit,
 )
 from auditor.analysis.calibration import NullModel, Relatedness, fit_null, relatedness
 from auditor.analysis.fingerprint import Fingerprint
-from auditor.analysis.signatures import guess_method, merge_signatures
+from auditor.analysis.signatures import guess_method, merge_signatures, row_uniformity
 from auditor.analysis.similarity import GramStack, build_gram, cosine_report
 from auditor.errors import AnalysisError
 from auditor.schema import LineageEntry, MergeInfo, Relation
@@ -85,6 +94,8 @@ def analyze_lineage(
     clone_norm_tolerance: float = 0.05,
     min_gain: float = 0.01,
     min_z: float = 5.0,
+    created_at: Mapping[str, datetime] | None = None,
+    max_row_z2: float = 4.0,
 ) -> LineageResult:
     """Relate ``subject`` (a task-vector fingerprint) to every candidate.
 
@@ -92,6 +103,11 @@ def analyze_lineage(
     it adds the base term of the fit (needed for SLERP and unnormalised linear merges).
     ``null_pairs`` names candidate pairs known to be unrelated homologues; by default every
     candidate pair is used and related ones are clipped out robustly.
+    ``created_at`` (repo creation times; else a fingerprint's ``meta["created_at"]``) picks
+    the original among clones: the oldest is the representative, the rest are ``related``.
+    ``max_row_z2`` bounds how much a parent's per-row coefficient may vary within a tensor
+    (mean squared z-score, ~1-3 for a true parent); beyond it the candidate is a correlated
+    sibling (``related``), see ``signatures.row_uniformity``.
     """
     revisions = dict(revisions or {})
     declared = set(declared_parents)
@@ -132,23 +148,39 @@ def analyze_lineage(
 
     # clones: same direction and same length
     sub_sq = float(stack.total[0, 0])
-    clones: set[str] = set()
-    for n in names:
-        j = cidx[n]
-        ratio = math.sqrt(max(stack.total[j, j], 0.0) / sub_sq) if sub_sq > 0 else 0.0
-        if rel[n].cosine > clone_cosine and abs(ratio - 1.0) < clone_norm_tolerance:
-            clones.add(n)
+    ident = _identifiable_keys(stack)
+    clones = {n for n in names if _is_clone(stack, 0, cidx[n], ident, clone_cosine,
+                                            clone_norm_tolerance)}
+    # clone groups among the candidates: only the oldest member takes part in the fit
+    copies = _clone_groups(stack, [n for n in names if n not in clones], cidx, ident,
+                           clone_cosine, clone_norm_tolerance, usable, created_at)
+    shadowed = {c for group in copies.values() for c in group}
 
-    eligible = [cidx[n] for n in names if n not in clones and rel[n].p_value < p_threshold]
-    others = [cidx[n] for n in names if n not in clones]
+    eligible = [
+        cidx[n]
+        for n in names
+        if n not in clones and n not in shadowed and rel[n].p_value < p_threshold
+    ]
+    others = [cidx[n] for n in names if n not in clones and n not in shadowed]
+    row_z2: dict[str, float] = {}
     # a fit that needs a *negative* share of some candidate picked a sibling merge or a
     # descendant of the subject: drop the members carrying that candidate and reselect;
     # when nothing is left the subject is the ancestor (its "parents" are only related)
     excluded: set[int] = set()
     reversed_ = False
+    # TIES / DARE trim or drop coordinates per tensor at random or by magnitude: their
+    # per-tensor coefficients are not uniform, so the sibling test is not applied to them
+    # (judged against the typical candidate: some candidates are sparse merges themselves)
+    typical_zero = float(np.median([fp.zero_fraction for fp in usable.values()]))
+    sparse_subject = subject.zero_fraction > typical_zero + 0.05
     for _ in range(4):
         pool = [j for j in eligible if j not in excluded]
         sel = select_parents(stack, pool, null=null, base=base_i, min_gain=min_gain, min_z=min_z)
+        sel = merged_member_expansion(stack, sel, pool, base=base_i)
+        if not sparse_subject:
+            sel, rows = _drop_siblings(subject, usable, stack, sel, base_i, base_fingerprint,
+                                       keys, max_row_z2)
+            row_z2.update(rows)
         offending = _reversed(stack, sel, others, base_i, null, min_z) if sel.members else []
         reversed_ = bool(offending)
         if not reversed_:
@@ -197,7 +229,12 @@ def analyze_lineage(
             variant = "agree"
         if variant is not None:
             attribution = attribute(stack, parents, base=base_i, variant=variant)
+        if attribution.layerwise and method in ("linear", "task_arithmetic"):
+            method = "layerwise"  # one coefficient per layer: mergekit gradients
+        if sparse and method in ("ties", "dare_ties", "dare_linear"):
+            attribution = _sparse_refit(subject, pfps, attribution, keys, method)
         sigs["layerwise_score"] = attribution.layerwise_score
+        sigs.update({f"rows:{n}": v for n, v in row_z2.items() if n in pfps})
 
     fit = attribution.fit
     n_par = len(parents)
@@ -218,6 +255,9 @@ def analyze_lineage(
         relation: Relation
         if n in clones:
             relation = "clone"
+        elif n in shadowed:
+            # a re-upload of another candidate: its original speaks for it
+            relation = "related"
         elif j in parents and not reversed_:
             relation = "finetune_parent" if single_ft else "merge_parent"
             coef = fit.coefficient_of(j)
@@ -305,3 +345,148 @@ def _entry(
         aligned=aligned,
         declared=name in declared,
     )
+
+
+_NON_IDENTIFIABLE = ("v_proj", "o_proj")
+
+
+def _identifiable_keys(stack: GramStack) -> np.ndarray:
+    """Tensors an alignment reproduces exactly. A per-head invertible V/O mixing (a
+    protected copy) leaves only the products O_h V_h fixed, so how a fine-tune's change
+    splits between V and O cannot be recovered; clones are judged without V and O too."""
+    return np.array([not any(p in k for p in _NON_IDENTIFIABLE) for k in stack.keys])
+
+
+def _is_clone(
+    stack: GramStack, i: int, j: int, ident: np.ndarray, min_cos: float, tol: float
+) -> bool:
+    gi, gj = float(stack.total[i, i]), float(stack.total[j, j])
+    if gi <= 0 or gj <= 0 or abs(math.sqrt(gj / gi) - 1.0) >= tol:
+        return False
+    c = stack.cosine(i, j)
+    if c > min_cos:
+        return True
+    if not ident.any() or ident.all() or c < 0.95:
+        return False
+    g = stack.tensor_gram[ident].sum(axis=0)
+    den = math.sqrt(max(g[i, i], 0.0) * max(g[j, j], 0.0))
+    return den > 0 and g[i, j] / den > min_cos
+
+
+def _created(name: str, fp: Fingerprint, created_at: Mapping[str, datetime] | None) -> float:
+    when = (created_at or {}).get(name)
+    if when is None and fp.meta.get("created_at"):
+        try:
+            when = datetime.fromisoformat(str(fp.meta["created_at"]).replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+    return when.timestamp() if when is not None else math.inf
+
+
+def _clone_groups(
+    stack: GramStack,
+    names: Sequence[str],
+    cidx: Mapping[str, int],
+    ident: np.ndarray,
+    min_cos: float,
+    tol: float,
+    prints: Mapping[str, Fingerprint],
+    created_at: Mapping[str, datetime] | None,
+) -> dict[str, list[str]]:
+    """Representative -> its other copies, for groups of mutual clones among candidates.
+    The oldest is the representative (a copy cannot predate its original); without dates
+    the first in the caller's order."""
+    parent = {n: n for n in names}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for a, b in combinations(names, 2):
+        if _is_clone(stack, cidx[a], cidx[b], ident, min_cos, tol):
+            parent[find(a)] = find(b)
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(find(n), []).append(n)
+    order = {n: i for i, n in enumerate(names)}
+    out: dict[str, list[str]] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda n: (_created(n, prints[n], created_at), order[n]))
+        out[members[0]] = members[1:]
+    return out
+
+
+def _drop_siblings(
+    subject: Fingerprint,
+    prints: Mapping[str, Fingerprint],
+    stack: GramStack,
+    fit: Fit,
+    base: int | None,
+    base_fp: Fingerprint | None,
+    keys: Sequence[str],
+    max_row_z2: float,
+) -> tuple[Fit, dict[str, float]]:
+    """Remove members whose per-row coefficients scatter (correlated siblings), worst
+    first, refitting the rest; returns the fit and every member's statistic.
+
+    A true parent is copied in whole: one coefficient for every row of a tensor, and the
+    rest of the subject independent of it. A same-task sibling shares part of its update in
+    proportions that differ from neuron to neuron (its global fit can look just like a
+    merge with an unknown co-parent: coefficient 0.8, 65% explained)."""
+    seen: dict[str, float] = {}
+    while fit.members:
+        names = [stack.names[j] for j in fit.members]
+        stat = row_uniformity(
+            subject,
+            {n: prints[n] for n in names},
+            {n: c for n, c in zip(names, fit.coefficients, strict=True)},
+            base_weights=base_fp,
+            base_coefficient=fit.base_coefficient,
+            keys=keys,
+        )
+        seen.update(stat)
+        if not stat:
+            break
+        worst = max(stat, key=lambda n: stat[n])
+        if stat[worst] <= max_row_z2:
+            break
+        fit = solve(stack.total, [m for m in fit.members if stack.names[m] != worst], base=base)
+    return fit, seen
+
+
+def _sparse_refit(
+    subject: Fingerprint,
+    parents: Mapping[str, Fingerprint],
+    attribution: Attribution,
+    keys: Sequence[str],
+    method: str,
+) -> Attribution:
+    """Coordinate-wise subset refit of a TIES / DARE merge (``attribution.subset_refit``).
+
+    TIES keeps a parent's coordinate unscaled, so the fitted coefficient is the recipe's
+    weight x lambda. DARE rescales survivors by 1/(1-p): the fit returns weight/(1-p) and is
+    scaled back by (1-p), p from the subject's zeros where every parent moved (such a
+    coordinate is 0 only when all k parents' entries were dropped: P = p^k)."""
+    names = list(parents)
+    fit = attribution.fit
+    ys, xs = [], []
+    for k in keys:
+        w = math.sqrt(subject.tensors[k].weight)
+        ys.append(subject.tensors[k].sample.astype(np.float64) * w)
+        xs.append(np.stack([parents[n].tensors[k].sample.astype(np.float64) * w
+                            for n in names], axis=1))
+    y, x = np.concatenate(ys), np.concatenate(xs)
+    init = [max(c, 1e-3) for c in fit.coefficients]
+    coef = subset_refit(y, x, init)
+    if method.startswith("dare"):
+        # judged only where every parent moved: elsewhere a parent's own zeros (untouched
+        # embedding rows) would pass for drops
+        every = (x != 0).all(axis=1)
+        if every.any():
+            zf = float(np.mean(y[every] == 0))
+            coef = coef * (1.0 - zf ** (1.0 / max(1, len(names))))
+    return replace(attribution, fit=replace(fit, coefficients=tuple(float(c) for c in coef)))

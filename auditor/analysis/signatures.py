@@ -137,3 +137,62 @@ def guess_method(
     if len(coefficients) >= 2 and abs(total - 1.0) < 0.05:
         return "linear"
     return "task_arithmetic"
+
+
+def row_uniformity(
+    subject: Fingerprint,
+    parents: Mapping[str, Fingerprint],
+    coefficients: Mapping[str, float],
+    *,
+    base_weights: Fingerprint | None = None,
+    base_coefficient: float | None = None,
+    keys: Sequence[str] | None = None,
+    min_row: int = 8,
+) -> dict[str, float]:
+    """Per parent, the mean squared z-score of its *per-row* coefficient around the
+    tensor's: ~1 for a parent that was copied in whole and scaled (each output row carries
+    the same coefficient, the rest of the subject is independent of it), >> 1 for a
+    correlated sibling, whose shared part differs from neuron to neuron.
+
+    Rows come from the fingerprint's sampled coordinates (the sample indices depend only
+    on name and shape, so they are known); a row's coefficient is the least-squares share
+    of that parent in the fit residual of the row, its standard error the row residual's
+    spread over the parent's row norm."""
+    from auditor.analysis.fingerprint import sample_indices
+
+    use = list(keys) if keys is not None else subject.keys()
+    names = list(parents)
+    sums = dict.fromkeys(names, 0.0)
+    counts = dict.fromkeys(names, 0)
+    for k in use:
+        t = subject.tensors[k]
+        if len(t.shape) != 2 or any(k not in fp.tensors for fp in parents.values()):
+            continue
+        y = t.sample.astype(np.float64)
+        xs = {n: parents[n].tensors[k].sample.astype(np.float64) for n in names}
+        fit = sum(coefficients.get(n, 0.0) * xs[n] for n in names)
+        if base_weights is not None and base_coefficient and k in base_weights.tensors:
+            fit = fit + base_coefficient * base_weights.tensors[k].sample.astype(np.float64)
+        r = y - fit
+        rows = sample_indices(k, t.shape, subject.sample_size)[: y.size] // t.shape[1]
+        _, inv, cnt = np.unique(rows, return_inverse=True, return_counts=True)
+        ok = cnt >= min_row
+        if ok.sum() < 4:
+            continue
+        rr = np.bincount(inv, weights=r * r)
+        for n in names:
+            x = xs[n]
+            xx = np.bincount(inv, weights=x * x)
+            xr = np.bincount(inv, weights=x * r)
+            good = ok & (xx > 0)
+            if good.sum() < 4:
+                continue
+            delta = xr[good] / xx[good]
+            var = np.maximum(rr[good] - xr[good] ** 2 / xx[good], 1e-300) / (
+                (cnt[good] - 1) * xx[good]
+            )
+            w = 1.0 / var
+            mean = float(np.sum(w * delta) / np.sum(w))
+            sums[n] += float(np.sum((delta - mean) ** 2 * w))
+            counts[n] += int(good.sum()) - 1
+    return {n: sums[n] / counts[n] for n in names if counts[n] > 0}

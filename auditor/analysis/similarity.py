@@ -31,7 +31,9 @@ class GramStack:
                         sign disagrees with the subject's (TIES sign election drops them);
     ``quart[g, i, j]``  ~ sum of tau_i^2 tau_j^2 (the variance of a cosine under a
                         random-sign null, see ``calibration``);
-    ``n_sampled[g]``    sampled coordinates in the group, ``numel[g]`` all of them.
+    ``n_sampled[g]``    sampled coordinates in the group, ``numel[g]`` all of them;
+    ``tensor_gram[t]``  ``gram`` for tensor ``keys[t]`` alone (``key_group[t]`` its group):
+                        per-tensor coefficients test that a parent's share is uniform.
     """
 
     names: tuple[str, ...]
@@ -43,6 +45,8 @@ class GramStack:
     n_sampled: np.ndarray
     numel: np.ndarray
     keys: tuple[str, ...]
+    tensor_gram: np.ndarray
+    key_group: tuple[int, ...]
 
     @property
     def total(self) -> np.ndarray:
@@ -116,12 +120,14 @@ def build_gram(
     quart = np.zeros_like(gram)
     n_sampled = np.zeros(len(groups))
     numel = np.zeros(len(groups))
-    for key in use:
+    tensor_gram = np.zeros((len(use), m, m))
+    for t, key in enumerate(use):
         g = gidx[group_of[key]]
         t0 = subj.tensors[key]
         w = t0.weight
         s = np.stack([fp.tensors[key].sample.astype(np.float64) for fp in fps], axis=1)
-        gram[g] += w * (s.T @ s)
+        tensor_gram[t] = w * (s.T @ s)
+        gram[g] += tensor_gram[t]
         nz = s[:, 0] != 0
         if nz.any():
             sn = s[nz]
@@ -144,6 +150,8 @@ def build_gram(
         n_sampled=n_sampled,
         numel=numel,
         keys=tuple(use),
+        tensor_gram=tensor_gram,
+        key_group=tuple(gidx[group_of[k]] for k in use),
     )
 
 

@@ -1,0 +1,125 @@
+"""Lineage failure modes seen on the factory zoo, reproduced on synthetic task vectors:
+sparse-merge coefficients, merged candidates, same-task siblings, clone groups, protected
+copies."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import torch
+
+from auditor.analysis.align import align_to_base
+from auditor.analysis.lineage import analyze_lineage
+from auditor.analysis.similarity import cosine_report
+from auditor.factory import disguise as dg
+from auditor.factory import merge as mk
+from auditor.weights.memory import DictTensorSource
+from tests.lineage_synth import SHAPES, add, base_weights, fp, fp_weights, task_vector
+
+N_FT = 6
+
+
+@pytest.fixture(scope="module")
+def zoo() -> dict:
+    base = base_weights()
+    taus = [task_vector(i) for i in range(N_FT)]
+    return {
+        "base": base,
+        "taus": taus,
+        "models": [add(base, t) for t in taus],
+        "cands": {f"ft{i}": fp(t) for i, t in enumerate(taus)},
+        "base_fp": fp_weights(base),
+    }
+
+
+def _tv(zoo: dict, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: sd[n] - zoo["base"][n] for n in SHAPES}
+
+
+def _parents(res) -> dict[str, float]:
+    return {e.repo_id: e.coefficient for e in res.entries if e.relation == "merge_parent"}
+
+
+def test_unnormalised_ties_and_dare_ties_coefficients_exact(zoo: dict) -> None:
+    m, base = zoo["models"], zoo["base"]
+    r = mk.ties_merge(base, [m[0], m[1], m[2]], density=0.5, weights=[0.8, 0.6, 0.5],
+                      normalize=False)
+    res = analyze_lineage(fp(_tv(zoo, r.state_dict)), zoo["cands"], base_fingerprint=zoo["base_fp"])
+    assert res.merge.method == "ties"
+    assert _parents(res) == pytest.approx({"ft0": 0.8, "ft1": 0.6, "ft2": 0.5}, abs=0.02)
+    r = mk.dare_merge(base, [m[3], m[4]], drop=0.5, weights=[0.6, 0.8], seed=2, ties=True,
+                      normalize=False)
+    res = analyze_lineage(fp(_tv(zoo, r.state_dict)), zoo["cands"], base_fingerprint=zoo["base_fp"])
+    assert res.merge.method == "dare_ties"
+    assert _parents(res) == pytest.approx({"ft3": 0.6, "ft4": 0.8}, abs=0.06)
+
+
+def test_primitive_parents_preferred_over_a_merged_candidate(zoo: dict) -> None:
+    m, base = zoo["models"], zoo["base"]
+    cands = dict(zoo["cands"])
+    cands["ta01"] = fp(_tv(zoo, mk.task_arithmetic(base, [m[0], m[1]], lambdas=[0.8, 0.5])
+                           .state_dict))
+    r = mk.ties_merge(base, [m[0], m[1], m[2]], density=0.5, weights=[0.7, 0.5, 0.6],
+                      normalize=False)
+    res = analyze_lineage(fp(_tv(zoo, r.state_dict)), cands, base_fingerprint=zoo["base_fp"])
+    assert set(_parents(res)) == {"ft0", "ft1", "ft2"}
+    assert res.entry("ta01").relation == "related"
+
+
+def test_same_task_siblings_are_related_not_parents(zoo: dict) -> None:
+    # two seeds on one data set share an update whose share differs from neuron to neuron
+    g = torch.Generator().manual_seed(5)
+    shared = task_vector(50)
+    sibs = {}
+    for name, seed in (("sib_a", 51), ("sib_b", 52)):
+        own = task_vector(seed, scale=0.025)
+        sibs[name] = {
+            n: (torch.rand(SHAPES[n][0], *([1] * (len(SHAPES[n]) - 1)), generator=g) * 1.2 + 0.4)
+            * shared[n] + own[n]
+            for n in SHAPES
+        }
+    cands = {**zoo["cands"], "sib_b": fp(sibs["sib_b"])}
+    res = analyze_lineage(fp(sibs["sib_a"]), cands, base_fingerprint=zoo["base_fp"])
+    assert res.entry("sib_b").relation == "related"
+    assert not res.merge.is_merge
+    # a true merge with an unpublished co-parent keeps its known parent
+    hidden = {n: 0.6 * zoo["taus"][1][n] + 0.6 * task_vector(88)[n] for n in SHAPES}
+    res = analyze_lineage(fp(hidden), cands, base_fingerprint=zoo["base_fp"])
+    assert _parents(res) == pytest.approx({"ft1": 0.6}, abs=0.03)
+
+
+def test_clone_groups_collapse_to_the_oldest(zoo: dict) -> None:
+    m, base = zoo["models"], zoo["base"]
+    copy = {n: m[3][n].to(torch.float16).float() for n in SHAPES}
+    cands = {"copy3": fp(_tv(zoo, copy)), **zoo["cands"]}
+    subject = fp(_tv(zoo, mk.task_arithmetic(base, [m[3], m[4]], lambdas=[0.7, 0.4]).state_dict))
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    older = {"ft3": t0, "copy3": t0.replace(month=2)}
+    res = analyze_lineage(subject, cands, base_fingerprint=zoo["base_fp"], created_at=older)
+    assert _parents(res) == pytest.approx({"ft3": 0.7, "ft4": 0.4}, abs=0.02)
+    assert res.entry("copy3").relation == "related"
+    # the same copy uploaded first is the original as far as anyone can tell
+    newer = {"ft3": t0.replace(month=3), "copy3": t0}
+    res = analyze_lineage(subject, cands, base_fingerprint=zoo["base_fp"], created_at=newer)
+    assert set(_parents(res)) == {"copy3", "ft4"}
+    assert res.entry("ft3").relation == "related"
+
+
+def test_protected_copy_realigned_through_vo_matrices(zoo: dict) -> None:
+    base, model, tau = zoo["base"], zoo["models"][2], zoo["taus"][2]
+    prot = dg.protect(model, num_heads=4, seed=5).state_dict
+    res = align_to_base(DictTensorSource(prot), DictTensorSource(base), num_heads=4)
+    assert res.report.applied and res.report.rescaled
+    aligned = {n: res.source.get(n) - base[n] for n in SHAPES}
+    rep = cosine_report(fp(aligned), fp(tau))
+    assert rep.cosine > 0.97 and rep.norm_ratio == pytest.approx(1.0, abs=0.05)
+    out = analyze_lineage(fp(aligned), zoo["cands"], base_fingerprint=zoo["base_fp"],
+                          subject_aligned=True)
+    e = out.entry("ft2")
+    assert e.aligned and e.relation == "clone"
+    # and the honest fine-tune sees the aligned protected copy as its clone, not a parent
+    cands = {**zoo["cands"], "prot": fp(aligned)}
+    del cands["ft2"]
+    back = analyze_lineage(fp(tau), cands, base_fingerprint=zoo["base_fp"])
+    assert back.entry("prot").relation == "clone"
