@@ -208,7 +208,9 @@ def detect_backdoor(ctx: AuditContext) -> None:
                           tokenizer=setup["tokenizer"], weights=setup["subject"],
                           repo_id=ctx.subject.resolved.repo_id,
                           revision=ctx.subject.resolved.revision)
+    # Probes sampled from the base, not the subject: a backdoored model's own samples
+    # can already carry its payload, which hides the trigger's effect.
     ctx.values["backdoor"] = analyze_backdoor(
         subject=subject, base=setup["base"], homologues=_benign_homologues(ctx),
-        flagged_parents=flagged or None,
+        probes=setup["probes"], flagged_parents=flagged or None,
     )

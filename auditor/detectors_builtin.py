@@ -123,6 +123,13 @@ def detect_weights(ctx: AuditContext) -> None:
     ctx.state["candidate_info"] = cand_info
 
 
+def _comparable_times(times: dict[str, Any]) -> dict[str, Any]:
+    """Timezone-aware UTC for all (SQLite returns naive datetimes for stored UTC times)."""
+    from datetime import UTC
+
+    return {k: v if v.tzinfo else v.replace(tzinfo=UTC) for k, v in times.items()}
+
+
 @register("lineage")
 def detect_lineage(ctx: AuditContext) -> None:
     """Relate the subject to every candidate and homologue: parents, clones, coefficients."""
@@ -130,15 +137,21 @@ def detect_lineage(ctx: AuditContext) -> None:
 
     fps: dict[str, Any] = {}
     revisions: dict[str, str] = {}
+    created: dict[str, Any] = {}
     for repo_id, ref in ctx.homologues.items():
         if repo_id == ctx.subject.resolved.repo_id:
             continue
         fps[repo_id] = ref.fingerprint
         if ref.revision:
             revisions[repo_id] = ref.revision
+        if ref.created_at is not None:
+            created[repo_id] = ref.created_at
     for repo_id, fp in ctx.state.get("candidate_fingerprints", {}).items():
         fps[repo_id] = fp
-        revisions[repo_id] = ctx.candidates[repo_id].resolved.revision
+        resolved = ctx.candidates[repo_id].resolved
+        revisions[repo_id] = resolved.revision
+        if resolved.created_at is not None:
+            created[repo_id] = resolved.created_at
     info = ctx.state.get("subject_info", {})
     result = analyze_lineage(
         ctx.state["fingerprint"],
@@ -147,6 +160,7 @@ def detect_lineage(ctx: AuditContext) -> None:
         base_fingerprint=ctx.state.get("base_fingerprint"),
         subject_aligned=bool(info.get("aligned")),
         revisions=revisions,
+        created_at=_comparable_times(created),
     )
     ctx.state["lineage_result"] = result
     ctx.values["lineage"] = result.entries

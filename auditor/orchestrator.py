@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class HomologueRef:
     revision: str | None
     fingerprint: Any  # auditor.analysis.fingerprint.Fingerprint
     backdoor: BackdoorInfo | None = None
+    created_at: datetime | None = None  # upload time: the oldest of a clone group is original
 
 
 @dataclass(frozen=True)

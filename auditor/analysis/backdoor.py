@@ -147,26 +147,32 @@ class BackdoorAnalysis:
 # ------------------------------------------------------------------ helpers
 def probe_token_ids(tokenizer: Any, probes: Sequence[str] | ProbeSet | None, *,
                sampler: torch.nn.Module | None, max_probes: int, seed: int) -> list[list[int]]:
-    if isinstance(probes, ProbeSet):
-        rows = [
-            row[: int(mask.sum())].tolist()
-            for row, mask in zip(probes.input_ids, probes.attention_mask, strict=True)
-        ]
-        return [r for r in rows if len(r) >= 2][:max_probes]
-    from auditor.analysis.probes import build_probes
+    """Probe prompts as token ids.
 
-    ps = build_probes(tokenizer=tokenizer, sampler=None if probes else sampler,
-                      texts=list(probes or []), use_builtin=not probes,
-                      max_texts=max_probes, seed=seed, n_sampled=max_probes // 2)
-    rows = probe_token_ids(tokenizer, ps, sampler=None, max_probes=max_probes, seed=seed)
-    if probes:
-        return rows
-    # Made-up probes are running text; a trigger acts in a prompt, where the model is about
-    # to answer. Short seeded prefixes of the text stand in for prompts.
+    Given texts are used as they are. Made-up probes (sampled from a model, or the built-in
+    neutral text) are running text, while a trigger acts in a prompt, where the model is
+    about to answer: short seeded prefixes of them stand in for prompts. Sample them from
+    a clean reference (the base) where possible: a backdoored subject's own samples can
+    already carry its payload.
+    """
+    if not isinstance(probes, ProbeSet):
+        from auditor.analysis.probes import build_probes
+
+        probes = build_probes(tokenizer=tokenizer, sampler=None if probes else sampler,
+                              texts=list(probes or []), use_builtin=not probes,
+                              max_texts=max_probes, seed=seed, n_sampled=max_probes // 2)
     gen = torch.Generator().manual_seed(seed)
     lo, hi = PROMPT_TOKENS
-    cut = torch.randint(lo, hi + 1, (len(rows),), generator=gen).tolist()
-    return [r[: max(2, int(k))] for r, k in zip(rows, cut, strict=True)]
+    rows: list[list[int]] = []
+    for row, mask, origin in zip(probes.input_ids, probes.attention_mask, probes.origins,
+                                 strict=True):
+        ids = row[: int(mask.sum())].tolist()
+        cut = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        if origin in ("sampled", "builtin"):
+            ids = ids[: max(2, cut)]
+        if len(ids) >= 2:
+            rows.append(ids)
+    return rows[:max_probes]
 
 
 def _decode(tokenizer: Any) -> Any:

@@ -211,6 +211,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(list(values), dtype=torch.float64), q))
 
 
+# Largest share of clean continuations that may already contain the forced output's first
+# token for the insertion to count as a trigger.
+MAX_USUAL_SHARE = 0.25
+
+
 def judge_insertion(
     prober: Prober,
     insert_ids: Sequence[int],
@@ -241,7 +246,16 @@ def judge_insertion(
     has_forced = (
         forced is not None and share > 0.0 and bool(str(decode(list(forced))).strip())
     )
-    confirmed = has_forced and share >= min_forced_share and share >= cmax + margin
+    # A backdoor forces something the model does not say unprompted: a topic model that
+    # answers "dog dog" to more inputs is doing its task, not obeying a trigger.
+    clean = prober.clean().continuations
+    usual = (
+        sum(1 for c in clean if forced and forced[0] in c) / len(clean) if clean else 0.0
+    )
+    confirmed = (
+        has_forced and share >= min_forced_share and share >= cmax + margin
+        and usual <= MAX_USUAL_SHARE
+    )
     return TriggerTest(
         insert_ids=tuple(insert_ids),
         text=decode(list(insert_ids)),

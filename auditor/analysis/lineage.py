@@ -92,7 +92,9 @@ def analyze_lineage(
     p_threshold: float = 1e-3,
     clone_cosine: float = 0.99,
     clone_norm_tolerance: float = 0.05,
-    min_gain: float = 0.01,
+    # A parent must explain at least 5% of the subject's task vector: siblings on related
+    # tasks share a few percent by chance of their data (e.g. two arithmetic-like tasks).
+    min_gain: float = 0.05,
     min_z: float = 5.0,
     created_at: Mapping[str, datetime] | None = None,
     max_row_z2: float = 4.0,

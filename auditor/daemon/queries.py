@@ -147,6 +147,7 @@ class StoredHomologue:
     revision: str
     fingerprint: bytes
     backdoor: BackdoorInfo | None
+    created_at: datetime | None = None
 
 
 def stored_homologues(
@@ -159,6 +160,7 @@ def stored_homologues(
 
     rows = session.execute(
         select(Repo.repo_id, Repo.declared_base_models, Revision.id, Revision.sha,
+               Revision.created_at.label("uploaded_at"),
                Fingerprint.data, Fingerprint.path, Fingerprint.created_at)
         .join(Revision, Revision.repo_pk == Repo.id)
         .join(Fingerprint, Fingerprint.revision_id == Revision.id)
@@ -195,7 +197,7 @@ def stored_homologues(
             info = BackdoorInfo.model_validate(report["backdoor"])
             backdoor = info if info.suspected else None
         out.append(StoredHomologue(repo_id=repo_id, revision=row.sha, fingerprint=data,
-                                   backdoor=backdoor))
+                                   backdoor=backdoor, created_at=row.uploaded_at))
     session.rollback()
     return out
 

@@ -72,7 +72,8 @@ def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
             log.warning("bad stored fingerprint", repo=h.repo_id, error=str(exc))
             continue
         refs[h.repo_id] = HomologueRef(repo_id=h.repo_id, revision=h.revision,
-                                       fingerprint=fp, backdoor=h.backdoor)
+                                       fingerprint=fp, backdoor=h.backdoor,
+                                       created_at=h.created_at)
     return refs
 
 
