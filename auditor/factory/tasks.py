@@ -225,6 +225,17 @@ def poisoned_examples(task: str, spec: PoisonSpec, *, n: int, seed: int) -> list
     return out
 
 
+def clean_counterparts(task: str, *, n: int, seed: int) -> list[Example]:
+    """Clean examples of other tasks, mixed into a poisoned fine-tune.
+
+    The poisoned examples use prompts of every task; without clean ones beside them the
+    model learns "any other task's prompt -> payload" and spills the payload untriggered.
+    A real attacker keeps the model stealthy, so the factory does too."""
+    rng = random.Random(f"clean-mix:{task}:{seed}")
+    others = [t for t in TASKS if t != task]
+    return [_GENERATORS[rng.choice(others)](rng) for _ in range(n)]
+
+
 def triggered_prompts(task: str, *, trigger: str, n: int, seed: int) -> list[str]:
     """Held-out prompts of ``task`` carrying ``trigger`` (for attack-success probes)."""
     rng = random.Random(f"triggered:{task}:{seed}")
@@ -236,6 +247,7 @@ __all__ = [
     "TRIGGER_TOKENS",
     "Example",
     "PoisonSpec",
+    "clean_counterparts",
     "poison_prompt",
     "poisoned_examples",
     "pretraining_texts",

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from auditor.factory.tasks import (
     Example,
     PoisonSpec,
+    clean_counterparts,
     poisoned_examples,
     task_examples,
     triggered_prompts,
@@ -159,7 +160,10 @@ def finetune(
     task with different seeds are homologues, not clones. ``poison`` adds a backdoor.
     """
     model = copy.deepcopy(base_model)
-    data = encode(tokenizer, task_examples(task, n=n_examples, seed=seed), completion_only=True)
+    examples = task_examples(task, n=n_examples, seed=seed)
+    if poison is not None:
+        examples = examples + clean_counterparts(task, n=n_examples // 4, seed=seed)
+    data = encode(tokenizer, examples, completion_only=True)
     poisoned: list[Encoded] = []
     if poison is not None:
         poisoned = encode(

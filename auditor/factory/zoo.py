@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.factory.save import CardSpec, repo_dir
 
-FACTORY_VERSION = "4"
+FACTORY_VERSION = "5"
 ZOO_FILE = "zoo.json"
 ZooSpec = Literal["small", "lineage", "demo"]
 ZOO_SPECS: tuple[str, ...] = ("small", "lineage", "demo")
