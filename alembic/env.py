@@ -23,6 +23,13 @@ def _url() -> str:
     return normalize_url(config.get_main_option("sqlalchemy.url") or default_database_url())
 
 
+def _include_object(obj: object, name: str | None, type_: str, reflected: bool,
+                    compare_to: object) -> bool:
+    # APScheduler keeps its job store in the same database (apscheduler_jobs); it owns
+    # that table, so autogenerate must neither create nor drop it.
+    return not (type_ == "table" and name is not None and name.startswith("apscheduler_"))
+
+
 def _render_item(type_: str, obj: object, _autogen_context: object) -> str | bool:
     # Migrations must not import the models: render the portable column type.
     if type_ == "type" and isinstance(obj, UTCDateTime):
@@ -37,6 +44,7 @@ def _configure(**kwargs: object) -> None:
         render_as_batch=True,
         compare_type=True,
         render_item=_render_item,
+        include_object=_include_object,
         **kwargs,  # type: ignore[arg-type]
     )
 

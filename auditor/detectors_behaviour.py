@@ -102,9 +102,9 @@ def _benign_homologues(ctx: AuditContext) -> list[Any]:
 
 def _download_weights(ctx: AuditContext, repo_id: str, revision: str | None) -> Any:
     from auditor.detectors_builtin import _open_weights
-    from auditor.orchestrator import _fetch_model
+    from auditor.orchestrator import fetch_model
 
-    model = _fetch_model(ctx.client, ctx.client.resolve(repo_id, revision=revision))
+    model = fetch_model(ctx.client, ctx.client.resolve(repo_id, revision=revision))
     source = _open_weights(model)
     ctx.state.setdefault("closers", []).append(source)
     return source

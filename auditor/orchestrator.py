@@ -89,7 +89,7 @@ _WEIGHT_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "generation_config.json")
 
 
-def _fetch_model(client: HubClient, resolved: ResolvedRepo, *, weights: bool = True) -> OpenModel:
+def fetch_model(client: HubClient, resolved: ResolvedRepo, *, weights: bool = True) -> OpenModel:
     inv = classify_files(resolved.files)
     wanted: list[str] = []
     if weights:
@@ -188,13 +188,13 @@ def audit_revision(
     )
     if inventory.has_weights:
         say(f"downloading {resolved.repo_id}@{resolved.revision[:10]}")
-        ctx.subject = _fetch_model(client, resolved)
+        ctx.subject = fetch_model(client, resolved)
         if base_spec is None:
             raise MissingBase(
                 f"{resolved.repo_id}: no --base given and the model card declares no base_model"
             )
         say(f"downloading base {base_spec}")
-        ctx.base = _fetch_model(client, client.resolve(base_spec))
+        ctx.base = fetch_model(client, client.resolve(base_spec))
         for spec in against:
             if spec in (subject, base_spec):
                 continue
@@ -203,7 +203,7 @@ def audit_revision(
                 if cand.repo_id in (resolved.repo_id, ctx.base.resolved.repo_id):
                     continue
                 say(f"downloading candidate {cand.repo_id}")
-                ctx.candidates[cand.repo_id] = _fetch_model(client, cand)
+                ctx.candidates[cand.repo_id] = fetch_model(client, cand)
             except (WeightsError, AuditorError) as exc:
                 ctx.errors.append(f"candidate {spec}: {exc}")
 
