@@ -126,6 +126,18 @@ def detect_barriers(ctx: AuditContext) -> None:
                             model=setup["work"]))
     entries = _entry_map(ctx)
     sources = _candidate_sources(ctx)
+    # Parents and clones known only by their stored fingerprint (daemon audits) are
+    # downloaded for their curve: the report plots the barrier to every related model.
+    for entry in sorted(entries.values(), key=lambda e: -abs(e.cosine)):
+        if len(sources) >= MAX_BARRIER_CANDIDATES:
+            break
+        ref = ctx.homologues.get(entry.repo_id)
+        if entry.relation == "unrelated" or entry.repo_id in sources or ref is None:
+            continue
+        try:
+            sources[entry.repo_id] = _download_weights(ctx, entry.repo_id, ref.revision)
+        except AuditorError as exc:
+            ctx.errors.append(f"barrier {entry.repo_id}: {exc}")
     ranked = sorted((e for e in entries.values() if e.repo_id in sources),
                     key=lambda e: (e.relation == "unrelated", -abs(e.cosine)))
     for entry in ranked[:MAX_BARRIER_CANDIDATES]:

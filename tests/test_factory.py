@@ -299,7 +299,8 @@ def test_save_repo_layout_shards_dtype_card(base_and_tok, tmp_path: Path) -> Non
     assert front["license"] == "apache-2.0" and front["tags"] == ["x"]
     assert yaml.safe_load((repo / "mergekit_config.yml").read_text())["merge_method"] == "linear"
     meta = json.loads((repo / ".hubmeta.json").read_text())
-    assert meta == {"createdAt": "2025-02-03T04:05:06Z", "gated": "manual", "private": False}
+    assert meta == {"createdAt": "2025-02-03T04:05:06Z", "lastModified": "2025-02-03T04:05:06Z",
+                    "gated": "manual", "private": False}
     loaded = AutoModelForCausalLM.from_pretrained(repo)
     assert loaded.dtype == torch.bfloat16
     with pytest.raises(ValueError):
