@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -35,18 +33,10 @@ def _database_url(settings: Settings) -> str:
     return normalize_url(settings.resolved_database_url)
 
 
-@contextmanager
-def _session() -> Iterator[Session]:
-    from auditor.store.db import make_engine, session_factory, upgrade_database
+def _session():  # type: ignore[no-untyped-def]
+    from auditor.store.db import migrated_session
 
-    url = _database_url(_settings())
-    upgrade_database(url)
-    engine = make_engine(url)
-    try:
-        with session_factory(engine)() as session:
-            yield session
-    finally:
-        engine.dispose()
+    return migrated_session(_database_url(_settings()))
 
 
 def _configure_logging(*, json_logs: bool, level: str) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from auditor import ANALYSIS_VERSION
 from auditor.daemon import metrics
 from auditor.errors import AuditorError
-from auditor.hub.client import HubClient, RepoSummary, map_hub_error
+from auditor.hub.client import HubClient, RepoSummary
 from auditor.store import repository
 
 if TYPE_CHECKING:
@@ -60,29 +60,7 @@ class CrawlResult:
 
 def _list_modified(client: HubClient, base_repo_id: str) -> Iterator[RepoSummary]:
     """Derivatives of ``base_repo_id`` by last modification, newest first."""
-    what = f"list modified derivatives of {base_repo_id}"
-    # HubClient._call retries the first page; later pages use huggingface_hub's backoff.
-    iterator = client._call(
-        lambda: iter(client.api.list_models(filter=f"base_model:{base_repo_id}",
-                                            sort="last_modified", full=True)),
-        what=what,
-    )
-    while True:
-        try:
-            info = next(iterator)
-        except StopIteration:
-            return
-        except Exception as exc:
-            raise map_hub_error(exc, what=what) from exc
-        yield RepoSummary(
-            repo_id=info.id,
-            sha=info.sha,
-            created_at=info.created_at,
-            last_modified=info.last_modified,
-            tags=list(info.tags or []),
-            gated=info.gated if info.gated in ("auto", "manual") else False,
-            private=bool(info.private),
-        )
+    return client.list_derivatives(base_repo_id, sort="last_modified")
 
 
 def _skip_reason(summary: RepoSummary, *, has_token: bool) -> str | None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 import yaml
@@ -335,15 +335,16 @@ class HubClient:
                                 protect={resolved.revision})
         return path
 
-    def list_derivatives(self, base_repo_id: str, *, limit: int | None = None
+    def list_derivatives(self, base_repo_id: str, *, limit: int | None = None,
+                         sort: Literal["created_at", "last_modified"] = "created_at",
                          ) -> Iterator[RepoSummary]:
-        """Repos declaring ``base_repo_id`` as a base model, newest first."""
+        """Repos declaring ``base_repo_id`` as a base model, newest first (by ``sort``)."""
         if not is_repo_id(base_repo_id):
             raise RepoNotFound(f"{base_repo_id!r} is not a valid repo id")
         what = f"list derivatives of {base_repo_id}"
         iterator = self._call(
             lambda: iter(self.api.list_models(filter=f"base_model:{base_repo_id}",
-                                              sort="created_at", limit=limit, full=True)),
+                                              sort=sort, limit=limit, full=True)),
             what=what,
         )
         while True:

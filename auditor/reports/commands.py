@@ -42,21 +42,10 @@ def register(app: typer.Typer) -> None:
         """Build the static HTML site from the store (works offline, from file://)."""
         from auditor.reports.from_store import site_data_from_store
         from auditor.reports.site import build_site
-        from auditor.store.db import (
-            default_database_url,
-            make_engine,
-            session_factory,
-            upgrade_database,
-        )
+        from auditor.store.db import migrated_session
 
-        url = default_database_url()
-        upgrade_database(url)
-        engine = make_engine(url)
-        try:
-            with session_factory(engine)() as session:
-                data = site_data_from_store(session)
-        finally:
-            engine.dispose()
+        with migrated_session() as session:
+            data = site_data_from_store(session)
         written = build_site(out, data, rules=_rule_metas(rules))
         typer.echo(f"wrote {len(written)} files to {out} (open {out / 'index.html'})")
 

@@ -3,14 +3,12 @@ and ``auditor unauthorize ID``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    pass
 
 
 def register(app: typer.Typer) -> None:
@@ -92,21 +90,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
 
 
-@contextmanager
-def _session() -> Iterator[Session]:
-    """A session on the configured database, migrated to head first."""
-    from auditor.store.db import (
-        default_database_url,
-        make_engine,
-        session_factory,
-        upgrade_database,
-    )
+def _session():  # type: ignore[no-untyped-def]
+    from auditor.store.db import migrated_session
 
-    url = default_database_url()
-    upgrade_database(url)
-    engine = make_engine(url)
-    try:
-        with session_factory(engine)() as session:
-            yield session
-    finally:
-        engine.dispose()
+    return migrated_session()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import auditor
 from auditor.errors import StoreError
-from auditor.settings import get_settings
+from auditor.settings import Settings
 
 # The Alembic scripts live next to the package (repo root), not inside it.
 ALEMBIC_DIR = Path(auditor.__file__).resolve().parent.parent / "alembic"
@@ -23,7 +25,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 def default_database_url() -> str:
     """The configured URL, or a SQLite file in AUDITOR_DATA_DIR (directory created)."""
-    settings = get_settings()
+    # Read afresh, not the cached settings: tests and wrappers change the environment.
+    settings = Settings()
     if settings.database_url:
         return normalize_url(settings.database_url)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -113,3 +116,19 @@ def downgrade_database(url: str | None = None, *, revision: str = "base") -> Non
     from alembic import command
 
     command.downgrade(_alembic_config(normalize_url(url or default_database_url())), revision)
+
+
+@contextmanager
+def migrated_session(url: str | None = None) -> Iterator[Session]:
+    """A session on ``url`` (default: the configured database), migrated to head first.
+
+    For one-shot commands: the engine lives as long as the session.
+    """
+    url = normalize_url(url or default_database_url())
+    upgrade_database(url)
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
