@@ -165,3 +165,25 @@ def test_cli_exit_codes_and_formats(small_zoo, hub, tmp_path: Path) -> None:  # 
     result = runner.invoke(app, ["audit", str(folder), "-q"], env=env)
     assert result.exit_code == ExitCode.ERROR
     assert "base" in result.output.lower()
+
+
+def test_cli_store_records_the_audit_once(small_zoo, hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    server, _, _ = hub
+    env = {
+        "AUDITOR_HUB_ENDPOINT": server.url,
+        "AUDITOR_DATA_DIR": str(tmp_path / "data"),
+        "AUDITOR_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    args = ["audit", "mallory/tiny-kv-v2", "--against", "bob/tiny-kv", "--store", "-q"]
+    runner = CliRunner()
+    for _ in range(2):  # recording the same revision again replaces, never duplicates
+        result = runner.invoke(app, args, env=env)
+        assert result.exit_code == ExitCode.FINDINGS, result.output
+    db = sqlite3.connect(tmp_path / "data" / "auditor.db")
+    assert db.execute("select count(*), min(status) from audits").fetchone() == (1, "done")
+    assert db.execute(
+        "select rule_id, related_repo from findings where rule_id = 'AUD103'"
+    ).fetchall() == [("AUD103", "bob/tiny-kv")]
+    assert db.execute("select count(*) from fingerprints").fetchone() == (1,)
