@@ -199,6 +199,10 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int, typer.Option(min=1)] = 1,
     ) -> None:
         """Build a zoo with planted cases, crawl and audit it, render the site, self-check."""
+        from auditor.daemon.commands import configure_logging
+
+        # The demo narrates its own progress; the workers' logs only when something is off.
+        configure_logging(json_logs=False, level="WARNING")
         result = run_demo(data_dir=data_dir, fresh=fresh, workers=workers)
         _print(result)
         raise typer.Exit(0 if result.all_caught else 1)

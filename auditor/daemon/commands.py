@@ -39,7 +39,8 @@ def _session():  # type: ignore[no-untyped-def]
     return migrated_session(_database_url(_settings()))
 
 
-def _configure_logging(*, json_logs: bool, level: str) -> None:
+def configure_logging(*, json_logs: bool, level: str) -> None:
+    """Structured logs on stderr (key=value or JSON) for the daemon and its workers."""
     import structlog
 
     numeric = getattr(logging, level.upper(), logging.INFO)
@@ -146,7 +147,7 @@ def register(app: typer.Typer) -> None:
             typer.echo("use `auditor crawl --once` (or `auditor daemon` to keep running)",
                        err=True)
             raise typer.Exit(2)
-        _configure_logging(json_logs=False, level="warning")
+        configure_logging(json_logs=False, level="warning")
         settings = _settings()
         daemon = _make_daemon(settings, workers=workers, interval=None,
                               lease_seconds=lease_seconds, grace_seconds=0,
@@ -181,7 +182,7 @@ def register(app: typer.Typer) -> None:
         log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     ) -> None:
         """Crawl the watched bases on a schedule and audit new revisions until stopped."""
-        _configure_logging(json_logs=json_logs, level=log_level)
+        configure_logging(json_logs=json_logs, level=log_level)
         settings = _settings()
         daemon = _make_daemon(settings, workers=workers, interval=interval,
                               lease_seconds=lease_seconds, grace_seconds=grace_seconds,
