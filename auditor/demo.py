@@ -79,7 +79,9 @@ def expected_checks(
                                 ok, ", ".join(sorted(rules_of(e.repo_id))) or "no finding"))
         if e.kind == "backdoor":
             ok = bool(rules_of(e.repo_id) & _BACKDOOR_RULES)
-            want = "AUD202" if e.robust_backdoor else "AUD201"
+            # AUD202 (merge-robust) needs the robustness confirmed under generic probes;
+            # either finding catches the planted backdoor.
+            want = "AUD201/AUD202"
             checks.append(Check("backdoored fine-tune", e.repo_id, want, ok,
                                 ", ".join(sorted(rules_of(e.repo_id))) or "no finding"))
         poisoned_parents = [p.repo_id for p in e.parents
