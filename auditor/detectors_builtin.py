@@ -106,8 +106,10 @@ def detect_weights(ctx: AuditContext) -> None:
     try:
         fp, info = _fingerprint(ctx, ctx.subject, base_src, role="subject")
     except WeightsError as exc:
+        # The weights could not be analysed: never "clean" (exit code 2 unless a finding).
         ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="weights",
                                          message=str(exc)))
+        ctx.errors.append(f"weights: {exc}")
         return
     ctx.state.update(fingerprint=fp, subject_info=info, weights_analyzed=True)
     ctx.state["base_fingerprint"] = fingerprint_weights(base_src)

@@ -187,3 +187,21 @@ def test_cli_store_records_the_audit_once(small_zoo, hub, tmp_path: Path) -> Non
         "select rule_id, related_repo from findings where rule_id = 'AUD103'"
     ).fetchall() == [("AUD103", "bob/tiny-kv")]
     assert db.execute("select count(*) from fingerprints").fetchone() == (1,)
+
+
+def test_malformed_weights_are_an_error_not_clean(small_zoo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    folder = tmp_path / "mallory" / "broken"
+    shutil.copytree(small_zoo.path("bob/tiny-kv"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    result = CliRunner().invoke(
+        app,
+        ["audit", str(folder), "--base", str(small_zoo.path("tinylab/tiny-base")), "-q"],
+        env={"AUDITOR_DATA_DIR": str(tmp_path / "data")},
+    )
+    assert result.exit_code == ExitCode.ERROR, result.output
+    report = json.loads(result.stdout)
+    assert report["lineage"] == [] and any("weights" in e for e in report["errors"])
+    assert any(i["kind"] == "weights" for i in report["file_issues"])
