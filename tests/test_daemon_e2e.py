@@ -26,17 +26,18 @@ from tests.test_daemon_support import BASE, DERIVATIVES, audit_rows, dump, make_
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _db(tmp_path: Path) -> tuple[str, Any]:
+def _db(tmp_path: Path, url: str | None = None) -> tuple[str, Any]:
     from auditor.store.db import make_engine, session_factory, upgrade_database
 
-    url = f"sqlite:///{tmp_path / 'auditor.db'}"
+    url = url or f"sqlite:///{tmp_path / 'auditor.db'}"
     upgrade_database(url)
     engine = make_engine(url)
     return url, session_factory(engine)
 
 
 def test_every_derivative_audited_once_under_hub_faults(
-        tmp_path: Path, hub_root: Path, hub_server: Any, hf_cache: Path) -> None:
+        tmp_path: Path, hub_root: Path, hub_server: Any, hf_cache: Path, db_url: str) -> None:
+    # Once on SQLite, once on PostgreSQL (db_url from tests/fixtures_store.py).
     make_zoo(hub_root)
     faults = FaultConfig(rate_429=0.2, retry_after=0.05, rate_5xx=0.05, rate_cut=0.1, seed=3,
                          paths=frozenset({"api", "resolve-get", "resolve-head"}))
@@ -44,7 +45,7 @@ def test_every_derivative_audited_once_under_hub_faults(
     client = HubClient(endpoint=server.url, token=None, cache_dir=hf_cache,
                        disk_budget_bytes=None, max_retries=3, backoff_seconds=0.01,
                        max_wait_seconds=0.1)
-    url, factory = _db(tmp_path)
+    url, factory = _db(tmp_path, db_url)
     with factory() as session:
         repository.watch_add(session, BASE)
     settings = Settings(data_dir=tmp_path / "data", database_url=url)
