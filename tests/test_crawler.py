@@ -66,6 +66,7 @@ def test_crawl_queues_every_derivative_once_then_only_new(
         assert cursor.last_created_at is not None and cursor.last_created_at.day == 1
         repo = repository.get_repo(session, "alice/ft-a")
         assert repo is not None and repo.declared_base_models == [BASE]
+        assert repo.family_bases == [BASE] and repo.declared_relation == "finetune"
 
     again = crawl(factory, client)
     assert again.ok and again.queued == [] and again.new_repos == []
@@ -207,6 +208,11 @@ def test_crawl_walks_the_family_tree(
     first = crawl(factory, client)
     assert first.ok, first.error
     assert set(first.new_repos) == {*DERIVATIVES, "mkit/merge-ab", "deep/merge-of-merge"}
+    with factory() as session:
+        merge = repository.get_repo(session, "mkit/merge-ab")
+        # The card's declaration and the family the crawl found it in stay apart.
+        assert merge is not None and merge.declared_base_models == ["alice/ft-a", "bob/ft-b"]
+        assert merge.declared_relation == "merge" and merge.family_bases == [BASE]
     assert "other/unrelated" not in first.new_repos
     again = crawl(factory, client)
     assert again.ok and again.queued == []

@@ -139,6 +139,22 @@ def crawl_base(
     return result
 
 
+def declared_lineage(tags: list[str]) -> tuple[list[str], str | None]:
+    """What the model card declares, read back from the Hub's lineage tags:
+    ``base_model:ORG/NAME`` and ``base_model:{relation}:ORG/NAME``."""
+    bases: list[str] = []
+    relation: str | None = None
+    for tag in tags:
+        if not tag.startswith("base_model:"):
+            continue
+        rest = tag.split(":", 1)[1]
+        if ":" in rest:
+            relation = relation or rest.split(":", 1)[0]
+        elif rest not in bases:
+            bases.append(rest)
+    return bases, relation
+
+
 def family_members(session: Session, base_repo_id: str) -> list[str]:
     """Repos recorded as derivatives of ``base_repo_id`` (at any depth), oldest first."""
     from sqlalchemy import select
@@ -146,11 +162,11 @@ def family_members(session: Session, base_repo_id: str) -> list[str]:
     from auditor.store.models import Repo
 
     rows = session.execute(
-        select(Repo.repo_id, Repo.declared_base_models).order_by(Repo.created_at, Repo.id)
+        select(Repo.repo_id, Repo.family_bases).order_by(Repo.created_at, Repo.id)
     ).all()
     session.rollback()
     # JSON containment is not portable across SQLite / PostgreSQL: filter here.
-    return [r.repo_id for r in rows if base_repo_id in (r.declared_base_models or [])]
+    return [r.repo_id for r in rows if base_repo_id in (r.family_bases or [])]
 
 
 def _walk_tree(
@@ -206,13 +222,12 @@ def _record(
         return
     known = repository.get_repo(session, summary.repo_id)
     reason = _skip_reason(summary, has_token=has_token)
-    declared = list(known.declared_base_models) if known is not None else []
-    if base_repo_id not in declared:
-        declared.append(base_repo_id)
+    declared, relation = declared_lineage(summary.tags)
     if known is None:
         result.new_repos.append(summary.repo_id)
     repository.upsert_repo(
         session, summary.repo_id, declared_base_models=declared,
+        declared_relation=relation, family_base=base_repo_id,
         gated=bool(summary.gated), private=summary.private,
         # "" clears a stale reason when a repo stops being gated.
         skip_reason=reason or "",

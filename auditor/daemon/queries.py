@@ -127,15 +127,17 @@ def audit_target(session: Session, audit_id: int) -> AuditTarget:
     """The repo, revision and watched base of an audit."""
     row = session.execute(
         select(Audit.id, Audit.revision_id, Audit.analysis_version, Revision.sha, Repo.repo_id,
-               Repo.declared_base_models)
+               Repo.declared_base_models, Repo.family_bases)
         .join(Revision, Audit.revision_id == Revision.id)
         .join(Repo, Revision.repo_pk == Repo.id)
         .where(Audit.id == audit_id)
     ).one()
+    family = [b for b in (row.family_bases or []) if isinstance(b, str)]
     declared = [b for b in (row.declared_base_models or []) if isinstance(b, str)]
     watched = set(session.scalars(select(WatchedBase.repo_id)))
-    # A merge declares several bases: prefer the watched one the crawler found it under.
-    base = next((b for b in declared if b in watched), declared[0] if declared else None)
+    # The watched base the crawler found it under; a merge's card lists its parents.
+    candidates = family + declared
+    base = next((b for b in candidates if b in watched), candidates[0] if candidates else None)
     session.rollback()
     return AuditTarget(audit_id=row.id, revision_id=row.revision_id, repo_id=row.repo_id,
                        sha=row.sha, base_repo_id=base, analysis_version=row.analysis_version)
@@ -159,7 +161,7 @@ def stored_homologues(
     from auditor.schema import BackdoorInfo
 
     rows = session.execute(
-        select(Repo.repo_id, Repo.declared_base_models, Revision.id, Revision.sha,
+        select(Repo.repo_id, Repo.family_bases, Revision.id, Revision.sha,
                Revision.created_at.label("uploaded_at"),
                Fingerprint.data, Fingerprint.path, Fingerprint.created_at)
         .join(Revision, Revision.repo_pk == Repo.id)
@@ -171,7 +173,7 @@ def stored_homologues(
     chosen: dict[str, Any] = {}
     for row in rows:
         # JSON containment is not portable across SQLite / PostgreSQL: filter here.
-        if base_repo_id not in (row.declared_base_models or []) or row.repo_id in chosen:
+        if base_repo_id not in (row.family_bases or []) or row.repo_id in chosen:
             continue
         chosen[row.repo_id] = row
     out: list[StoredHomologue] = []

@@ -43,7 +43,10 @@ def site_data_from_store(session: Session) -> SiteData:
     ]
     bases = []
     for watched in repository.watch_list(session):
-        derivatives = [m.repo_id for m in metas if watched.repo_id in m.declared_bases]
+        derivatives = [
+            r.repo_id for r in repos
+            if watched.repo_id in repository.family_of(r) and r.repo_id != watched.repo_id
+        ]
         bases.append(WatchedBase(repo_id=watched.repo_id, derivatives=derivatives))
     return SiteData(
         bases=bases,

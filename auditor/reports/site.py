@@ -24,6 +24,8 @@ from auditor.reports.html import model_context, render_page
 from auditor.reports.summary import severity_counts, sorted_findings, verdict
 from auditor.schema import AuditReport, RuleMeta, Severity
 
+# Relative loss barrier up to which a model counts as in its base's basin (a fine-tune).
+SAME_BASIN_BARRIER = 0.5
 _DETECTED = ("merge_parent", "finetune_parent", "clone")
 
 
@@ -165,10 +167,18 @@ class _Site:
         rows = []
         for repo_id in members:
             report = self.latest.get(repo_id)
-            declared = base_id in self.declared_bases(repo_id)
+            cited = self.declared_bases(repo_id)
+            # A merge's card names its parents; naming family members declares the base too.
+            declared = base_id in cited or any(p in members for p in cited)
             entry = next((e for e in report.lineage if e.repo_id == base_id), None) \
                 if report else None
-            detected = entry is not None and entry.relation in _DETECTED
+            # The base is the reference the task vector is taken against, so it is not a
+            # lineage candidate: a low loss barrier to it shows the weights come from it.
+            shares_basin = report is not None and any(
+                b.other_repo_id == base_id and b.relative_barrier <= SAME_BASIN_BARRIER
+                for b in report.barriers
+            )
+            detected = (entry is not None and entry.relation in _DETECTED) or shares_basin
             if report is None:
                 status, label = "info", "not audited"
             elif detected and declared:

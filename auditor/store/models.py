@@ -99,7 +99,10 @@ class Repo(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     repo_id: Mapped[str] = mapped_column(String(255), unique=True)
     owner: Mapped[str] = mapped_column(String(255), index=True)
-    declared_base_models: Mapped[list[Any]] = mapped_column(default=list)
+    declared_base_models: Mapped[list[Any]] = mapped_column(default=list)  # the card's
+    # Watched bases whose family the crawler found this repo in (at any depth): kept apart
+    # from what the card declares, which a merge's card fills with its parents.
+    family_bases: Mapped[list[Any] | None] = mapped_column()
     declared_relation: Mapped[str | None] = mapped_column(String(32))
     gated: Mapped[bool] = mapped_column(Boolean, default=False)
     private: Mapped[bool] = mapped_column(Boolean, default=False)

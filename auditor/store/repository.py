@@ -101,8 +101,12 @@ def upsert_repo(
     gated: bool | None = None,
     private: bool | None = None,
     skip_reason: str | None = None,
+    family_base: str | None = None,
 ) -> Repo:
-    """Create or update a repo; fields left ``None`` keep their stored value."""
+    """Create or update a repo; fields left ``None`` keep their stored value.
+
+    ``family_base`` adds a watched base to the repo's families (never removes one).
+    """
     begin_write(session)
     repo = get_repo(session, repo_id)
     if repo is None:
@@ -120,8 +124,15 @@ def upsert_repo(
         repo.private = private
     if skip_reason is not None:
         repo.skip_reason = skip_reason or None
+    if family_base is not None and family_base not in (repo.family_bases or []):
+        repo.family_bases = [*(repo.family_bases or []), family_base]
     session.commit()
     return repo
+
+
+def family_of(repo: Repo) -> list[str]:
+    """Watched bases the repo belongs to (crawled under), else what its card declares."""
+    return [str(b) for b in (repo.family_bases or repo.declared_base_models or [])]
 
 
 def get_revision(session: Session, repo_id: str, sha: str) -> Revision | None:
