@@ -11,10 +11,12 @@ from auditor.demo import expected_checks, run_demo
 
 
 @pytest.fixture(scope="module")
-def demo_dir(request: pytest.FixtureRequest) -> Path:
-    # The zoo is kept in the pytest cache (training it is the slow part); the database and
-    # the site are removed so every run audits for real.
-    root = Path(str(request.config.cache.mkdir("auditor-demo")))
+def demo_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The zoo is kept in the pytest cache (training it is the slow part; a temporary
+    # folder without the cache plugin); the database and the site are removed so every
+    # run audits for real.
+    cache = getattr(request.config, "cache", None)
+    root = Path(str(cache.mkdir("auditor-demo"))) if cache else tmp_path_factory.mktemp("demo")
     for stale in ("auditor.db", "auditor.db-wal", "auditor.db-shm", "site", "hf-cache"):
         path = root / "demo" / stale
         if path.is_dir():
