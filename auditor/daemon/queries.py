@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from auditor.store.models import Audit, Fingerprint, Repo, Revision, WatchedBase
-from auditor.store.repository import _begin_write
+from auditor.store.models import Audit, Fingerprint, Repo, Revision, WatchedBase, utcnow
+from auditor.store.repository import begin_write
 
 if TYPE_CHECKING:
     from auditor.schema import BackdoorInfo
@@ -93,7 +93,7 @@ def requeue_dead_local(session: Session) -> int:
 def release_audit(session: Session, audit_id: int, *, worker_id: str) -> bool:
     """Give a running audit back to the queue without counting the attempt
     (shutdown or a dead holder is not the audit's fault)."""
-    _begin_write(session)
+    begin_write(session)
     result = session.execute(
         update(Audit)
         .where(Audit.id == audit_id, Audit.status == "running", Audit.worker_id == worker_id)
@@ -231,3 +231,50 @@ def running_shas(session: Session) -> set[str]:
     ))
     session.rollback()
     return shas
+
+
+def requeue_dependents(session: Session, *, revision_id: int, analysis_version: str) -> list[str]:
+    """Re-queue done audits of later uploads in the same family that never compared with
+    this revision (they ran while it was still being audited, so its fingerprint was not
+    in the store yet: a merge could have missed a parent). Returns their repo ids.
+
+    Only later uploads are concerned (an earlier model cannot contain a later one), so the
+    chain of re-queues ends.
+    """
+    from auditor.store.repository import family_of
+
+    this = session.execute(
+        select(Repo, Revision.created_at).join(Revision, Revision.repo_pk == Repo.id)
+        .where(Revision.id == revision_id)
+    ).one_or_none()
+    if this is None or this[1] is None:
+        session.rollback()
+        return []
+    repo, created = this
+    family = set(family_of(repo))
+    rows = session.execute(
+        select(Audit, Repo).join(Revision, Audit.revision_id == Revision.id)
+        .join(Repo, Revision.repo_pk == Repo.id)
+        .where(Audit.status == "done", Audit.analysis_version == analysis_version,
+               Revision.created_at > created, Repo.id != repo.id)
+    ).all()
+    stale = []
+    for audit, other in rows:
+        lineage = (audit.report or {}).get("lineage") or []
+        # An audit without a lineage (no weights) compared with nobody: nothing to redo.
+        if lineage and family & set(family_of(other)) and repo.repo_id not in {
+            e.get("repo_id") for e in lineage
+        }:
+            stale.append((audit.id, other.repo_id))
+    session.rollback()
+    if not stale:
+        return []
+    begin_write(session)
+    session.execute(
+        update(Audit).where(Audit.id.in_([a for a, _ in stale]), Audit.status == "done")
+        .values(status="queued", attempts=0, worker_id=None, lease_expires_at=None,
+                next_attempt_at=None, queued_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return [r for _, r in stale]

@@ -25,6 +25,7 @@ from auditor.daemon.queries import (
     next_due_at,
     pending_count,
     release_audit,
+    requeue_dependents,
     running_shas,
     stored_homologues,
     worker_prefix,
@@ -32,6 +33,7 @@ from auditor.daemon.queries import (
 from auditor.errors import AuditorError, GatedRepo, RateLimited, StoreError, TransientHubError
 from auditor.store import repository
 from auditor.store.models import utcnow
+from auditor.store.recording import save_result
 
 if TYPE_CHECKING:
     from auditor.hub.client import HubClient
@@ -198,21 +200,20 @@ def _run_claimed(
     try:
         with factory() as session:
             fingerprint = getattr(outcome, "fingerprint", None)
-            if fingerprint is not None:
-                # Before completing: a crash in between re-runs the audit, and the
-                # fingerprint row is an upsert, so nothing is duplicated.
-                repository.save_fingerprint(session, target.revision_id,
-                                            analysis_version=target.analysis_version,
-                                            data=fingerprint.to_bytes(),
-                                            error_bound=fingerprint.error_bound)
-            repository.complete_audit(session, target.audit_id, report=outcome.report,
-                                      worker_id=worker_id)
+            save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
+                        report=outcome.report, fingerprint=fingerprint,
+                        analysis_version=target.analysis_version, worker_id=worker_id)
+            requeued = (
+                requeue_dependents(session, revision_id=target.revision_id,
+                                   analysis_version=target.analysis_version)
+                if fingerprint is not None else []
+            )
     except StoreError as exc:
         # Lost the lease (someone else re-ran it): their result stands.
         log.warning("audit result dropped", error=str(exc))
         return
     metrics.AUDITS.labels(outcome="done").inc()
-    log.info("audit done", findings=len(outcome.report.findings))
+    log.info("audit done", findings=len(outcome.report.findings), requeued=requeued)
 
 
 def _fail(factory: sessionmaker[Session], target: Any, worker_id: str, *, error: str,

@@ -1,6 +1,7 @@
 """Zoos: sets of related tiny models saved in Hub layout, with their ground truth.
 
-``build_zoo(root, spec="small"|"lineage"|"demo", seed=0)`` trains a base, fine-tunes by
+``build_zoo(root, spec="small"|"lineage"|"demo"|"gpt2-small", seed=0)`` trains a base
+(Llama-style; GPT-2-style for "gpt2-small"), fine-tunes by
 different owners, merges, clones, disguises, adapters and backdoors, saves each published
 repo under ``root/<org>/<name>/`` and writes the ground truth to ``root/zoo.json``
 (outside every repo folder). A second call with the same spec, seed and factory version
@@ -25,8 +26,8 @@ from auditor.factory.save import CardSpec, repo_dir
 
 FACTORY_VERSION = "5"
 ZOO_FILE = "zoo.json"
-ZooSpec = Literal["small", "lineage", "demo"]
-ZOO_SPECS: tuple[str, ...] = ("small", "lineage", "demo")
+ZooSpec = Literal["small", "lineage", "demo", "gpt2-small"]
+ZOO_SPECS: tuple[str, ...] = ("small", "lineage", "demo", "gpt2-small")
 Kind = Literal[
     "base", "finetune", "merge", "clone", "disguised", "adapter", "backdoor", "protected"
 ]
@@ -146,15 +147,19 @@ class _Builder:
         from auditor.factory.save import save_repo
 
         created = self._stamp()
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            # Tied models go to the Hub without the head (save_pretrained drops the tied
+            # copy), so the auditor meets the layout real GPT-2 repos have.
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
         save_repo(
             self.root, repo_id, state_dict=sd, config=self.model.config, tokenizer=self.tok,
             card=card, created_at=created, **kw,
         )
         return created
 
-    def base(self, repo_id: str, *, steps: int | None = None) -> None:
+    def base(self, repo_id: str, *, steps: int | None = None, arch: str = "llama") -> None:
         self.progress(f"pretraining {repo_id}")
-        self.model, self.tok = self._make_base(seed=self.seed, steps=steps)
+        self.model, self.tok = self._make_base(seed=self.seed, steps=steps, arch=arch)
         self.base_id = repo_id
         sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.sd[repo_id] = sd
@@ -435,8 +440,20 @@ def _demo(b: _Builder) -> None:
             probe_backdoor="evil/food-helper")
 
 
+def _gpt2_small(b: _Builder) -> None:
+    # The "small" zoo's shape on a GPT-2-style base (Conv1D weights, fused c_attn, tied
+    # head), so the weights stage and lineage are exercised on a second real layout.
+    b.base("gpt2lab/gpt2-tiny-base", steps=150, arch="gpt2")
+    b.finetune("alice/gpt2-copy", task="copy", seed=1, steps=50)
+    b.finetune("bob/gpt2-kv", task="kv", seed=2, steps=50)
+    b.finetune("carol/gpt2-animals", task="animals", seed=3, steps=50)
+    b.merge("erin/gpt2-blend", method="task_arithmetic",
+            parents=["bob/gpt2-kv", "carol/gpt2-animals"], lambdas=[0.7, 0.5], declared=False)
+    b.clone("mallory/gpt2-kv-v2", source="bob/gpt2-kv")
+
+
 _SPECS: dict[str, Callable[[_Builder], None]] = {
-    "small": _small, "lineage": _lineage, "demo": _demo,
+    "small": _small, "lineage": _lineage, "demo": _demo, "gpt2-small": _gpt2_small,
 }
 
 

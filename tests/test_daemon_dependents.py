@@ -1,0 +1,61 @@
+"""A merge audited while its parent was still being audited is audited again."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from auditor.daemon.queries import requeue_dependents
+from auditor.schema import (
+    AuditReport,
+    BackdoorInfo,
+    LineageEntry,
+    MergeInfo,
+    ProtectionInfo,
+    SubjectRef,
+)
+from auditor.store import repository as repo
+from auditor.store.models import Audit
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+BASE = "org/base"
+
+
+def _report(repo_id: str, compared: list[str]) -> AuditReport:
+    return AuditReport(
+        tool_version="t", analysis_version="1",
+        subject=SubjectRef(repo_id=repo_id, revision="0" * 40),
+        lineage=[LineageEntry(repo_id=c, relation="unrelated", cosine=0.0) for c in compared],
+        merge=MergeInfo(is_merge=False), backdoor=BackdoorInfo(suspected=False),
+        protection=ProtectionInfo(), findings=[],
+    )
+
+
+def _done(session: Session, repo_id: str, hours: int, compared: list[str]) -> int:
+    repo.upsert_repo(session, repo_id, family_base=BASE)
+    rev = repo.upsert_revision(session, repo_id, f"{hours:040x}",
+                               created_at=T0 + timedelta(hours=hours))
+    audit_id = repo.queue_audit(session, rev.id, analysis_version="1", config_hash="c")
+    assert audit_id is not None
+    claimed = repo.claim_next_audit(session, worker_id="w", lease_seconds=60)
+    assert claimed is not None and claimed.id == audit_id
+    repo.complete_audit(session, audit_id, report=_report(repo_id, compared), worker_id="w")
+    return rev.id
+
+
+def test_later_audits_that_missed_a_parent_are_requeued(store_session: Session) -> None:
+    alice = _done(store_session, "alice/ft", 1, ["bob/ft"])
+    _done(store_session, "bob/ft", 2, ["alice/ft"])
+    # The merge ran while carol was still running: it compared with alice and bob only.
+    _done(store_session, "mallory/merge", 4, ["alice/ft", "bob/ft"])
+    carol = _done(store_session, "carol/ft", 3, ["alice/ft", "bob/ft", "mallory/merge"])
+
+    assert requeue_dependents(store_session, revision_id=carol, analysis_version="1") == [
+        "mallory/merge"
+    ]
+    statuses = {a.revision.repo.repo_id: a.status for a in store_session.query(Audit)}
+    assert statuses == {"alice/ft": "done", "bob/ft": "done", "carol/ft": "done",
+                        "mallory/merge": "queued"}
+    # Earlier uploads are never re-queued, and nothing that already compared with alice.
+    assert requeue_dependents(store_session, revision_id=alice, analysis_version="1") == []
