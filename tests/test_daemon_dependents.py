@@ -59,3 +59,28 @@ def test_later_audits_that_missed_a_parent_are_requeued(store_session: Session) 
                         "mallory/merge": "queued"}
     # Earlier uploads are never re-queued, and nothing that already compared with alice.
     assert requeue_dependents(store_session, revision_id=alice, analysis_version="1") == []
+
+
+def test_merge_of_a_later_flagged_parent_is_requeued_for_inheritance(
+        store_session: Session) -> None:
+    _done(store_session, "bob/ft", 1, [])
+    # The merge saw evil's fingerprint but ran before evil's backdoor verdict was stored.
+    merge_report = _report("victim/merge", ["evil/ft", "bob/ft"]).model_copy(update={
+        "lineage": [LineageEntry(repo_id="evil/ft", relation="merge_parent", cosine=0.8),
+                    LineageEntry(repo_id="bob/ft", relation="merge_parent", cosine=0.5)]})
+    repo.upsert_repo(store_session, "victim/merge", family_base=BASE)
+    rev = repo.upsert_revision(store_session, "victim/merge", "f" * 40,
+                               created_at=T0 + timedelta(hours=5))
+    audit_id = repo.queue_audit(store_session, rev.id, analysis_version="1", config_hash="c")
+    repo.claim_next_audit(store_session, worker_id="w", lease_seconds=60)
+    repo.complete_audit(store_session, audit_id, report=merge_report, worker_id="w")
+
+    evil = _done(store_session, "evil/ft", 2, ["bob/ft"])
+    audit = store_session.query(Audit).filter(Audit.revision_id == evil).one()
+    flagged = dict(audit.report)
+    flagged["backdoor"] = {"suspected": True, "triggers": [], "inherited_from": []}
+    audit.report = flagged
+    store_session.commit()
+    assert requeue_dependents(store_session, revision_id=evil, analysis_version="1") == [
+        "victim/merge"
+    ]

@@ -131,3 +131,22 @@ def test_gpt2_merge_and_base_weights_relate_exactly(gpt2_zoo: BuiltZoo) -> None:
     for k in base:
         expect = base[k] + 0.7 * (kv[k] - base[k]) + 0.5 * (an[k] - base[k])
         torch.testing.assert_close(merge[k], expect, atol=1e-5, rtol=0)
+
+
+def test_gpt2_full_detector_set_runs_cleanly(gpt2_zoo: BuiltZoo, tmp_path: Path) -> None:
+    """barrier / equivalence / protection / backdoor load GPT-2 through analysis.modeling:
+    they must run (not skip) and agree with lineage on the clone."""
+    outcome = _audit(gpt2_zoo, CLONE, tmp_path, detectors=None)
+    report = outcome.report
+    assert report.errors == [] and report.file_issues == []
+    assert {"barrier", "protection", "backdoor"} <= set(report.timings)
+    curves = {c.other_repo_id: c for c in report.barriers}
+    assert "bob/gpt2-kv" in curves and "carol/gpt2-animals" in curves
+    # A clone sits on a flat path to its source: every point has the same loss.
+    source = curves["bob/gpt2-kv"]
+    assert max(source.losses) - min(source.losses) < 1e-4
+    assert source.barrier == pytest.approx(0.0, abs=1e-4)
+    assert report.protection.merge_resistant is False
+    assert report.backdoor.suspected is False
+    assert _rules(outcome) == {"AUD103": {"bob/gpt2-kv"}}
+    assert outcome.exit_code == ExitCode.FINDINGS

@@ -194,6 +194,10 @@ def stored_homologues(
             .order_by(Audit.finished_at.desc(), Audit.id.desc())
             .limit(1)
         )
+        if report is None:
+            # Fingerprinted but not yet done (the audit commits the fingerprint first): its
+            # verdicts are not known yet. requeue_dependents re-runs us once it is done.
+            continue
         backdoor = None
         if isinstance(report, dict) and isinstance(report.get("backdoor"), dict):
             info = BackdoorInfo.model_validate(report["backdoor"])
@@ -233,6 +237,9 @@ def running_shas(session: Session) -> set[str]:
     return shas
 
 
+_PARENT_RELATIONS = ("merge_parent", "finetune_parent", "clone")
+
+
 def requeue_dependents(session: Session, *, revision_id: int, analysis_version: str) -> list[str]:
     """Re-queue done audits of later uploads in the same family that never compared with
     this revision (they ran while it was still being audited, so its fingerprint was not
@@ -252,6 +259,12 @@ def requeue_dependents(session: Session, *, revision_id: int, analysis_version: 
         return []
     repo, created = this
     family = set(family_of(repo))
+    own = session.scalar(
+        select(Audit.report).where(Audit.revision_id == revision_id, Audit.status == "done",
+                                   Audit.analysis_version == analysis_version)
+        .order_by(Audit.finished_at.desc()).limit(1)
+    ) or {}
+    flagged = bool((own.get("backdoor") or {}).get("suspected"))
     rows = session.execute(
         select(Audit, Repo).join(Revision, Audit.revision_id == Revision.id)
         .join(Repo, Revision.repo_pk == Repo.id)
@@ -262,9 +275,13 @@ def requeue_dependents(session: Session, *, revision_id: int, analysis_version: 
     for audit, other in rows:
         lineage = (audit.report or {}).get("lineage") or []
         # An audit without a lineage (no weights) compared with nobody: nothing to redo.
-        if lineage and family & set(family_of(other)) and repo.repo_id not in {
-            e.get("repo_id") for e in lineage
-        }:
+        if not lineage or not family & set(family_of(other)):
+            continue
+        relation = {e.get("repo_id"): e.get("relation") for e in lineage}.get(repo.repo_id)
+        inherited = ((audit.report or {}).get("backdoor") or {}).get("inherited_from") or []
+        missed_backdoor = (flagged and relation in _PARENT_RELATIONS
+                           and repo.repo_id not in inherited)
+        if relation is None or missed_backdoor:
             stale.append((audit.id, other.repo_id))
     session.rollback()
     if not stale:
