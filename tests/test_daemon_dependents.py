@@ -40,6 +40,7 @@ def _done(session: Session, repo_id: str, hours: int, compared: list[str]) -> in
     assert audit_id is not None
     claimed = repo.claim_next_audit(session, worker_id="w", lease_seconds=60)
     assert claimed is not None and claimed.id == audit_id
+    repo.save_fingerprint(session, rev.id, analysis_version="1", data=b"fp")
     repo.complete_audit(session, audit_id, report=_report(repo_id, compared), worker_id="w")
     return rev.id
 
@@ -61,6 +62,17 @@ def test_later_audits_that_missed_a_parent_are_requeued(store_session: Session) 
     assert requeue_dependents(store_session, revision_id=alice, analysis_version="1") == []
 
 
+def test_an_audit_that_finishes_after_a_missed_parent_requeues_itself(
+        store_session: Session) -> None:
+    # carol (older) finished while the merge was running; the merge finishes last.
+    _done(store_session, "alice/ft", 1, [])
+    _done(store_session, "carol/ft", 3, ["alice/ft"])
+    merge = _done(store_session, "mallory/merge", 4, ["alice/ft"])
+    assert requeue_dependents(store_session, revision_id=merge, analysis_version="1") == [
+        "mallory/merge"
+    ]
+
+
 def test_merge_of_a_later_flagged_parent_is_requeued_for_inheritance(
         store_session: Session) -> None:
     _done(store_session, "bob/ft", 1, [])
@@ -73,6 +85,7 @@ def test_merge_of_a_later_flagged_parent_is_requeued_for_inheritance(
                                created_at=T0 + timedelta(hours=5))
     audit_id = repo.queue_audit(store_session, rev.id, analysis_version="1", config_hash="c")
     repo.claim_next_audit(store_session, worker_id="w", lease_seconds=60)
+    repo.save_fingerprint(store_session, rev.id, analysis_version="1", data=b"fp")
     repo.complete_audit(store_session, audit_id, report=merge_report, worker_id="w")
 
     evil = _done(store_session, "evil/ft", 2, ["bob/ft"])

@@ -238,15 +238,31 @@ def running_shas(session: Session) -> set[str]:
 
 
 _PARENT_RELATIONS = ("merge_parent", "finetune_parent", "clone")
+MAX_DEPENDENT_RUNS = 4
+
+
+def _missed(report: dict[str, Any] | None, other: str, other_flagged: bool) -> bool:
+    """Did this done audit run without ``other`` (a family member) in its comparison set,
+    or without ``other``'s backdoor verdict while ``other`` is its parent?"""
+    lineage = (report or {}).get("lineage") or []
+    if not lineage:
+        return False  # no weights analysed: it compared with nobody, nothing to redo
+    relation = {e.get("repo_id"): e.get("relation") for e in lineage}.get(other)
+    inherited = ((report or {}).get("backdoor") or {}).get("inherited_from") or []
+    return relation is None or (
+        other_flagged and relation in _PARENT_RELATIONS and other not in inherited
+    )
 
 
 def requeue_dependents(session: Session, *, revision_id: int, analysis_version: str) -> list[str]:
-    """Re-queue done audits of later uploads in the same family that never compared with
-    this revision (they ran while it was still being audited, so its fingerprint was not
-    in the store yet: a merge could have missed a parent). Returns their repo ids.
+    """After an audit is done, re-queue what ran with an incomplete comparison set.
 
-    Only later uploads are concerned (an earlier model cannot contain a later one), so the
-    chain of re-queues ends.
+    Workers run in parallel, so an audit may have read the store while an earlier upload
+    of its family was still being audited: a merge could have missed a parent, or its
+    backdoor verdict. Checked both ways: later uploads' done audits that lack this
+    revision, and this audit itself against earlier uploads done meanwhile. Only the later
+    upload of a pair is ever re-run (an earlier model cannot contain a later one), so the
+    re-queues end. Returns the re-queued repo ids.
     """
     from auditor.store.repository import family_of
 
@@ -259,39 +275,44 @@ def requeue_dependents(session: Session, *, revision_id: int, analysis_version: 
         return []
     repo, created = this
     family = set(family_of(repo))
-    own = session.scalar(
-        select(Audit.report).where(Audit.revision_id == revision_id, Audit.status == "done",
-                                   Audit.analysis_version == analysis_version)
-        .order_by(Audit.finished_at.desc()).limit(1)
-    ) or {}
-    flagged = bool((own.get("backdoor") or {}).get("suspected"))
     rows = session.execute(
-        select(Audit, Repo).join(Revision, Audit.revision_id == Revision.id)
+        select(Audit, Repo, Revision.created_at)
+        .join(Revision, Audit.revision_id == Revision.id)
         .join(Repo, Revision.repo_pk == Repo.id)
-        .where(Audit.status == "done", Audit.analysis_version == analysis_version,
-               Revision.created_at > created, Repo.id != repo.id)
+        .join(Fingerprint, (Fingerprint.revision_id == Revision.id)
+              & (Fingerprint.analysis_version == analysis_version))
+        .where(Audit.status == "done", Audit.analysis_version == analysis_version)
     ).all()
-    stale = []
-    for audit, other in rows:
-        lineage = (audit.report or {}).get("lineage") or []
-        # An audit without a lineage (no weights) compared with nobody: nothing to redo.
-        if not lineage or not family & set(family_of(other)):
+
+    def flagged(audit: Audit) -> bool:
+        return bool(((audit.report or {}).get("backdoor") or {}).get("suspected"))
+
+    own = next((a for a, r, _ in rows if a.revision_id == revision_id), None)
+    stale: list[tuple[int, str]] = []
+    for audit, other, other_created in rows:
+        if other.id == repo.id or other_created is None or not family & set(family_of(other)):
             continue
-        relation = {e.get("repo_id"): e.get("relation") for e in lineage}.get(repo.repo_id)
-        inherited = ((audit.report or {}).get("backdoor") or {}).get("inherited_from") or []
-        missed_backdoor = (flagged and relation in _PARENT_RELATIONS
-                           and repo.repo_id not in inherited)
-        if relation is None or missed_backdoor:
+        if other_created > created and _missed(audit.report, repo.repo_id,
+                                               own is not None and flagged(own)):
             stale.append((audit.id, other.repo_id))
+        elif (other_created < created and own is not None
+              and _missed(own.report, other.repo_id, flagged(audit))
+              and (own.id, repo.repo_id) not in stale):
+            stale.append((own.id, repo.repo_id))
     session.rollback()
     if not stale:
         return []
     begin_write(session)
-    session.execute(
-        update(Audit).where(Audit.id.in_([a for a, _ in stale]), Audit.status == "done")
-        .values(status="queued", attempts=0, worker_id=None, lease_expires_at=None,
+    result = session.execute(
+        # attempts keeps counting: a comparison that can never be completed (an unreadable
+        # stored fingerprint, say) stops being retried after a few runs.
+        update(Audit).where(Audit.id.in_([a for a, _ in stale]), Audit.status == "done",
+                            Audit.attempts < MAX_DEPENDENT_RUNS)
+        .values(status="queued", worker_id=None, lease_expires_at=None,
                 next_attempt_at=None, queued_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     session.commit()
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        return []
     return [r for _, r in stale]

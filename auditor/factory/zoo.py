@@ -17,12 +17,15 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.factory.save import CardSpec, repo_dir
+
+if TYPE_CHECKING:  # base.py pulls in transformers: imported lazily where it is used
+    from auditor.factory.base import Arch
 
 FACTORY_VERSION = "5"
 ZOO_FILE = "zoo.json"
@@ -157,7 +160,7 @@ class _Builder:
         )
         return created
 
-    def base(self, repo_id: str, *, steps: int | None = None, arch: str = "llama") -> None:
+    def base(self, repo_id: str, *, steps: int | None = None, arch: Arch = "llama") -> None:
         self.progress(f"pretraining {repo_id}")
         self.model, self.tok = self._make_base(seed=self.seed, steps=steps, arch=arch)
         self.base_id = repo_id
