@@ -101,11 +101,11 @@ def _benign_homologues(ctx: AuditContext) -> list[Any]:
 
 
 def _download_weights(ctx: AuditContext, repo_id: str, revision: str | None) -> Any:
-    from auditor.detectors_builtin import _open_weights
+    from auditor.detectors_builtin import open_weights
     from auditor.orchestrator import fetch_model
 
     model = fetch_model(ctx.client, ctx.client.resolve(repo_id, revision=revision))
-    source = _open_weights(model)
+    source = open_weights(model)
     ctx.state.setdefault("closers", []).append(source)
     return source
 

@@ -29,7 +29,7 @@ def detect_pickles(ctx: AuditContext) -> None:
     ctx.values["pickles"] = scans
 
 
-def _open_weights(model: OpenModel) -> TensorSource:
+def open_weights(model: OpenModel) -> TensorSource:
     from auditor.weights.reader import open_model
 
     files = {n: p for n, p in model.files.items() if not n.startswith("adapter_")}
@@ -57,7 +57,7 @@ def _fingerprint(
             )
         fp = compute_fingerprint(deltas)
         return fp, info
-    src = _open_weights(model)
+    src = open_weights(model)
     ctx.state.setdefault("closers", []).append(src)
     config = model.config or (ctx.base.config if ctx.base else None)
     aligned = align_to_base(src, base_src, config=config)
@@ -98,7 +98,7 @@ def detect_weights(ctx: AuditContext) -> None:
     if ctx.base is None or not ctx.subject.files:
         return
     try:
-        base_src = _open_weights(ctx.base)
+        base_src = open_weights(ctx.base)
     except WeightsError as exc:
         raise AuditorError(f"base {ctx.base.resolved.repo_id}: {exc}") from exc
     ctx.state.setdefault("closers", []).append(base_src)
