@@ -73,30 +73,33 @@ def _entry_map(ctx: AuditContext) -> dict[str, Any]:
     return {e.repo_id: e for e in ctx.values.get("lineage", [])}
 
 
-def _benign_homologues(ctx: AuditContext) -> list[Any]:
-    """Homologues unrelated to the subject: the reference for merges and averages.
+def _benign_homologues(
+    ctx: AuditContext, *, relations: tuple[str, ...] = ("unrelated",)
+) -> list[Any]:
+    """Homologues in ``relations`` to the subject: the reference for merges and averages.
 
     Local candidates first; when the comparison set came from the store (the daemon keeps
-    only fingerprints), a few unrelated homologues are downloaded, pinned to the audited
-    revision, once per audit.
+    only fingerprints), a few are downloaded, pinned to the audited revision, once per
+    audit.
     """
-    if "benign_homologues" in ctx.state:
-        return ctx.state["benign_homologues"]  # type: ignore[no-any-return]
+    key = f"homologues:{','.join(relations)}"
+    if key in ctx.state:
+        return ctx.state[key]  # type: ignore[no-any-return]
     entries = _entry_map(ctx)
     sources = _candidate_sources(ctx)
     picked = [src for repo, src in sorted(sources.items())
-              if repo in entries and entries[repo].relation == "unrelated"][:MAX_HOMOLOGUES]
+              if repo in entries and entries[repo].relation in relations][:MAX_HOMOLOGUES]
     for repo_id, ref in sorted(ctx.homologues.items()):
         if len(picked) >= MAX_HOMOLOGUES:
             break
         entry = entries.get(repo_id)
-        if repo_id in sources or entry is None or entry.relation != "unrelated":
+        if repo_id in sources or entry is None or entry.relation not in relations:
             continue
         try:
             picked.append(_download_weights(ctx, repo_id, ref.revision))
         except AuditorError as exc:
             ctx.errors.append(f"homologue {repo_id}: {exc}")
-    ctx.state["benign_homologues"] = picked
+    ctx.state[key] = picked
     return picked
 
 
@@ -198,7 +201,10 @@ def detect_protection(ctx: AuditContext) -> None:
         return
     ctx.values["protection"] = assess_protection(
         setup["spec"], setup["base"], setup["subject"],
-        homologues=_benign_homologues(ctx), probes=setup["probes"],
+        # Any homologue but its own parents and copies: merging with a sibling on a related
+        # task is exactly what a merger would do.
+        homologues=_benign_homologues(ctx, relations=("unrelated", "related")),
+        probes=setup["probes"],
     )
 
 
