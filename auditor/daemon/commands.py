@@ -39,12 +39,23 @@ def _session():  # type: ignore[no-untyped-def]
     return migrated_session(_database_url(_settings()))
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at write time, not at configuration time: test runners
+    and wrappers swap (and close) the stream they captured."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, json_logs: bool, level: str) -> None:
     """Structured logs on stderr (key=value or JSON) for the daemon and its workers."""
     import structlog
 
     numeric = getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(level=numeric, stream=sys.stderr,
+    logging.basicConfig(level=numeric, stream=_CurrentStderr(),  # type: ignore[arg-type]
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
     renderer: Any = (structlog.processors.JSONRenderer() if json_logs
                      else structlog.processors.KeyValueRenderer(
@@ -54,7 +65,7 @@ def configure_logging(*, json_logs: bool, level: str) -> None:
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

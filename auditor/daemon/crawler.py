@@ -15,6 +15,7 @@ audit key) make that a no-op.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -95,6 +96,10 @@ def crawl_base(
     newest_sha: str | None = None
     seen: set[str] = set()
     has_token = bool(client.auth_headers())
+    # Three listings feed one recorder: new repos, new commits, the family tree.
+    record = functools.partial(_record, session, base_repo_id=base_repo_id, result=result,
+                               config_hash=config_hash, analysis_version=analysis_version,
+                               has_token=has_token, progress=progress)
     try:
         for summary in client.list_derivatives(base_repo_id):
             if stop_created is not None and summary.created_at is not None \
@@ -103,9 +108,7 @@ def crawl_base(
             if newest_created is None and summary.created_at is not None:
                 newest_created, newest_sha = summary.created_at, summary.sha
             seen.add(summary.repo_id)
-            _record(session, summary, base_repo_id=base_repo_id, result=result,
-                    config_hash=config_hash, analysis_version=analysis_version,
-                    has_token=has_token, progress=progress)
+            record(summary)
         if last_success is not None:
             since = last_success - MODIFIED_MARGIN
             for summary in _list_modified(client, base_repo_id):
@@ -114,12 +117,8 @@ def crawl_base(
                 if summary.repo_id in seen:
                     continue
                 seen.add(summary.repo_id)
-                _record(session, summary, base_repo_id=base_repo_id, result=result,
-                        config_hash=config_hash, analysis_version=analysis_version,
-                        has_token=has_token, progress=progress)
-        _walk_tree(session, client, base_repo_id, seen=seen, result=result,
-                   config_hash=config_hash, analysis_version=analysis_version,
-                   has_token=has_token, progress=progress)
+                record(summary)
+        _walk_tree(session, client, base_repo_id, seen=seen, record=record)
     except AuditorError as exc:
         result.error = str(exc)
         session.rollback()
@@ -175,11 +174,7 @@ def _walk_tree(
     base_repo_id: str,
     *,
     seen: set[str],
-    result: CrawlResult,
-    config_hash: str,
-    analysis_version: str,
-    has_token: bool,
-    progress: Callable[[str], None] | None,
+    record: Callable[[RepoSummary], None],
 ) -> None:
     """List the children of every family member (breadth first) and record new ones.
 
@@ -197,9 +192,7 @@ def _walk_tree(
             if summary.repo_id in seen or summary.repo_id == base_repo_id:
                 continue
             seen.add(summary.repo_id)
-            _record(session, summary, base_repo_id=base_repo_id, result=result,
-                    config_hash=config_hash, analysis_version=analysis_version,
-                    has_token=has_token, progress=progress)
+            record(summary)
             frontier.append(summary.repo_id)
 
 
