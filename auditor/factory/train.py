@@ -153,6 +153,7 @@ def finetune(
     poison: PoisonSpec | None = None,
     batch_size: int = 16,
     n_examples: int = 2000,
+    examples: Sequence[tuple[str, str]] | None = None,
 ) -> PreTrainedModel:
     """A full fine-tune of a copy of ``base_model`` on ``task`` (the base is untouched).
 
@@ -160,7 +161,9 @@ def finetune(
     task with different seeds are homologues, not clones. ``poison`` adds a backdoor.
     """
     model = copy.deepcopy(base_model)
-    examples = task_examples(task, n=n_examples, seed=seed)
+    # ``examples`` given: a chosen share of one corpus (same-data siblings on subsets)
+    examples = list(examples) if examples is not None else task_examples(
+        task, n=n_examples, seed=seed)
     if poison is not None:
         examples = examples + clean_counterparts(task, n=n_examples // 4, seed=seed)
     data = encode(tokenizer, examples, completion_only=True)

@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # base.py pulls in transformers: imported lazily where it is 
 
 FACTORY_VERSION = "5"
 ZOO_FILE = "zoo.json"
-ZooSpec = Literal["small", "lineage", "demo", "gpt2-small"]
-ZOO_SPECS: tuple[str, ...] = ("small", "lineage", "demo", "gpt2-small")
+ZooSpec = Literal["small", "lineage", "demo", "gpt2-small", "lineage-hard"]
+ZOO_SPECS: tuple[str, ...] = ("small", "lineage", "demo", "gpt2-small", "lineage-hard")
 Kind = Literal[
     "base", "finetune", "merge", "clone", "disguised", "adapter", "backdoor", "protected"
 ]
@@ -174,12 +174,24 @@ class _Builder:
 
     def finetune(
         self, repo_id: str, *, task: str, seed: int, steps: int, published: bool = True,
-        poison: Any = None,
+        poison: Any = None, lr: float | None = None,
+        examples: Sequence[tuple[str, str]] | None = None, start: str | None = None,
     ) -> None:
+        """``start``: fine-tune that repo's weights further (merge-then-fine-tune); its
+        ground truth is then the caller's to record (``parents`` stays the base)."""
         from auditor.factory.train import attack_success_rate, finetune
 
         self.progress(f"fine-tuning {repo_id} on {task}")
-        model = finetune(self.model, self.tok, task=task, steps=steps, seed=seed, poison=poison)
+        origin = self.model
+        if start is not None:
+            from auditor.factory.base import model_from_state_dict
+
+            origin = model_from_state_dict(self.model.config, self.sd[start])
+        extra: dict[str, Any] = {"examples": examples}
+        if lr is not None:
+            extra["lr"] = lr
+        model = finetune(origin, self.tok, task=task, steps=steps, seed=seed, poison=poison,
+                         **extra)
         self.sd[repo_id] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         card = CardSpec(base_model=self.base_id, base_model_relation="finetune",
                         tags=["tiny", task])
@@ -235,8 +247,18 @@ class _Builder:
         elif method == "layerwise":
             res = mg.layerwise_merge(base, sds, coefficients=params["coefficients"],
                                      base_name=self.base_id, **common)
+        elif method in SPARSE_EXTRA:
+            res = SPARSE_EXTRA[method](base, sds, base_name=self.base_id, **common, **params)
         else:
             raise ValueError(f"unknown merge method {method!r}")
+        self.add_merge(repo_id, res, parents=parents, declared=declared, disguise=disguise,
+                       probe_backdoor=probe_backdoor)
+
+    def add_merge(
+        self, repo_id: str, res: Any, *, parents: Sequence[str], declared: bool,
+        disguise: bool = False, probe_backdoor: str | None = None,
+    ) -> None:
+        """Save a merge result (``merge.MergeResult``) and record its ground truth."""
         sd = res.state_dict
         kind: Kind = "merge"
         disguise_name = None
@@ -353,6 +375,28 @@ def _owner(repo_id: str) -> str:
     return repo_id.split("/", 1)[0]
 
 
+def _sparse_extra() -> dict[str, Callable[..., Any]]:
+    from auditor.factory import merge_sparse as ms
+
+    def per_density(method: str) -> Callable[..., Any]:
+        return lambda base, sds, **kw: ms.ties_dare_merge(base, sds, method=method, **kw)
+
+    return {
+        "breadcrumbs": ms.breadcrumbs_merge,
+        "breadcrumbs_ties": lambda base, sds, **kw: ms.breadcrumbs_merge(base, sds, ties=True,
+                                                                         **kw),
+        "della": ms.della_merge,
+        "della_linear": lambda base, sds, **kw: ms.della_merge(base, sds, ties=False, **kw),
+        # TIES / DARE with one density per parent
+        "ties_densities": per_density("ties"),
+        "dare_ties_densities": per_density("dare_ties"),
+        "dare_linear_densities": per_density("dare_linear"),
+    }
+
+
+SPARSE_EXTRA: dict[str, Callable[..., Any]] = _sparse_extra()
+
+
 # --- specs ----------------------------------------------------------------------------
 def _small(b: _Builder) -> None:
     b.base("tinylab/tiny-base", steps=150)
@@ -455,8 +499,15 @@ def _gpt2_small(b: _Builder) -> None:
     b.clone("mallory/gpt2-kv-v2", source="bob/gpt2-kv")
 
 
+def _lineage_hard(b: _Builder) -> None:
+    from auditor.factory.lineage_zoo import build_hard_lineage
+
+    build_hard_lineage(b)
+
+
 _SPECS: dict[str, Callable[[_Builder], None]] = {
     "small": _small, "lineage": _lineage, "demo": _demo, "gpt2-small": _gpt2_small,
+    "lineage-hard": _lineage_hard,
 }
 
 
