@@ -199,13 +199,47 @@ def detect_protection(ctx: AuditContext) -> None:
     setup = _setup(ctx)
     if setup is None:
         return
-    ctx.values["protection"] = assess_protection(
+    homologues = _benign_homologues(ctx, relations=("unrelated", "related", "sibling"))
+    info = assess_protection(
         setup["spec"], setup["base"], setup["subject"],
         # Any homologue but its own parents and copies: merging with a sibling on a related
         # task is exactly what a merger would do.
-        homologues=_benign_homologues(ctx, relations=("unrelated", "related")),
+        homologues=homologues,
         probes=setup["probes"],
     )
+    ctx.values["protection"] = _against_source(ctx, setup, homologues, info)
+
+
+def _against_source(ctx: AuditContext, setup: dict[str, Any], homologues: list[Any],
+                    info: Any) -> Any:
+    """A disguised subject that is a copy of a known model: the barrier between the two
+    (``protection_source``), on probes sampled from the subject."""
+    from auditor.analysis.modeling import load_state_into
+    from auditor.analysis.probes import build_probes
+    from auditor.analysis.protection_source import compare_with_source
+
+    del homologues
+    if not ctx.state.get("subject_info", {}).get("aligned"):
+        return info
+    clones = [e for e in ctx.values.get("lineage", []) if e.relation == "clone"]
+    if not clones:
+        return info
+    repo = clones[0].repo_id
+    source = _candidate_sources(ctx).get(repo)
+    try:
+        if source is None:
+            ref = ctx.homologues.get(repo)
+            source = _download_weights(ctx, repo, ref.revision if ref else None)
+        load_state_into(setup["work"], setup["subject"])
+        own_probes = build_probes(tokenizer=setup["tokenizer"], sampler=setup["work"],
+                                  use_builtin=False, probe_file=None, seed=1)
+        cmp = compare_with_source(setup["spec"], setup["base"], setup["subject"], source,
+                                  probes=own_probes, work=setup["work"])
+    except (AuditorError, AnalysisError) as exc:
+        ctx.errors.append(f"protection against {repo}: {exc}")
+        return info
+    return info.model_copy(update={"merge_resistant": cmp.resistant,
+                                   "merged_loss_ratio": cmp.ratio})
 
 
 @register("backdoor")

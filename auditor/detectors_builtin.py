@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from auditor.detectors import register
@@ -75,7 +76,14 @@ def _fingerprint(
             message=f"{role}: vocabulary resized from {old} to {new} rows; shared rows compared"))
     info["source"] = chosen
     info["raw_source"] = src
-    return compute_fingerprint(deltas), info
+    fp = compute_fingerprint(deltas)
+    if disguised:
+        # kept beside the aligned print: a merge that took this model in as published
+        # combines its disguised weights (lineage fits it in that frame too)
+        raw, _ = model_deltas(src, base_src, model_config=model.config,
+                              base_config=ctx.base.config if ctx.base else None)
+        fp = replace(fp, raw=compute_fingerprint(raw))
+    return fp, info
 
 
 def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:

@@ -30,7 +30,30 @@ class Severity(StrEnum):
         return list(Severity).index(self)
 
 
-Relation = Literal["merge_parent", "finetune_parent", "clone", "related", "unrelated"]
+# sibling: same data or recipe as the subject (shares its data's direction), never a
+# parent and never a finding against its owner; related: derived from the subject or
+# otherwise linked without a verdict
+Relation = Literal["merge_parent", "finetune_parent", "clone", "sibling", "related", "unrelated"]
+
+
+class LineageEvidence(Frozen):
+    """What decided a lineage verdict, and whether it is enough to accuse."""
+
+    verdict: str  # exact_merge | sparse_merge | finetuned_merge | finetune | sibling | ...
+    explained_fraction: float | None = None  # of the subject, by the parents' fit
+    residual_ratio: float | None = None  # residual over the family's closest siblings'
+    recipe_residual: float | None = None  # residual at the recipe's granularity
+    exact_fraction: float | None = None  # sparse merges: kept coordinates reproduced
+    layer_consistency: float | None = None  # chi^2/dof of per-layer coefficients
+    row_uniformity: float | None = None  # mean squared z of per-row coefficients
+    method: str | None = None  # the method signature (registry entry)
+    frame: str = "aligned"  # aligned | raw: fitted on disguised weights as published
+    null: str = ""  # what the evidence was tested against
+    null_pairs: int = 0
+    null_related_pairs: int = 0  # same-domain / sibling pairs in the null
+    sibling_residual: float | None = None  # the family's closest sibling residual
+    accusable: bool = False
+    reason: str = ""
 
 
 class SubjectRef(Frozen):
@@ -56,6 +79,11 @@ class LineageEntry(Frozen):
     declared: bool = False  # the subject's card names this repo as a base
     per_layer_cosine: dict[str, float] = Field(default_factory=dict)
     per_layer_coefficient: dict[str, float] = Field(default_factory=dict)
+    # the evidence is enough to accuse (a merge verdict; never similarity alone)
+    accusable: bool = False
+    # this candidate was matched in its disguised (protected) frame, as published
+    source_disguised: bool = False
+    evidence: LineageEvidence | None = None
 
 
 class MergeInfo(Frozen):

@@ -143,7 +143,13 @@ def realistic() -> Measurements:
                 coefficient=0.35,
                 cosine=0.58,
                 p_value=1e-12,
+                accusable=True,
             ),
+            # shares the subject's data, very significant, but no merge verdict: no finding
+            LineageEntry(repo_id="carol/same-data", relation="sibling", cosine=0.8,
+                         p_value=1e-15),
+            LineageEntry(repo_id="dave/close", relation="merge_parent", coefficient=0.7,
+                         cosine=0.8, p_value=1e-15),
             LineageEntry(
                 repo_id="eve/own",
                 relation="merge_parent",

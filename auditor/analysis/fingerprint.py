@@ -27,6 +27,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,6 +108,9 @@ class Fingerprint:
     tensors: Mapping[str, TensorPrint]
     sample_size: int = DEFAULT_SAMPLE_SIZE
     meta: Mapping[str, str] = field(default_factory=dict)
+    # A disguised model's task vector *before* alignment: a merge that took in the
+    # disguised copy as published is a combination of this one (``lineage``)
+    raw: Fingerprint | None = None
 
     # -- summaries -------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -188,20 +192,7 @@ class Fingerprint:
         """safetensors bytes: one float32 tensor per sample, the rest as header JSON."""
         from safetensors.torch import save
 
-        tensors = {
-            name: torch.from_numpy(np.ascontiguousarray(t.sample, dtype=np.float32))
-            for name, t in self.tensors.items()
-        }
-        info = {
-            name: {
-                "shape": list(t.shape),
-                "numel": t.numel,
-                "sq_norm": t.sq_norm,
-                "zero_fraction": t.zero_fraction,
-                "group": t.group,
-            }
-            for name, t in self.tensors.items()
-        }
+        tensors, info = _pack(self, "")
         metadata = {
             "format": "auditor-fingerprint",
             "version": str(FINGERPRINT_VERSION),
@@ -209,6 +200,10 @@ class Fingerprint:
             "tensors": json.dumps(info, sort_keys=True),
             "meta": json.dumps(dict(self.meta), sort_keys=True),
         }
+        if self.raw is not None:
+            raw_tensors, raw_info = _pack(self.raw, RAW_PREFIX)
+            tensors.update(raw_tensors)
+            metadata["raw_tensors"] = json.dumps(raw_info, sort_keys=True)
         return save(tensors, metadata=metadata)
 
     @classmethod
@@ -226,25 +221,52 @@ class Fingerprint:
             raise AnalysisError("not a fingerprint: missing auditor-fingerprint header")
         if int(metadata.get("version", "0")) != FINGERPRINT_VERSION:
             raise AnalysisError(f"fingerprint version {metadata.get('version')} not supported")
-        info = json.loads(metadata["tensors"])
-        prints: dict[str, TensorPrint] = {}
-        for name, d in info.items():
-            if name not in tensors:
-                raise AnalysisError(f"fingerprint lacks the sample of {name}")
-            prints[name] = TensorPrint(
-                name=name,
-                shape=tuple(int(s) for s in d["shape"]),
-                numel=int(d["numel"]),
-                sq_norm=float(d["sq_norm"]),
-                zero_fraction=float(d["zero_fraction"]),
-                group=str(d["group"]),
-                sample=tensors[name].numpy().astype(np.float32),
-            )
+        size = int(metadata["sample_size"])
+        raw = None
+        if "raw_tensors" in metadata:
+            raw = cls(tensors=_unpack(json.loads(metadata["raw_tensors"]), tensors, RAW_PREFIX),
+                      sample_size=size)
         return cls(
-            tensors=prints,
-            sample_size=int(metadata["sample_size"]),
+            tensors=_unpack(json.loads(metadata["tensors"]), tensors, ""),
+            sample_size=size,
             meta=json.loads(metadata.get("meta", "{}")),
+            raw=raw,
         )
+
+
+RAW_PREFIX = "raw::"
+
+
+def _pack(fp: Fingerprint, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {
+        prefix + name: torch.from_numpy(np.ascontiguousarray(t.sample, dtype=np.float32))
+        for name, t in fp.tensors.items()
+    }
+    info = {
+        name: {"shape": list(t.shape), "numel": t.numel, "sq_norm": t.sq_norm,
+               "zero_fraction": t.zero_fraction, "group": t.group}
+        for name, t in fp.tensors.items()
+    }
+    return tensors, info
+
+
+def _unpack(
+    info: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], prefix: str
+) -> dict[str, TensorPrint]:
+    prints: dict[str, TensorPrint] = {}
+    for name, d in info.items():
+        if prefix + name not in tensors:
+            raise AnalysisError(f"fingerprint lacks the sample of {name}")
+        prints[name] = TensorPrint(
+            name=name,
+            shape=tuple(int(s) for s in d["shape"]),
+            numel=int(d["numel"]),
+            sq_norm=float(d["sq_norm"]),
+            zero_fraction=float(d["zero_fraction"]),
+            group=str(d["group"]),
+            sample=tensors[prefix + name].numpy().astype(np.float32),
+        )
+    return prints
 
 
 def tensor_print(

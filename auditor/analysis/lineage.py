@@ -1,27 +1,30 @@
-"""Lineage of a subject model among candidates: clones, merge parents, fine-tune parents.
+"""Lineage of a subject model among candidates: clones, merge parents, fine-tune parents,
+siblings.
 
 Pipeline (all from fingerprints, see ``fingerprint``):
 1. Gram matrices of subject, candidates and (optionally) the base weights (``similarity``);
-2. a null from pairs of candidates (homologues of one base), and a calibrated z-score and
-   p-value of every subject/candidate pair (``calibration``);
-3. clones: task vectors nearly identical (cosine > 0.99, norm ratio ~1); clone groups
-   among the candidates are collapsed to one representative (the oldest repo) before any
-   fit, because a parent and its re-upload explain the subject equally well;
-4. parents: forward-selected NNLS fit of the subject on the significant candidates plus a
-   signed base term (``attribution``); a selected candidate that is itself a merge of other
-   candidates is replaced by them (the primitive explanation); a candidate whose
-   per-tensor coefficients are not uniform within a layer is a correlated sibling, not a
-   parent, and is reported as ``related``;
-5. method-aware refit: TIES / DARE coefficients are refitted coordinate by coordinate on
-   the subsets of parents that survived trimming, dropping and the sign election;
-6. relations and the merge summary (``signatures`` guesses the method).
+2. a null from pairs of candidates (homologues of one base), a calibrated z-score and
+   p-value of every subject/candidate pair (``calibration``), and the family's sibling
+   residuals (``verdicts.family_null``): how much of one homologue its closest
+   same-domain homologue leaves unexplained;
+3. clones (``clones``): task vectors nearly identical; clone groups among the candidates
+   collapse to their oldest member before any fit;
+4. parents: a sparse subject (far more exact zeros than any fine-tune: TIES, DARE,
+   Breadcrumbs, DELLA) is fitted coordinate by coordinate (``sparse_fit``); a dense one by
+   forward-selected NNLS plus a signed base term (``attribution``);
+5. the verdict (``verdicts``): only an exact combination, a sparse merge whose kept
+   coordinates the parents reproduce, or a merge fine-tuned further with recipe-like
+   shares is a merge, and only those may accuse; a fit that merely explains a share of
+   the subject (a same-data sibling) makes the candidate a ``sibling``;
+6. disguised sources: a candidate published disguised (protected, permuted, rescaled)
+   carries its raw print; the analysis runs again in that frame, so a merge that took the
+   disguised copy in as published is attributed to it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import combinations
 
@@ -29,22 +32,40 @@ import numpy as np
 
 from auditor.analysis.attribution import (
     Attribution,
-    Fit,
-    Variant,
     attribute,
     merged_member_expansion,
-    residual_cosine,
     select_parents,
+    select_parents_on,
     solve,
-    subset_refit,
 )
 from auditor.analysis.calibration import NullModel, Relatedness, fit_null, relatedness
+from auditor.analysis.clones import clone_groups, identifiable_keys, is_clone
 from auditor.analysis.fingerprint import Fingerprint
-from auditor.analysis.signatures import guess_method, merge_signatures, row_uniformity
+from auditor.analysis.signatures import (
+    METHOD_REGISTRY,
+    guess_method,
+    is_sparse,
+    merge_signatures,
+    row_uniformity,
+)
 from auditor.analysis.similarity import GramStack, build_gram, cosine_report
+from auditor.analysis.sparse_fit import fit_sparse, recipe_coefficients
+from auditor.analysis.verdicts import (
+    NULL_DESCRIPTION,
+    FamilyNull,
+    dense_verdict,
+    exact_search,
+    family_null,
+    recipe_residual,
+    sparse_accusable,
+    typical_norm,
+)
 from auditor.errors import AnalysisError
-from auditor.schema import LineageEntry, MergeInfo, Relation
+from auditor.schema import LineageEntry, LineageEvidence, MergeInfo, Relation
 
+# Task vectors this aligned share a direction far beyond chance at any model size (chance
+# cosines are ~1/sqrt(d)): related even when the calibrated null is inflated by siblings
+SHARED_COSINE = 0.3
 SUBJECT = "\x00subject"
 BASE = "\x00base"
 
@@ -56,6 +77,7 @@ class LineageResult:
     attribution: Attribution | None = None
     relatedness: dict[str, Relatedness] = field(default_factory=dict)
     null: NullModel | None = None
+    family: FamilyNull | None = None
 
     def entry(self, repo_id: str) -> LineageEntry | None:
         return next((e for e in self.entries if e.repo_id == repo_id), None)
@@ -75,9 +97,14 @@ def subject_is_derivative_of_candidate(result: LineageResult, repo_id: str) -> b
     return e is not None and e.relation in ("clone", "merge_parent", "finetune_parent")
 
 
-def _sparse_variant(subject: Fingerprint, candidates: Mapping[str, Fingerprint]) -> bool:
-    zf = max((fp.zero_fraction for fp in candidates.values()), default=0.0)
-    return subject.zero_fraction > zf + 0.05
+@dataclass(frozen=True)
+class _Options:
+    p_threshold: float
+    clone_cosine: float
+    clone_norm_tolerance: float
+    min_gain: float
+    min_z: float
+    max_row_z2: float
 
 
 def analyze_lineage(
@@ -108,27 +135,73 @@ def analyze_lineage(
     ``created_at`` (repo creation times; else a fingerprint's ``meta["created_at"]``) picks
     the original among clones: the oldest is the representative, the rest are ``related``.
     ``max_row_z2`` bounds how much a parent's per-row coefficient may vary within a tensor
-    (mean squared z-score, ~1-3 for a true parent); beyond it the candidate is a correlated
-    sibling (``related``), see ``signatures.row_uniformity``.
+    (mean squared z-score, ~1-3 for a true parent) for a fine-tuned merge verdict.
     """
-    revisions = dict(revisions or {})
-    declared = set(declared_parents)
+    opts = _Options(p_threshold, clone_cosine, clone_norm_tolerance, min_gain, min_z,
+                    max_row_z2)
+    ctx = _Frame(set(declared_parents), dict(revisions or {}), created_at, null_pairs,
+                 subject_aligned, "aligned", frozenset())
+    result = _analyze(subject, candidates, base_fingerprint, ctx, opts)
+    disguised = frozenset(n for n, fp in candidates.items() if fp.raw is not None)
+    if subject.raw is None and not disguised:
+        return result
+    # the disguised frame: weights as published, disguised sources included as they are
+    raw = _analyze(subject.raw or subject, {n: fp.raw or fp for n, fp in candidates.items()},
+                   base_fingerprint, replace_frame(ctx, subject.raw is None and subject_aligned,
+                                                   disguised), opts)
+    if _accusable(raw) and (not _accusable(result) or _explained(raw) > _explained(result)):
+        return raw
+    return result
+
+
+def _accusable(r: LineageResult) -> bool:
+    return r.merge.is_merge and any(e.accusable for e in r.entries)
+
+
+def _explained(r: LineageResult) -> float:
+    return r.merge.explained_fraction or 0.0
+
+
+@dataclass(frozen=True)
+class _Frame:
+    declared: set[str]
+    revisions: dict[str, str]
+    created_at: Mapping[str, datetime] | None
+    null_pairs: Sequence[tuple[str, str]] | None
+    subject_aligned: bool
+    name: str
+    disguised: frozenset[str]
+
+
+def replace_frame(ctx: _Frame, aligned: bool, disguised: frozenset[str]) -> _Frame:
+    return _Frame(ctx.declared, ctx.revisions, ctx.created_at, ctx.null_pairs, aligned, "raw",
+                  disguised)
+
+
+def _analyze(
+    subject: Fingerprint,
+    candidates: Mapping[str, Fingerprint],
+    base_fingerprint: Fingerprint | None,
+    ctx: _Frame,
+    o: _Options,
+) -> LineageResult:
     if not candidates:
         return LineageResult(entries=[], merge=MergeInfo(is_merge=False))
     skeys = set(subject.keys())
     usable: dict[str, Fingerprint] = {}
-    dropped: dict[str, Fingerprint] = {}
-    for name, fp in candidates.items():
-        shared = set(subject.common_keys(fp))
-        (usable if len(shared) >= 0.5 * len(skeys) else dropped)[name] = fp
     entries: list[LineageEntry] = []
-    for name, fp in dropped.items():
+    for name, fp in candidates.items():
+        if len(set(subject.common_keys(fp))) >= 0.5 * len(skeys):
+            usable[name] = fp
+            continue
         # another architecture or vocabulary: compare what is shared, call it unrelated
         try:
             c = cosine_report(subject, fp).cosine
         except AnalysisError:
             c = 0.0
-        entries.append(_entry(name, "unrelated", c, revisions, declared, subject_aligned))
+        entries.append(LineageEntry(repo_id=name, revision=ctx.revisions.get(name),
+                                    relation="unrelated", cosine=c, aligned=ctx.subject_aligned,
+                                    declared=name in ctx.declared))
     if not usable:
         return LineageResult(entries=entries, merge=MergeInfo(is_merge=False))
 
@@ -141,354 +214,226 @@ def analyze_lineage(
     cidx = {n: stack.index(n) for n in names}
     base_i = stack.index(BASE) if base_fingerprint is not None else None
 
-    if null_pairs is not None:
-        pairs = [(cidx[a], cidx[b]) for a, b in null_pairs if a in cidx and b in cidx]
+    if ctx.null_pairs is not None:
+        pairs = [(cidx[a], cidx[b]) for a, b in ctx.null_pairs if a in cidx and b in cidx]
     else:
         pairs = list(combinations(sorted(cidx.values()), 2))
     null = fit_null(stack, pairs)
     rel = {n: relatedness(stack, 0, cidx[n], null) for n in names}
 
-    # clones: same direction and same length
-    sub_sq = float(stack.total[0, 0])
-    ident = _identifiable_keys(stack)
-    clones = {n for n in names if _is_clone(stack, 0, cidx[n], ident, clone_cosine,
-                                            clone_norm_tolerance)}
-    # clone groups among the candidates: only the oldest member takes part in the fit
-    copies = _clone_groups(stack, [n for n in names if n not in clones], cidx, ident,
-                           clone_cosine, clone_norm_tolerance, usable, created_at)
+    ident = identifiable_keys(stack)
+    clones = {n for n in names
+              if is_clone(stack, 0, cidx[n], ident, o.clone_cosine, o.clone_norm_tolerance)}
+    copies = clone_groups(stack, [n for n in names if n not in clones], cidx, ident,
+                          o.clone_cosine, o.clone_norm_tolerance, usable, ctx.created_at)
     shadowed = {c for group in copies.values() for c in group}
+    fitted = [n for n in names if n not in clones and n not in shadowed]
+    fam = family_null(stack, [cidx[n] for n in fitted], null, p_threshold=o.p_threshold,
+                      clone_cosine=o.clone_cosine)
 
-    eligible = [
-        cidx[n]
-        for n in names
-        if n not in clones and n not in shadowed and rel[n].p_value < p_threshold
-    ]
-    others = [cidx[n] for n in names if n not in clones and n not in shadowed]
-    row_z2: dict[str, float] = {}
-    # a fit that needs a *negative* share of some candidate picked a sibling merge or a
-    # descendant of the subject: drop the members carrying that candidate and reselect;
-    # when nothing is left the subject is the ancestor (its "parents" are only related)
-    excluded: set[int] = set()
-    reversed_ = False
-    # TIES / DARE trim or drop coordinates per tensor at random or by magnitude: their
-    # per-tensor coefficients are not uniform, so the sibling test is not applied to them
-    # (judged against the typical candidate: some candidates are sparse merges themselves)
     typical_zero = float(np.median([fp.zero_fraction for fp in usable.values()]))
     sparse_subject = subject.zero_fraction > typical_zero + 0.05
-    for _ in range(4):
-        pool = [j for j in eligible if j not in excluded]
-        sel = select_parents(stack, pool, null=null, base=base_i, min_gain=min_gain, min_z=min_z)
-        sel = merged_member_expansion(stack, sel, pool, base=base_i)
-        if not sparse_subject:
-            sel, rows = _drop_siblings(subject, usable, stack, sel, base_i, base_fingerprint,
-                                       keys, max_row_z2)
-            row_z2.update(rows)
-        offending = _reversed(stack, sel, others, base_i, null, min_z) if sel.members else []
-        reversed_ = bool(offending)
-        if not reversed_:
-            break
-        carriers = {m for m in sel.members for j in offending if stack.cosine(m, j) > 0.1} or set(
-            sel.members
-        )
-        excluded |= carriers
-    parents = [] if reversed_ else list(sel.members)
-    # sparse relative to the chosen parents (other candidates may be sparse merges too)
-    sparse = _sparse_variant(subject, {stack.names[i]: usable[stack.names[i]] for i in parents})
+    if sparse_subject:
+        fit = _sparse(subject, usable, fitted, rel, keys, base_fingerprint, stack, cidx, base_i)
+    else:
+        fit = _dense(subject, usable, fitted, rel, keys, base_fingerprint, stack, cidx, base_i,
+                     fam, o, null)
+    parents = fit.parents if fit.accusable or fit.verdict == "finetune" else []
+    derived = _derived_from_subject(stack, [cidx[n] for n in fitted if n not in parents],
+                                    base_i, fam.exact_threshold, rel, o.p_threshold)
 
-    # method-aware refit: TIES/DARE-TIES fits on the coordinates that won the sign
-    # election; the signatures decide which
-    attribution = attribute(stack, parents, base=base_i, variant="all")
-    sigs: dict[str, float] = {}
-    method: str | None = None
-    if parents:
-        pnames = [stack.names[i] for i in parents]
-        pfps = {n: usable[n] for n in pnames}
-        coefs = {n: attribution.fit.coefficient_of(cidx[n]) for n in pnames}
-        sigs = merge_signatures(
-            subject,
-            pfps,
-            coefs,
-            base_weights=base_fingerprint,
-            base_coefficient=attribution.fit.base_coefficient,
-            keys=keys,
-        )
-        base_gain = 0.0
-        if base_i is not None:
-            nobase = solve(stack.total, parents)
-            base_gain = attribution.fit.explained_fraction - nobase.explained_fraction
-        sigs["base_gain"] = base_gain
-        sigs["explained_all"] = attribution.fit.explained_fraction
-        method = guess_method(
-            sigs,
-            coefficients=list(attribution.fit.coefficients),
-            base_coefficient=attribution.fit.base_coefficient,
-            base_gain=base_gain,
-        )
-        if not sparse and method in ("ties", "dare_ties", "dare_linear"):
-            method = "task_arithmetic"
-        variant: Variant | None = None
-        if method == "ties":
-            variant = "agree"
-        if variant is not None:
-            attribution = attribute(stack, parents, base=base_i, variant=variant)
-        if attribution.layerwise and method in ("linear", "task_arithmetic"):
-            method = "layerwise"  # one coefficient per layer: mergekit gradients
-        if sparse and method in ("ties", "dare_ties", "dare_linear"):
-            attribution = _sparse_refit(subject, pfps, attribution, keys, method)
-        sigs["layerwise_score"] = attribution.layerwise_score
-        sigs.update({f"rows:{n}": v for n, v in row_z2.items() if n in pfps})
-
-    fit = attribution.fit
-    n_par = len(parents)
-    single_ft = False
-    if n_par == 1 and not sparse:
-        c = fit.coefficients[0]
-        j = parents[0]
-        # a further fine-tune keeps the parent's task vector whole (coefficient ~1) and
-        # adds an independent update, so the subject's task vector is the longer one
-        single_ft = 0.85 <= c <= 1.15 and stack.total[j, j] <= 1.05 * sub_sq
-    is_merge = bool(parents) and not reversed_ and not single_ft
-
+    evidence = LineageEvidence(
+        verdict=fit.verdict, explained_fraction=fit.explained, residual_ratio=fit.ratio,
+        recipe_residual=fit.recipe_res, exact_fraction=fit.exact, layer_consistency=fit.layer_chi,
+        row_uniformity=max(fit.row_z2.values(), default=None), method=fit.method,
+        frame=ctx.name, null=NULL_DESCRIPTION, null_pairs=fam.n_pairs,
+        null_related_pairs=fam.n_related, sibling_residual=fam.sibling_residual,
+        accusable=fit.accusable, reason=fit.reason,
+    )
+    is_merge = bool(parents) and fit.accusable
     for n in names:
-        j = cidx[n]
         r = rel[n]
         coef: float | None = None
         per_coef: dict[str, float] = {}
+        ev: LineageEvidence | None = None
         relation: Relation
         if n in clones:
             relation = "clone"
         elif n in shadowed:
-            # a re-upload of another candidate: its original speaks for it
-            relation = "related"
-        elif j in parents and not reversed_:
-            relation = "finetune_parent" if single_ft else "merge_parent"
-            coef = fit.coefficient_of(j)
-            per_coef = {g: f.coefficient_of(j) for g, f in attribution.per_group.items()}
-        elif r.p_value < p_threshold:
-            relation = "related"
+            relation = "related"  # a re-upload of another candidate: its original speaks
+        elif n in parents:
+            relation = "merge_parent" if is_merge else "finetune_parent"
+            coef = fit.coefficients[n]
+            per_coef = fit.per_layer.get(n, {})
+            ev = evidence
+        elif r.p_value < o.p_threshold or abs(r.cosine) >= SHARED_COSINE or n in fit.parents:
+            relation = "related" if n in derived else "sibling"
+            if n in fit.parents:
+                ev = evidence  # the fit that was not enough to accuse
         else:
             relation = "unrelated"
-        entries.append(
-            LineageEntry(
-                repo_id=n,
-                revision=revisions.get(n),
-                relation=relation,
-                coefficient=coef,
-                cosine=r.cosine,
-                p_value=r.p_value,
-                z_score=r.z_score,
-                aligned=subject_aligned,
-                declared=n in declared,
-                per_layer_cosine=r.per_group_cosine,
-                per_layer_coefficient=per_coef,
-            )
-        )
+        entries.append(LineageEntry(
+            repo_id=n, revision=ctx.revisions.get(n), relation=relation, coefficient=coef,
+            cosine=r.cosine, p_value=r.p_value, z_score=r.z_score,
+            aligned=ctx.subject_aligned, declared=n in ctx.declared,
+            per_layer_cosine=r.per_group_cosine, per_layer_coefficient=per_coef,
+            accusable=relation == "merge_parent" and fit.accusable,
+            source_disguised=n in ctx.disguised and relation == "merge_parent",
+            evidence=ev,
+        ))
     entries.sort(key=lambda e: (_RANK[e.relation], -(e.z_score or 0.0)))
     merge = MergeInfo(
         is_merge=is_merge,
-        method=method if is_merge else None,
-        explained_fraction=fit.explained_fraction if parents else None,
-        residual_fraction=fit.residual_fraction if parents else None,
-        base_coefficient=fit.base_coefficient if parents else None,
-        layerwise=attribution.layerwise if is_merge else None,
-        signatures=sigs,
+        method=fit.method if is_merge else None,
+        explained_fraction=fit.explained if fit.parents else None,
+        residual_fraction=1.0 - fit.explained if fit.parents else None,
+        base_coefficient=fit.base_coefficient if fit.parents else None,
+        layerwise=fit.layerwise if is_merge else None,
+        signatures=fit.signatures,
     )
-    return LineageResult(
-        entries=entries,
-        merge=merge,
-        attribution=attribution if parents else None,
-        relatedness=rel,
-        null=null,
+    return LineageResult(entries=entries, merge=merge, attribution=fit.attribution,
+                         relatedness=rel, null=null, family=fam)
+
+
+_RANK = {"clone": 0, "merge_parent": 1, "finetune_parent": 1, "sibling": 2, "related": 2,
+         "unrelated": 3}
+
+
+@dataclass
+class _Fit:
+    parents: list[str]
+    coefficients: dict[str, float]
+    verdict: str = "none"
+    accusable: bool = False
+    explained: float = 0.0
+    ratio: float | None = None
+    recipe_res: float | None = None
+    exact: float | None = None
+    layer_chi: float | None = None
+    row_z2: dict[str, float] = field(default_factory=dict)
+    method: str | None = None
+    reason: str = ""
+    base_coefficient: float | None = None
+    layerwise: bool = False
+    per_layer: dict[str, dict[str, float]] = field(default_factory=dict)
+    signatures: dict[str, float] = field(default_factory=dict)
+    attribution: Attribution | None = None
+
+
+def _sparse(
+    subject: Fingerprint, usable: Mapping[str, Fingerprint], fitted: Sequence[str],
+    rel: Mapping[str, Relatedness], keys: Sequence[str], base_fp: Fingerprint | None,
+    stack: GramStack, cidx: Mapping[str, int], base_i: int | None,
+) -> _Fit:
+    """A trimmed / dropped merge: parents by the kept coordinates they reproduce."""
+    order = sorted(fitted, key=lambda n: -abs(stack.cosine(0, cidx[n])))
+    sf = fit_sparse(subject, usable, keys=keys, order=order, base=base_fp)
+    if not sf.parents:
+        return _Fit([], {}, reason="no candidate reproduces the kept coordinates")
+    eff = dict(zip(sf.parents, sf.coefficients, strict=True))
+    sigs = merge_signatures(subject, {p: usable[p] for p in sf.parents}, eff, keys=keys)
+    if sf.conflict_both is not None:
+        # read off the coordinate assignment: opposite-signed parents never both kept
+        sigs["sign_election"] = 1.0 if sf.conflict_both < 0.02 else 0.0
+    method = guess_method(sigs, coefficients=sf.coefficients) or "dare_linear"
+    coefs = recipe_coefficients(sf, rescale=METHOD_REGISTRY[method].rescale)
+    sigs.update(exact_fraction=sf.exact_fraction, explained_nonzero=sf.explained)
+    ok = sparse_accusable(sf.exact_fraction, sf.explained)
+    reason = (f"{subject.zero_fraction:.0%} exact zeros; the parents reproduce "
+              f"{sf.exact_fraction:.0%} of the kept coordinates exactly, R^2 {sf.explained:.3f}")
+    return _Fit(
+        list(sf.parents), dict(zip(sf.parents, coefs, strict=True)),
+        verdict="sparse_merge" if ok else "sibling", accusable=ok, explained=sf.explained,
+        exact=sf.exact_fraction, method=method,
+        reason=reason if ok else "not enough to accuse: " + reason, signatures=sigs,
     )
 
 
-_RANK = {"clone": 0, "merge_parent": 1, "finetune_parent": 1, "related": 2, "unrelated": 3}
+def _dense(
+    subject: Fingerprint, usable: Mapping[str, Fingerprint], fitted: Sequence[str],
+    rel: Mapping[str, Relatedness], keys: Sequence[str], base_fp: Fingerprint | None,
+    stack: GramStack, cidx: Mapping[str, int], base_i: int | None, fam: FamilyNull,
+    o: _Options, null: NullModel,
+) -> _Fit:
+    """Forward-selected NNLS, then the verdict: exact, fine-tuned merge, or sibling."""
+    # every homologue may be a parent: the verdict, not the p-value, decides (a family
+    # rich in siblings inflates the null and hides true parents from a p-value gate)
+    pool = [cidx[n] for n in fitted]
+    scale = typical_norm(stack, pool)
+    sel = select_parents(stack, pool, null=None, base=base_i, min_gain=o.min_gain,
+                         min_z=o.min_z)
+    sel = merged_member_expansion(stack, sel, pool, base=base_i)
+    members = list(sel.members)
+    if not members or recipe_residual(stack, members, base_i, scale) > fam.exact_threshold:
+        exact = exact_search(stack, pool, base=base_i, threshold=fam.exact_threshold,
+                             scale=scale)
+        if exact is not None:
+            members = exact
+    if not members:
+        return _Fit([], {}, reason="no candidate explains a share of the subject")
+    attribution = attribute(stack, members, base=base_i)
+    afit = attribution.fit
+    pnames = [stack.names[j] for j in members]
+    coefs = {n: afit.coefficient_of(cidx[n]) for n in pnames}
+    sigs = merge_signatures(subject, {n: usable[n] for n in pnames}, coefs,
+                            base_weights=base_fp, base_coefficient=afit.base_coefficient,
+                            keys=keys)
+    base_gain = 0.0
+    if base_i is not None:
+        base_gain = afit.explained_fraction - solve(stack.total, members).explained_fraction
+    sigs.update(base_gain=base_gain, explained_all=afit.explained_fraction,
+                layerwise_score=attribution.layerwise_score)
+    method = guess_method(sigs, coefficients=list(afit.coefficients),
+                          base_coefficient=afit.base_coefficient, base_gain=base_gain,
+                          layerwise=attribution.layerwise)
+    rows = row_uniformity(subject, {n: usable[n] for n in pnames}, coefs,
+                          base_weights=base_fp, base_coefficient=afit.base_coefficient,
+                          keys=keys)
+    sigs.update({f"rows:{n}": v for n, v in rows.items()})
+    rres = recipe_residual(stack, members, base_i, scale)
+    single_ft = False
+    if len(members) == 1:
+        c = afit.coefficients[0]
+        j = members[0]
+        # a further fine-tune keeps the parent's task vector whole (coefficient ~1) and
+        # adds an independent update, so the subject's task vector is the longer one
+        single_ft = (0.85 <= c <= 1.15 and stack.total[j, j] <= 1.05 * stack.total[0, 0]
+                     and afit.explained_fraction >= 1.0 - 0.5 * fam.sibling_residual
+                     and rows.get(pnames[0], 0.0) <= o.max_row_z2)
+    v = dense_verdict(
+        n_parents=len(members), coefficients=list(afit.coefficients),
+        explained=afit.explained_fraction, recipe_res=rres, fam=fam,
+        layer_chi=attribution.layerwise_score, layerwise=attribution.layerwise,
+        row_z2=list(rows.values()), max_row_z2=o.max_row_z2, single_finetune=single_ft,
+    )
+    per_layer = {n: {g: f.coefficient_of(cidx[n]) for g, f in attribution.per_group.items()}
+                 for n in pnames}
+    return _Fit(
+        pnames, coefs, verdict=v.verdict, accusable=v.accusable,
+        explained=afit.explained_fraction, ratio=v.residual_ratio, recipe_res=v.recipe_residual,
+        layer_chi=attribution.layerwise_score, row_z2=rows,
+        method=method if v.accusable else None, reason=v.reason,
+        base_coefficient=afit.base_coefficient, layerwise=attribution.layerwise,
+        per_layer=per_layer, signatures=sigs, attribution=attribution,
+    )
 
 
-def _reversed(
-    stack: GramStack,
-    fit: Fit,
-    eligible: Sequence[int],
-    base: int | None,
-    null: NullModel,
-    min_z: float,
-) -> list[int]:
-    """True when the fit needs a *negative* contribution of another candidate: the
-    subject is then an ancestor of the selected "parents" (e.g. A against the merge
-    M = (A + B) / 2 with B among the candidates: A = 2M - B), not their descendant."""
+def _derived_from_subject(
+    stack: GramStack, others: Sequence[int], base: int | None, threshold: float,
+    rel: Mapping[str, Relatedness], p_threshold: float,
+) -> set[str]:
+    """Related candidates that are themselves (near-)exact combinations including the
+    subject: merges made from it, not siblings of it."""
+    out: set[str] = set()
     gram = stack.total
-    if fit.residual_sq <= 1e-12 * max(fit.subject_sq, 1e-300):
-        return []
-    sd_extra = float(np.sqrt(np.average(null.spread**2, weights=stack.numel)))
-    out: list[int] = []
-    for j in eligible:
-        if j in fit.members:
-            continue
-        rc = residual_cosine(gram, fit, j, base)
-        sd = math.sqrt(stack.null_variance(0, j) + sd_extra**2)
-        if rc / max(sd, 1e-12) < -min_z and rc < -0.2:
-            out.append(j)
+    related = [j for j in others if rel[stack.names[j]].p_value < p_threshold
+               or abs(stack.cosine(0, j)) >= SHARED_COSINE]
+    for j in related:
+        pool = [0, *(k for k in others if k != j)]
+        f = select_parents_on(gram, j, pool, base=base, min_coefficient=0.02)
+        if 0 in f.members and 1.0 - f.explained_fraction <= max(threshold, 1e-3) * 5:
+            out.add(stack.names[j])
     return out
 
 
-def _entry(
-    name: str,
-    relation: Relation,
-    cosine: float,
-    revisions: Mapping[str, str],
-    declared: set[str],
-    aligned: bool,
-) -> LineageEntry:
-    return LineageEntry(
-        repo_id=name,
-        revision=revisions.get(name),
-        relation=relation,
-        cosine=cosine,
-        aligned=aligned,
-        declared=name in declared,
-    )
-
-
-_NON_IDENTIFIABLE = ("v_proj", "o_proj")
-
-
-def _identifiable_keys(stack: GramStack) -> np.ndarray:
-    """Tensors an alignment reproduces exactly. A per-head invertible V/O mixing (a
-    protected copy) leaves only the products O_h V_h fixed, so how a fine-tune's change
-    splits between V and O cannot be recovered; clones are judged without V and O too."""
-    return np.array([not any(p in k for p in _NON_IDENTIFIABLE) for k in stack.keys])
-
-
-def _is_clone(
-    stack: GramStack, i: int, j: int, ident: np.ndarray, min_cos: float, tol: float
-) -> bool:
-    gi, gj = float(stack.total[i, i]), float(stack.total[j, j])
-    if gi <= 0 or gj <= 0 or abs(math.sqrt(gj / gi) - 1.0) >= tol:
-        return False
-    c = stack.cosine(i, j)
-    if c > min_cos:
-        return True
-    if not ident.any() or ident.all() or c < 0.95:
-        return False
-    g = stack.tensor_gram[ident].sum(axis=0)
-    den = math.sqrt(max(g[i, i], 0.0) * max(g[j, j], 0.0))
-    return den > 0 and g[i, j] / den > min_cos
-
-
-def _created(name: str, fp: Fingerprint, created_at: Mapping[str, datetime] | None) -> float:
-    when = (created_at or {}).get(name)
-    if when is None and fp.meta.get("created_at"):
-        try:
-            when = datetime.fromisoformat(str(fp.meta["created_at"]).replace("Z", "+00:00"))
-        except ValueError:
-            when = None
-    return when.timestamp() if when is not None else math.inf
-
-
-def _clone_groups(
-    stack: GramStack,
-    names: Sequence[str],
-    cidx: Mapping[str, int],
-    ident: np.ndarray,
-    min_cos: float,
-    tol: float,
-    prints: Mapping[str, Fingerprint],
-    created_at: Mapping[str, datetime] | None,
-) -> dict[str, list[str]]:
-    """Representative -> its other copies, for groups of mutual clones among candidates.
-    The oldest is the representative (a copy cannot predate its original); without dates
-    the first in the caller's order."""
-    parent = {n: n for n in names}
-
-    def find(n: str) -> str:
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    for a, b in combinations(names, 2):
-        if _is_clone(stack, cidx[a], cidx[b], ident, min_cos, tol):
-            parent[find(a)] = find(b)
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(find(n), []).append(n)
-    order = {n: i for i, n in enumerate(names)}
-    out: dict[str, list[str]] = {}
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        members.sort(key=lambda n: (_created(n, prints[n], created_at), order[n]))
-        out[members[0]] = members[1:]
-    return out
-
-
-def _drop_siblings(
-    subject: Fingerprint,
-    prints: Mapping[str, Fingerprint],
-    stack: GramStack,
-    fit: Fit,
-    base: int | None,
-    base_fp: Fingerprint | None,
-    keys: Sequence[str],
-    max_row_z2: float,
-) -> tuple[Fit, dict[str, float]]:
-    """Remove members whose per-row coefficients scatter (correlated siblings), worst
-    first, refitting the rest; returns the fit and every member's statistic.
-
-    A true parent is copied in whole: one coefficient for every row of a tensor, and the
-    rest of the subject independent of it. A same-task sibling shares part of its update in
-    proportions that differ from neuron to neuron (its global fit can look just like a
-    merge with an unknown co-parent: coefficient 0.8, 65% explained)."""
-    seen: dict[str, float] = {}
-    while fit.members:
-        names = [stack.names[j] for j in fit.members]
-        stat = row_uniformity(
-            subject,
-            {n: prints[n] for n in names},
-            {n: c for n, c in zip(names, fit.coefficients, strict=True)},
-            base_weights=base_fp,
-            base_coefficient=fit.base_coefficient,
-            keys=keys,
-        )
-        seen.update(stat)
-        if not stat:
-            break
-        worst = max(stat, key=lambda n: stat[n])
-        if stat[worst] <= max_row_z2:
-            break
-        fit = solve(stack.total, [m for m in fit.members if stack.names[m] != worst], base=base)
-    return fit, seen
-
-
-def _sparse_refit(
-    subject: Fingerprint,
-    parents: Mapping[str, Fingerprint],
-    attribution: Attribution,
-    keys: Sequence[str],
-    method: str,
-) -> Attribution:
-    """Coordinate-wise subset refit of a TIES / DARE merge (``attribution.subset_refit``).
-
-    TIES keeps a parent's coordinate unscaled, so the fitted coefficient is the recipe's
-    weight x lambda. DARE rescales survivors by 1/(1-p): the fit returns weight/(1-p) and is
-    scaled back by (1-p), p from the subject's zeros where every parent moved (such a
-    coordinate is 0 only when all k parents' entries were dropped: P = p^k)."""
-    names = list(parents)
-    fit = attribution.fit
-    ys, xs = [], []
-    for k in keys:
-        w = math.sqrt(subject.tensors[k].weight)
-        ys.append(subject.tensors[k].sample.astype(np.float64) * w)
-        xs.append(np.stack([parents[n].tensors[k].sample.astype(np.float64) * w
-                            for n in names], axis=1))
-    y, x = np.concatenate(ys), np.concatenate(xs)
-    init = [max(c, 1e-3) for c in fit.coefficients]
-    coef = subset_refit(y, x, init)
-    if method.startswith("dare"):
-        # judged only where every parent moved: elsewhere a parent's own zeros (untouched
-        # embedding rows) would pass for drops
-        every = (x != 0).all(axis=1)
-        if every.any():
-            zf = float(np.mean(y[every] == 0))
-            coef = coef * (1.0 - zf ** (1.0 / max(1, len(names))))
-    return replace(attribution, fit=replace(fit, coefficients=tuple(float(c) for c in coef)))
+__all__ = ["LineageResult", "analyze_lineage", "is_sparse", "subject_is_derivative_of_candidate"]

@@ -11,18 +11,28 @@
   sign election keeps only the winning side (ratio clearly larger): TIES / DARE-TIES.
 * ``base_gain`` / ``base_coefficient``: how much a base term improves the fit, and its
   coefficient: SLERP leaves (a + b - 1) theta_B, a fit with no base term misses it.
+* ``top_zero_fraction`` / ``low_zero_fraction`` / ``mid_zero_fraction``: how often the
+  subject is 0 where the fitted mix is in its top 2% of magnitudes, its bottom quarter, and
+  between the median and the 90th percentile. TIES trims the small ones only (low >> mid,
+  top ~0); Breadcrumbs also drops the top outliers (top >> mid); DARE drops at random (all
+  three alike); DELLA drops less the larger an entry (low > mid > top, gently).
+
+Which method a set of signatures means is decided by the method registry
+(``METHOD_REGISTRY``), one entry per merge method as in mergekit's method registry: each
+entry says what the method leaves in the weights (sparse or dense, a base term, a
+rescaling, a sign election) and how to recognise it; ``guess_method`` asks them in order.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from auditor.analysis.fingerprint import Fingerprint
-
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
 
 
 def merge_signatures(
@@ -53,6 +63,7 @@ def merge_signatures(
     n_par = max(1, len(parents))
     p_drop = min(0.95, max(0.0, subject.zero_fraction - parent_zero)) ** (1.0 / n_par)
     exp_lin = exp_elect = 0.0
+    bands = np.zeros((3, 2))  # (top 2%, bottom quarter, median..90th) x (zeros, count)
     for k in use:
         y = subject.tensors[k].sample.astype(np.float64)
         parts = [
@@ -63,6 +74,7 @@ def merge_signatures(
         if base_weights is not None and base_coefficient and k in base_weights.tensors:
             f = f + base_coefficient * base_weights.tensors[k].sample.astype(np.float64)
         zero = y == 0
+        _band_zeros(bands, np.abs(f), zero)
         zero_f2 += float(np.sum(f[zero] ** 2))
         n_zero += int(zero.sum())
         nz = ~zero
@@ -87,6 +99,9 @@ def merge_signatures(
                     float(((1 - p_drop) * np.maximum(np.abs(a), np.abs(b)) + p_drop * one).sum())
                     / keep
                 )
+    for name, (zeros, count) in zip(("top", "low", "mid"), bands, strict=True):
+        if count:
+            sig[f"{name}_zero_fraction"] = float(zeros / count)
     if n_zero and n_nz and nz_f2 > 0:
         sig["zero_magnitude_ratio"] = math.sqrt((zero_f2 / n_zero) / (nz_f2 / n_nz))
     if ff > 0:
@@ -99,44 +114,149 @@ def merge_signatures(
     return sig
 
 
+def _band_zeros(bands: np.ndarray, mag: np.ndarray, zero: np.ndarray) -> None:
+    """Add one tensor's zero counts per magnitude band of the fitted mix (see above)."""
+    moving = mag > 0
+    if moving.sum() < 50:
+        return
+    m = mag[moving]
+    z = zero[moving]
+    q25, q50, q90, q98 = np.quantile(m, [0.25, 0.5, 0.9, 0.98])
+    for row, sel in enumerate((m >= q98, m <= q25, (m >= q50) & (m <= q90))):
+        bands[row, 0] += float(z[sel].sum())
+        bands[row, 1] += float(sel.sum())
+
+
+# --- the method registry ------------------------------------------------------------
+Rescale = Literal["none", "dare", "della"]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a recogniser may read besides the signatures."""
+
+    coefficients: tuple[float, ...]
+    base_coefficient: float | None
+    base_gain: float
+    layerwise: bool
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One merge method: what it leaves in the weights and how to recognise it.
+
+    ``sparse``: it leaves task-vector coordinates exactly 0 (trims or drops).
+    ``election``: TIES sign election (only the winning sign's entries are summed).
+    ``rescale``: survivors rescaled by 1/(1-p) (DARE) or 1/p(rank) (DELLA): the fitted
+    coefficient is scaled back by the keep probability.
+    ``base_term``: the task vector keeps a multiple of the base weights (SLERP).
+    """
+
+    name: str
+    sparse: bool
+    recognise: Callable[[Mapping[str, float], MethodContext], bool]
+    election: bool = False
+    rescale: Rescale = "none"
+    base_term: bool = False
+    layerwise: bool = False
+    description: str = ""
+
+
+METHOD_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register_method(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry; recognisers are asked in registration order."""
+    if method.name in METHOD_REGISTRY:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    METHOD_REGISTRY[method.name] = method
+    return method
+
+
+def _z(sig: Mapping[str, float], name: str, default: float = 0.0) -> float:
+    return float(sig.get(name, default))
+
+
+def _election(sig: Mapping[str, float]) -> bool:
+    election = sig.get("sign_election")
+    if election is not None:
+        return election > 0.5
+    conflict = sig.get("conflict_ratio")
+    return conflict is not None and conflict > 1.15 * _z(sig, "nonzero_inflation", 1.0)
+
+
+def _outliers_dropped(sig: Mapping[str, float]) -> bool:
+    # Breadcrumbs: the largest entries are gone far more often than the mid-sized ones
+    return _z(sig, "top_zero_fraction") > max(0.3, 2.0 * _z(sig, "mid_zero_fraction"))
+
+
+def _trimmed(sig: Mapping[str, float]) -> bool:
+    # TIES: small magnitudes trimmed, large kept
+    return _z(sig, "zero_magnitude_ratio", 1.0) < 0.6 and not _outliers_dropped(sig)
+
+
+def _magnitude_graded(sig: Mapping[str, float]) -> bool:
+    # DELLA: drop rate falls with magnitude, gently (DARE: flat; TIES: a step)
+    low, mid = _z(sig, "low_zero_fraction"), _z(sig, "mid_zero_fraction")
+    return low > mid + 0.05 and not _trimmed(sig) and not _outliers_dropped(sig)
+
+
+for _m in (
+    MergeMethod("breadcrumbs_ties", True, lambda s, c: _outliers_dropped(s) and _election(s),
+                election=True, description="Breadcrumbs with sign election"),
+    MergeMethod("breadcrumbs", True, lambda s, c: _outliers_dropped(s),
+                description="top outliers and small entries dropped, weighted sum"),
+    MergeMethod("ties", True, lambda s, c: _trimmed(s), election=True,
+                description="small entries trimmed, sign election, disjoint sum"),
+    MergeMethod("della", True, lambda s, c: _magnitude_graded(s) and _election(s),
+                election=True, rescale="della",
+                description="magnitude-graded random drop, 1/p rescale, sign election"),
+    MergeMethod("della_linear", True, lambda s, c: _magnitude_graded(s), rescale="della",
+                description="magnitude-graded random drop, 1/p rescale, weighted sum"),
+    MergeMethod("dare_ties", True, lambda s, c: _election(s), election=True, rescale="dare",
+                description="uniform random drop, 1/(1-p) rescale, sign election"),
+    MergeMethod("dare_linear", True, lambda s, c: True, rescale="dare",
+                description="uniform random drop, 1/(1-p) rescale, weighted sum"),
+    MergeMethod("slerp", False,
+                lambda s, c: len(c.coefficients) == 2 and c.base_coefficient is not None
+                and c.base_coefficient > 0 and c.base_gain > 2e-4,
+                base_term=True, description="per-tensor spherical interpolation of two"),
+    MergeMethod("layerwise", False, lambda s, c: c.layerwise, layerwise=True,
+                description="task arithmetic with a coefficient per layer (gradients)"),
+    MergeMethod("linear", False,
+                lambda s, c: len(c.coefficients) >= 2 and abs(sum(c.coefficients) - 1) < 0.05,
+                description="weighted average, weights summing to one"),
+    MergeMethod("task_arithmetic", False, lambda s, c: True,
+                description="base plus a weighted sum of task vectors"),
+):
+    register_method(_m)
+
+
+def is_sparse(signatures: Mapping[str, float], *, margin: float = 0.05) -> bool:
+    """Far more exact zeros than the parents: trimmed or dropped (TIES, DARE, ...)."""
+    return _z(signatures, "zero_fraction") > _z(signatures, "parent_zero_fraction") + margin
+
+
 def guess_method(
     signatures: Mapping[str, float],
     *,
     coefficients: Sequence[float],
     base_coefficient: float | None = None,
     base_gain: float = 0.0,
+    layerwise: bool = False,
     sparse_margin: float = 0.05,
 ) -> str | None:
-    """The likeliest merge method, or None when the subject does not look like a merge of
-    at least two parents (one parent scaled is reported as task arithmetic)."""
+    """The likeliest merge method (the first registry entry whose sparsity matches and
+    whose recogniser accepts), or None without a parent."""
     if not coefficients:
         return None
-    sparse = signatures.get("zero_fraction", 0.0) > (
-        signatures.get("parent_zero_fraction", 0.0) + sparse_margin
-    )
-    if sparse:
-        zmr = signatures.get("zero_magnitude_ratio", 1.0)
-        if zmr < 0.6:
-            return "ties"
-        election = signatures.get("sign_election")
-        if election is not None:
-            return "dare_ties" if election > 0.5 else "dare_linear"
-        inflation = signatures.get("nonzero_inflation", 1.0)
-        conflict = signatures.get("conflict_ratio")
-        if conflict is not None and conflict > 1.15 * inflation:
-            return "dare_ties"
-        return "dare_linear"
-    total = float(sum(coefficients))
-    if (
-        len(coefficients) == 2
-        and base_coefficient is not None
-        and base_coefficient > 0
-        and base_gain > 2e-4
-    ):
-        return "slerp"
-    if len(coefficients) >= 2 and abs(total - 1.0) < 0.05:
-        return "linear"
-    return "task_arithmetic"
+    sparse = is_sparse(signatures, margin=sparse_margin)
+    ctx = MethodContext(tuple(float(c) for c in coefficients), base_coefficient, base_gain,
+                        layerwise)
+    for method in METHOD_REGISTRY.values():
+        if method.sparse == sparse and method.recognise(signatures, ctx):
+            return method.name
+    return None
 
 
 def row_uniformity(

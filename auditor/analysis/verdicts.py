@@ -1,0 +1,243 @@
+"""Lineage verdicts: is a parent fit a merge, a further fine-tune, or only a sibling?
+
+Siblings that share data share a large part of their task vectors (the data's own
+direction), so a least-squares fit happily "explains" one with the other, and a p-value
+against unrelated pairs calls any sibling significant. A real merge leaves traces a
+sibling does not, and only those make an accusation:
+
+* ``exact_merge``: the subject *is* the combination, up to rounding, at the recipe's own
+  granularity (one coefficient per parent for linear / task arithmetic, per layer for
+  layer-wise merges, per tensor for SLERP): its residual is tiny next to the residuals the
+  family's closest siblings leave (``FamilyNull``);
+* ``sparse_merge``: many more exact zeros than any fine-tune (trimmed or dropped), and
+  the kept coordinates reproduced by the parents (``sparse_fit``);
+* ``finetuned_merge``: a merge fine-tuned further: two or more parents, a residual well
+  below the siblings', each parent's share uniform across rows and layers (a sibling's
+  shared part varies from neuron to neuron and from layer to layer).
+
+Everything else (a fit with a large residual) is at most a sibling: related, never a
+parent, never a finding against its owner.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+from auditor.analysis.attribution import solve
+from auditor.analysis.calibration import NullModel, relatedness
+from auditor.analysis.similarity import GramStack
+
+# The recipe residual of an exact merge must be this far below the closest siblings'
+EXACT_SHARE = 0.01
+EXACT_MAX = 2e-3
+EXACT_MIN = 1e-4
+# A fine-tuned merge: residual at most this share of the closest siblings' ...
+FINETUNED_SHARE = 0.5
+# ... each parent's per-layer coefficients within this chi^2/dof of one value (a
+# sibling's shared part varies from layer to layer: tens to thousands)
+MAX_LAYER_CHI = 4.0
+MIN_SHARE = 0.15
+# Sparse merges: kept coordinates reproduced exactly, or (DELLA's per-entry 1/p) closely
+SPARSE_EXACT = 0.5
+SPARSE_EXPLAINED = 0.97
+NULL_DESCRIPTION = (
+    "homologue pairs of the same base that are not the subject's parents, same-domain "
+    "(sibling) pairs included; an exact merge must leave a residual far below theirs"
+)
+
+
+@dataclass(frozen=True)
+class FamilyNull:
+    """How much of one homologue the closest other explains, over candidate pairs."""
+
+    n_pairs: int
+    n_related: int
+    sibling_residual: float  # low quantile of 1 - cos^2 over related (same-domain) pairs
+
+    @property
+    def exact_threshold(self) -> float:
+        return min(EXACT_MAX, max(EXACT_MIN, EXACT_SHARE * self.sibling_residual))
+
+
+def family_null(
+    stack: GramStack,
+    indices: Sequence[int],
+    null: NullModel,
+    *,
+    p_threshold: float,
+    clone_cosine: float,
+) -> FamilyNull:
+    """Residual of one candidate after the other, for every candidate pair that is not a
+    clone pair; the related (same-domain) ones are the hard negatives that set the bar."""
+    gram = stack.total
+    related: list[float] = []
+    n = 0
+    for a_i, a in enumerate(indices):
+        for b in indices[a_i + 1:]:
+            c = stack.cosine(a, b)
+            if abs(c) >= clone_cosine:
+                continue
+            n += 1
+            if gram[a, a] <= 0 or gram[b, b] <= 0:
+                continue
+            if relatedness(stack, a, b, null).p_value < p_threshold:
+                related.append(1.0 - c * c)
+    floor = float(np.quantile(related, 0.1)) if related else 1.0
+    return FamilyNull(n_pairs=n, n_related=len(related), sibling_residual=floor)
+
+
+def recipe_residual(
+    stack: GramStack, parents: Sequence[int], base: int | None, scale: float | None = None
+) -> float:
+    """Residual of the subject when each tensor gets its own coefficients: an exact
+    linear / task-arithmetic / layer-wise / SLERP merge leaves only rounding. As a share
+    of the subject's norm^2, or of ``scale`` (the family's typical task vector) when that
+    is smaller: a disguised copy's huge raw task vector must not make a fine-tune-sized
+    residual look small."""
+    res = tot = 0.0
+    for t in range(len(stack.keys)):
+        g = stack.tensor_gram[t]
+        if g[0, 0] <= 0:
+            continue
+        members = [j for j in parents if g[j, j] > 0]
+        use_base = base if base is not None and g[base, base] > 0 else None
+        f = solve(g, members, base=use_base)
+        res += f.residual_sq
+        tot += f.subject_sq
+    if scale is not None and 0 < scale < tot:
+        tot = scale
+    return res / tot if tot > 0 else 1.0
+
+
+def typical_norm(stack: GramStack, indices: Sequence[int]) -> float | None:
+    """Median squared norm of the candidates' task vectors (the family's scale)."""
+    sq = [float(stack.total[j, j]) for j in indices if stack.total[j, j] > 0]
+    return float(np.median(sq)) if sq else None
+
+
+def group_residual(
+    stack: GramStack, members: Sequence[int], base: int | None, scale: float | None = None
+) -> float:
+    """Residual share with one coefficient set per layer group (layer-wise recipes)."""
+    res = tot = 0.0
+    for g in range(len(stack.groups)):
+        gg = stack.gram[g]
+        if gg[0, 0] <= 0:
+            continue
+        f = solve(gg, [j for j in members if gg[j, j] > 0], base=base)
+        res += f.residual_sq
+        tot += f.subject_sq
+    if scale is not None and 0 < scale < tot:
+        tot = scale
+    return res / tot if tot > 0 else 1.0
+
+
+def exact_search(
+    stack: GramStack, pool: Sequence[int], *, base: int | None, threshold: float,
+    max_size: int = 4, top: int = 10, scale: float | None = None,
+) -> list[int] | None:
+    """The smallest set of candidates (among the ``top`` most similar in ``pool``) that
+    reproduces the subject exactly, group by group; a larger set is taken only when it
+    leaves ten times less. Greedy selection misses such a set when one candidate is itself
+    a merge of the parents or the parents are siblings (each alone explains much)."""
+    ranked = sorted(pool, key=lambda j: -abs(stack.cosine(0, j)))[:top]
+    best_by_size: list[tuple[float, list[int]]] = []
+    for size in range(1, min(max_size, len(ranked)) + 1):
+        best: tuple[float, list[int]] | None = None
+        for combo in combinations(ranked, size):
+            f = solve(stack.total, list(combo), base=base)
+            if min(f.coefficients) < 0.02:
+                continue
+            r = group_residual(stack, combo, base, scale)
+            if best is None or r < best[0]:
+                best = (r, list(combo))
+        if best is None:
+            continue
+        best_by_size.append(best)
+    chosen: list[int] | None = None
+    for i, (r, members) in enumerate(best_by_size):
+        if r > threshold:
+            continue
+        nxt = best_by_size[i + 1][0] if i + 1 < len(best_by_size) else math.inf
+        if nxt >= 0.1 * r:
+            return members
+        chosen = chosen or members
+    return chosen
+
+
+@dataclass(frozen=True)
+class DenseVerdict:
+    verdict: str  # exact_merge | finetuned_merge | finetune | sibling | none
+    accusable: bool
+    recipe_residual: float
+    residual_ratio: float
+    reason: str
+
+
+def dense_verdict(
+    *,
+    n_parents: int,
+    coefficients: Sequence[float],
+    explained: float,
+    recipe_res: float,
+    fam: FamilyNull,
+    layer_chi: float,
+    layerwise: bool,
+    row_z2: Sequence[float],
+    max_row_z2: float,
+    single_finetune: bool,
+) -> DenseVerdict:
+    ratio = (1.0 - explained) / max(fam.sibling_residual, 1e-12)
+    if n_parents == 0:
+        return DenseVerdict("none", False, 1.0, math.inf, "no candidate explains the subject")
+    if recipe_res <= fam.exact_threshold and not single_finetune:
+        return DenseVerdict(
+            "exact_merge", True, recipe_res, ratio,
+            f"the parents reproduce the subject up to {recipe_res:.1e} of its norm^2, below "
+            f"{fam.exact_threshold:.1e} (rounding; siblings leave {fam.sibling_residual:.2f})")
+    if single_finetune:
+        return DenseVerdict("finetune", False, recipe_res, ratio,
+                            "the parent's whole task vector is kept and extended")
+    # rows are not asked: a fine-tune on top of the merge moves rows unevenly too
+    uniform = True
+    consistent = layer_chi <= MAX_LAYER_CHI
+    if (n_parents >= 2 and ratio <= FINETUNED_SHARE and consistent
+            and min(coefficients) >= MIN_SHARE):
+        return DenseVerdict(
+            "finetuned_merge", True, recipe_res, ratio,
+            f"residual {ratio:.2f} of the closest siblings', shares uniform across rows and "
+            "layers: a merge fine-tuned further")
+    why = []
+    if ratio > FINETUNED_SHARE:
+        why.append(f"residual {ratio:.2f} of the closest siblings' (as large as a sibling's)")
+    if not uniform or max(row_z2, default=0.0) > max_row_z2 * 100:
+        why.append("shares vary from row to row")
+    if not consistent:
+        why.append(f"per-layer shares inconsistent (chi2/dof {layer_chi:.1f})")
+    if n_parents < 2:
+        why.append("one partial parent only")
+    return DenseVerdict("sibling", False, recipe_res, ratio,
+                        "not enough to accuse: " + "; ".join(why or ["no recipe fits"]))
+
+
+def sparse_accusable(exact_fraction: float, explained: float) -> bool:
+    return exact_fraction >= SPARSE_EXACT or explained >= SPARSE_EXPLAINED
+
+
+__all__ = [
+    "NULL_DESCRIPTION",
+    "DenseVerdict",
+    "FamilyNull",
+    "dense_verdict",
+    "exact_search",
+    "family_null",
+    "group_residual",
+    "recipe_residual",
+    "sparse_accusable",
+    "typical_norm",
+]
