@@ -30,6 +30,8 @@ class Detector:
 
 
 DETECTORS: dict[str, Detector] = {}
+# Detectors that run the subject model (losses, outputs), pointless on NaN / inf weights.
+RUNS_THE_MODEL = frozenset({"barrier", "equivalence", "protection", "backdoor"})
 
 
 def register(name: str, *, needs_weights: bool = True) -> Callable[[DetectorFn], DetectorFn]:
@@ -48,6 +50,11 @@ def run_detectors(ctx: AuditContext, names: list[str]) -> None:
         if det is None:
             raise AuditorError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
         if det.needs_weights and not ctx.state.get("weights_analyzed", False):
+            continue
+        if name in RUNS_THE_MODEL and ctx.values.get("nonfinite_tensors"):
+            # Running a model with NaN / inf weights measures nothing: say so (the audit is
+            # incomplete, and the AUD501 finding says why) rather than report NaN losses.
+            ctx.errors.append(f"{name}: not run: the subject holds non-finite weights")
             continue
         t0 = time.perf_counter()
         try:

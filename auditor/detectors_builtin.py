@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from auditor.detectors import register
-from auditor.errors import AuditorError, WeightsError
+from auditor.errors import AuditorError, NonFiniteWeights, WeightsError
 from auditor.orchestrator import AuditContext, OpenModel
 from auditor.schema import FileIssue, PickleScan
 from auditor.weights.base import TensorSource
@@ -93,7 +93,7 @@ def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:
 @register("weights", needs_weights=False)
 def detect_weights(ctx: AuditContext) -> None:
     """Stream the subject and its base, align the subject, fingerprint its task vector."""
-    from auditor.analysis.fingerprint import fingerprint_weights
+    from auditor.analysis.fingerprint import fingerprint_weights, nonfinite_tensors
 
     if ctx.base is None or not ctx.subject.files:
         return
@@ -106,12 +106,23 @@ def detect_weights(ctx: AuditContext) -> None:
     try:
         fp, info = _fingerprint(ctx, ctx.subject, base_src, role="subject")
     except WeightsError as exc:
+        if isinstance(exc, NonFiniteWeights):
+            ctx.values["nonfinite_tensors"] = exc.tensors[:1000]
         # The weights could not be analysed: never "clean" (exit code 2 unless a finding).
         ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="weights",
                                          message=str(exc)))
         ctx.errors.append(f"weights: {exc}")
         return
     ctx.state.update(fingerprint=fp, subject_info=info, weights_analyzed=True)
+    nonfinite = nonfinite_tensors(fp)
+    if nonfinite:
+        # A finding of its own (AUD501); lineage still runs on the finite tensors, the
+        # behavioural detectors say they could not run (see run_detectors).
+        ctx.values["nonfinite_tensors"] = nonfinite
+        ctx.file_issues.append(FileIssue(
+            path=ctx.subject.resolved.repo_id, kind="nonfinite",
+            message=f"{len(nonfinite)} tensor(s) hold NaN or infinite values, left out of "
+                    f"the comparison: {', '.join(nonfinite[:5])}"))
     ctx.state["base_fingerprint"] = fingerprint_weights(base_src)
     cand_fps: dict[str, Any] = {}
     cand_info: dict[str, dict[str, Any]] = {}

@@ -9,7 +9,6 @@ without a database.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +57,7 @@ class OpenModel:
     inventory: FileInventory
     files: dict[str, Path]
     config: dict[str, Any] | None
+    issues: list[FileIssue] = field(default_factory=list)  # side files refused (bounded)
 
     @property
     def folder(self) -> Path:
@@ -89,6 +89,19 @@ _WEIGHT_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "generation_config.json")
 
 
+def _checked_side_files(files: dict[str, Path], issues: list[FileIssue]) -> None:
+    """Parse each JSON side file within the bounded parser's limits; a file that breaks one
+    is dropped (no later reader, transformers included, ever sees it) with a file issue."""
+    from auditor.bounded import load_json_file
+
+    for name in [n for n in files if n.endswith(".json")]:
+        try:
+            load_json_file(files[name], name=name)
+        except AuditorError as exc:
+            issues.append(FileIssue(path=name, kind="malformed", message=str(exc)))
+            del files[name]
+
+
 def fetch_model(client: HubClient, resolved: ResolvedRepo, *, weights: bool = True) -> OpenModel:
     inv = classify_files(resolved.files)
     wanted: list[str] = []
@@ -104,14 +117,22 @@ def fetch_model(client: HubClient, resolved: ResolvedRepo, *, weights: bool = Tr
             wanted += [inv.adapter_config or "", inv.adapter_weights or ""]
     wanted += [f for f in _WEIGHT_SIDE_FILES if f in resolved.files]
     files = {name: client.fetch(resolved, name) for name in dict.fromkeys(wanted) if name}
+    issues: list[FileIssue] = []
+    # Index and adapter config are checked by their own strict readers (weights errors).
+    side = {n: p for n, p in files.items() if n in _WEIGHT_SIDE_FILES}
+    _checked_side_files(side, issues)
+    files = {n: p for n, p in files.items() if n not in _WEIGHT_SIDE_FILES or n in side}
     config = None
     if "config.json" in files:
+        from auditor.bounded import load_json_file
+
         try:
-            loaded = json.loads(files["config.json"].read_text(encoding="utf-8"))
+            loaded = load_json_file(files["config.json"], name="config.json")
             config = loaded if isinstance(loaded, dict) else None
-        except (OSError, ValueError, UnicodeDecodeError):
+        except AuditorError:
             config = None
-    return OpenModel(resolved=resolved, inventory=inv, files=files, config=config)
+    return OpenModel(resolved=resolved, inventory=inv, files=files, config=config,
+                     issues=issues)
 
 
 def _choose_base(
@@ -121,7 +142,8 @@ def _choose_base(
 
     A merge card lists its parents in ``base_model``; their own common base is the base.
     """
-    declared = list(subject.card.base_models)
+    # A card naming the repo itself is never audited against itself (see declared_cycle).
+    declared = [d for d in subject.card.base_models if d != subject.repo_id]
     if base:
         return base, [d for d in declared if d != base]
     if not declared:
@@ -131,12 +153,13 @@ def _choose_base(
     counts: dict[str, int] = {}
     for parent in declared:
         try:
-            parent_card = client.resolve(parent).card
+            parent_card = client.resolve_related(parent, near=subject).card
         except AuditorError as exc:
             log.warning("declared parent %s not resolvable: %s", parent, exc)
             continue
         for b in parent_card.base_models[:1] or [parent]:
-            counts[b] = counts.get(b, 0) + 1
+            if b != subject.repo_id:  # a parent declaring the subject: a cycle, not a base
+                counts[b] = counts.get(b, 0) + 1
     if not counts:
         return declared[0], declared[1:]
     chosen = max(counts, key=lambda k: counts[k])
@@ -154,12 +177,15 @@ def audit_revision(
     client: HubClient | None = None,
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
+    local: bool | None = None,
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
 
     ``against`` are candidates to download and compare; ``homologues`` are candidates
     already fingerprinted (the daemon passes the store's). Raises ``AuditorError``
     subclasses for what makes an audit impossible (missing repo, gated, no base).
+    ``local``: None reads a path-like spec (``./x``, absolute) as a folder; the daemon passes
+    False so a crawled repo id is never resolved on local disk.
     """
     from auditor.detectors import DETECTORS, run_detectors
     from auditor.rules.engine import evaluate
@@ -171,10 +197,11 @@ def audit_revision(
     started = time.perf_counter()
 
     say(f"resolving {subject}")
-    resolved = client.resolve(subject, revision=revision)
+    resolved = client.resolve(subject, revision=revision, local=local)
     inventory = classify_files(resolved.files)
     subject_model = OpenModel(resolved=resolved, inventory=inventory, files={}, config=None)
     base_spec, declared_parents = _choose_base(client, resolved, base)
+    cycle = declared_cycle(resolved)
 
     ctx = AuditContext(
         settings=settings,
@@ -186,20 +213,27 @@ def audit_revision(
         declared_parents=declared_parents,
         progress=say,
     )
+    ctx.file_issues += [FileIssue(path=p, kind="malformed", message=m)
+                        for p, m in resolved.file_issues]
     if inventory.has_weights:
         say(f"downloading {resolved.repo_id}@{resolved.revision[:10]}")
         ctx.subject = fetch_model(client, resolved)
+        ctx.file_issues += ctx.subject.issues
         if base_spec is None:
+            why = (" (it names only itself)" if cycle else "")
             raise MissingBase(
-                f"{resolved.repo_id}: no --base given and the model card declares no base_model"
+                f"{resolved.repo_id}: no --base given and the model card declares no "
+                f"base_model{why}"
             )
         say(f"downloading base {base_spec}")
-        ctx.base = fetch_model(client, client.resolve(base_spec))
+        ctx.base = fetch_model(client, client.resolve_related(base_spec, near=resolved))
+        if resolved.repo_id in ctx.base.resolved.card.base_models:
+            cycle = cycle or [resolved.repo_id, ctx.base.resolved.repo_id, resolved.repo_id]
         for spec in against:
             if spec in (subject, base_spec):
                 continue
             try:
-                cand = client.resolve(spec)
+                cand = client.resolve_related(spec, near=resolved)
                 if cand.repo_id in (resolved.repo_id, ctx.base.resolved.repo_id):
                     continue
                 say(f"downloading candidate {cand.repo_id}")
@@ -229,10 +263,12 @@ def audit_revision(
         has_safetensors=bool(inventory.safetensors) or inventory.has_adapter,
         weights_analyzed=bool(ctx.state.get("weights_analyzed")),
         declared_mergekit_config=resolved.mergekit_config,
+        declared_cycle=cycle,
         **ctx.values,
     )
     rules = load_rules(settings.rules_dir)
-    findings = evaluate(rules, measurements, authorizations=ctx.state.get("authorizations", ()))
+    findings = evaluate(rules, measurements, authorizations=ctx.state.get("authorizations", ()),
+                        errors=ctx.errors)
     ctx.timings["total"] = time.perf_counter() - started
     report = AuditReport(
         tool_version=__version__,
@@ -255,6 +291,13 @@ def audit_revision(
         resolved=resolved,
         exit_code=exit_code_for(report, scanned=inventory.has_weights or bool(inventory.pickles)),
     )
+
+
+def declared_cycle(resolved: ResolvedRepo) -> list[str]:
+    """The subject's card naming the subject itself as a base: ``[repo, repo]``, else []."""
+    if resolved.repo_id in resolved.card.base_models:
+        return [resolved.repo_id, resolved.repo_id]
+    return []
 
 
 def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:

@@ -13,7 +13,6 @@ Public API (also used by the backdoor analysis; keep it small and stable):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,12 +104,15 @@ def spec_from_config(config: Mapping[str, Any]) -> ModelSpec:
 def load_spec(folder: str | Path) -> ModelSpec:
     """A ``ModelSpec`` from ``folder/config.json`` (plain JSON, no remote code)."""
     path = Path(folder) / "config.json"
+    from auditor.bounded import load_json_file
+    from auditor.errors import AuditorError
+
+    if not path.is_file():
+        raise AnalysisError(f"no config.json in {folder}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise AnalysisError(f"no config.json in {folder}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AnalysisError(f"malformed config.json in {folder}: {exc}") from exc
+        config = load_json_file(path, name="config.json")
+    except AuditorError as exc:
+        raise AnalysisError(f"malformed config.json: {exc}") from None
     if not isinstance(config, dict):
         raise AnalysisError(f"config.json in {folder} is not an object")
     return spec_from_config(config)
@@ -287,6 +289,9 @@ def load_tokenizer(folder: str | Path) -> Any:
     """
     from transformers import PreTrainedTokenizerFast
 
+    from auditor.bounded import load_json_file
+    from auditor.errors import AuditorError
+
     folder = Path(folder)
     tok_file = folder / "tokenizer.json"
     if not tok_file.is_file():
@@ -297,8 +302,8 @@ def load_tokenizer(folder: str | Path) -> Any:
         if not path.is_file():
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = load_json_file(path, name=fname)
+        except AuditorError:
             continue
         if not isinstance(data, dict):
             continue
