@@ -14,7 +14,8 @@ from auditor.exitcodes import ExitCode
 def register(app: typer.Typer) -> None:
     @app.command()
     def audit(
-        subject: Annotated[str, typer.Argument(help="Hub repo id (ORG/NAME) or local folder")],
+        subject: Annotated[str, typer.Argument(
+            help="Hub repo id (ORG/NAME), or a local folder (./DIR, /DIR or --local)")],
         revision: Annotated[str | None, typer.Option(help="branch, tag or commit")] = None,
         base: Annotated[
             str | None, typer.Option(help="base model (default: the card's base_model)")
@@ -31,6 +32,9 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--store/--no-store", help="also record it in the database")
         ] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+        local: Annotated[
+            bool, typer.Option("--local", help="SUBJECT is a local folder (also: ./x, /x)")
+        ] = False,
     ) -> None:
         """Audit SUBJECT. Exit codes: 0 clean, 1 findings, 2 errors, 3 nothing scanned."""
         from auditor.errors import AuditorError
@@ -54,6 +58,7 @@ def register(app: typer.Typer) -> None:
                     against=against or (),
                     settings=settings,
                     progress=say,
+                    local=True if local else None,
                 )
             if store:
                 from auditor.store.recording import record_outcome
@@ -100,6 +105,11 @@ class _progress:
 
 def _summary(report) -> None:  # type: ignore[no-untyped-def]
     findings = report.active_findings
+    if not findings and report.errors:
+        # Incomplete is never "no findings": something could not be checked.
+        typer.echo(f"{report.subject.repo_id}: incomplete audit ({len(report.errors)} "
+                   f"check(s) failed): {report.errors[0][:200]}", err=True)
+        return
     if not findings:
         typer.echo(f"{report.subject.repo_id}: no findings", err=True)
         return

@@ -62,7 +62,10 @@ def run_detectors(ctx: AuditContext, names: list[str]) -> None:
         except AuditorError as exc:
             ctx.errors.append(f"{name}: {exc}")
         except Exception as exc:  # a detector bug must not lose the other results
-            log.error("detector %s crashed: %s", name, traceback.format_exc())
+            # One line; the traceback only at debug level (``auditor --debug``).
+            log.error("detector %s crashed: %s: %s", name, type(exc).__name__,
+                      (str(exc).splitlines() or [""])[0][:300])
+            log.debug("detector %s traceback:\n%s", name, traceback.format_exc())
             ctx.errors.append(f"{name}: internal error: {type(exc).__name__}: {exc}")
         finally:
             ctx.timings[name] = time.perf_counter() - t0

@@ -187,6 +187,9 @@ def audit_revision(
     ``local``: None reads a path-like spec (``./x``, absolute) as a folder; the daemon passes
     False so a crawled repo id is never resolved on local disk.
     """
+    from auditor.preload import preload
+
+    preload()  # before any lazy transformers name is touched, whatever thread we are
     from auditor.detectors import DETECTORS, run_detectors
     from auditor.rules.engine import evaluate
     from auditor.rules.loader import load_rules

@@ -70,7 +70,10 @@ class ModelSpec:
     def to_config(self) -> Any:
         from transformers import CONFIG_MAPPING
 
-        cfg_cls = CONFIG_MAPPING[self.model_type]
+        from auditor.preload import TRANSFORMERS_LOCK
+
+        with TRANSFORMERS_LOCK:  # the first lookup imports the config module
+            cfg_cls = CONFIG_MAPPING[self.model_type]
         kwargs = {k: v for k, v in self.config.items() if k not in ("model_type",)}
         try:
             return cfg_cls(**kwargs)
@@ -187,7 +190,10 @@ def _names_for(model: torch.nn.Module, src: Any) -> dict[str, str]:
 def _model_class(spec: ModelSpec) -> type[torch.nn.Module]:
     import transformers
 
-    cls = getattr(transformers, spec.architecture, None)
+    from auditor.preload import TRANSFORMERS_LOCK
+
+    with TRANSFORMERS_LOCK:  # the first lookup imports the modeling module
+        cls = getattr(transformers, spec.architecture, None)
     if cls is None:
         raise AnalysisError(f"transformers lacks {spec.architecture}")
     return cls
@@ -287,7 +293,10 @@ def load_tokenizer(folder: str | Path) -> Any:
     Special tokens come from tokenizer_config.json / special_tokens_map.json when those are
     plain strings; nothing else in those files is honoured (no classes, no remote code).
     """
-    from transformers import PreTrainedTokenizerFast
+    from auditor.preload import TRANSFORMERS_LOCK
+
+    with TRANSFORMERS_LOCK:
+        from transformers import PreTrainedTokenizerFast
 
     from auditor.bounded import load_json_file
     from auditor.errors import AuditorError

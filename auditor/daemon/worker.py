@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("auditor.daemon.worker")
 
 DEFAULT_LEASE_SECONDS = 300.0
+SAVE_ATTEMPTS = 3
+SAVE_BACKOFF_SECONDS = 0.5
 
 AuditFn = Callable[..., Any]
 
@@ -173,8 +175,11 @@ def _run_claimed(
                                            analysis_version=target.analysis_version)
             homologues = _homologue_refs(stored) if stored else {}
         log.info("audit started", base=target.base_repo_id, homologues=len(homologues))
+        # local=False: a crawled repo id is a Hub id, even when a folder of that name
+        # exists in the daemon's working directory.
         outcome = audit_fn(target.repo_id, revision=target.sha, base=target.base_repo_id,
-                           homologues=homologues, settings=settings, client=client)
+                           homologues=homologues, settings=settings, client=client,
+                           local=False)
     except GatedRepo as exc:
         with factory() as session:
             repository.upsert_repo(session, target.repo_id, gated=True, skip_reason=str(exc))
@@ -193,25 +198,40 @@ def _run_claimed(
         return
     except Exception as exc:
         # A bug must not kill the worker nor leave the audit running until its lease ends.
-        log.exception("audit crashed")
+        log.error("audit crashed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        log.debug("audit crash traceback", exc_info=True)
         _fail(factory, target, worker_id, error=f"internal error: {type(exc).__name__}: {exc}",
               retryable=False, retry=retry, retry_after=None, log=log)
         return
-    try:
-        with factory() as session:
-            fingerprint = getattr(outcome, "fingerprint", None)
-            save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
-                        report=outcome.report, fingerprint=fingerprint,
-                        analysis_version=target.analysis_version, worker_id=worker_id)
-            requeued = (
-                requeue_dependents(session, revision_id=target.revision_id,
-                                   analysis_version=target.analysis_version)
-                if fingerprint is not None else []
-            )
-    except StoreError as exc:
-        # Lost the lease (someone else re-ran it): their result stands.
-        log.warning("audit result dropped", error=str(exc))
-        return
+    fingerprint = getattr(outcome, "fingerprint", None)
+    requeued: list[Any] = []
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            with factory() as session:
+                save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
+                            report=outcome.report, fingerprint=fingerprint,
+                            analysis_version=target.analysis_version, worker_id=worker_id)
+                requeued = (
+                    requeue_dependents(session, revision_id=target.revision_id,
+                                       analysis_version=target.analysis_version)
+                    if fingerprint is not None else []
+                )
+            break
+        except StoreError as exc:
+            # Lost the lease (someone else re-ran it): their result stands.
+            log.warning("audit result dropped", error=str(exc))
+            return
+        except Exception as exc:
+            # The database refused the result (a value it cannot hold, a lock, a lost
+            # connection): retry a few times, then fail this audit with the reason, so it
+            # never stays "running" and a crawl --once still ends.
+            reason = f"could not save the result: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("save failed", attempt=attempt, error=reason)
+            if attempt == SAVE_ATTEMPTS:
+                _fail(factory, target, worker_id, error=reason, retryable=False,
+                      retry=retry, retry_after=None, log=log)
+                return
+            time.sleep(SAVE_BACKOFF_SECONDS * attempt)
     metrics.AUDITS.labels(outcome="done").inc()
     log.info("audit done", findings=len(outcome.report.findings), requeued=requeued)
 
@@ -319,6 +339,10 @@ class WorkerPool:
             wait = self.poll_seconds
             if until_empty:
                 with self.session_factory() as session:
+                    # Leases that expired while draining (a worker that died or could not
+                    # record its failure) go back to the queue here: drain always ends.
+                    repository.requeue_expired(session)
+                with self.session_factory() as session:
                     if pending_count(session) == 0:
                         return
                     due = next_due_at(session)
@@ -328,6 +352,9 @@ class WorkerPool:
 
     def drain(self) -> None:
         """Run until no audit is queued or running (retries included), then return."""
+        from auditor.preload import preload
+
+        preload()  # heavy, lazily-bound imports before the threads race for them
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="audit") as pool:
             futures = [pool.submit(self._loop, until_empty=True) for _ in range(self.workers)]
             for f in futures:
@@ -335,6 +362,9 @@ class WorkerPool:
 
     def start(self) -> None:
         """Run in the background until ``stop``."""
+        from auditor.preload import preload
+
+        preload()
         self._executor = ThreadPoolExecutor(max_workers=self.workers,
                                             thread_name_prefix="audit")
         self._futures = [self._executor.submit(self._loop, until_empty=False)

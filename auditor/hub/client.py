@@ -250,10 +250,10 @@ class HubClient:
         from auditor.hub.server_repos import RepoLookupError
 
         folder = folder.resolve()
-        name = _LOCAL_ID_RE.sub("-", folder.name).strip("-.") or "model"
+        name = _local_part(folder.name, "model")
         # A folder in Hub layout (ROOT/<org>/<name>) keeps its Hub id, so owners compare as
         # on the Hub; anything else is owned by "local".
-        owner = _LOCAL_ID_RE.sub("-", folder.parent.name).strip("-.") or "local"
+        owner = _local_part(folder.parent.name, "local")
         repo_id = f"{owner}/{name}"
         try:
             snap = self._local_store.folder_snapshot(repo_id, folder, revision or "main",
@@ -394,6 +394,26 @@ class HubClient:
                 gated=info.gated if info.gated in ("auto", "manual") else False,
                 private=bool(info.private),
             )
+
+
+_MAX_ID_PART = 96  # the Hub's limit per part of a repo id
+
+
+def _local_part(raw: str, default: str) -> str:
+    """A folder name as one part of a repo id: Hub characters, at most 96 of them.
+
+    Longer names (a folder may have 255 bytes) keep a readable prefix plus a hash of the
+    whole name, so distinct folders stay distinct ids and every store column holds them.
+    """
+    import hashlib
+
+    part = _LOCAL_ID_RE.sub("-", raw).strip("-.")
+    while "--" in part or ".." in part:
+        part = part.replace("--", "-").replace("..", ".")
+    if len(part) > _MAX_ID_PART:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        part = f"{part[:_MAX_ID_PART - 13].rstrip('-.')}-{digest}"
+    return part or default
 
 
 def looks_like_path(spec: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.reports import charts
-from auditor.reports.summary import sorted_findings, verdict
+from auditor.reports.summary import public_text, sorted_findings, verdict
 from auditor.schema import AuditReport, Finding, LineageEntry, RuleMeta
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
@@ -83,6 +83,7 @@ def environment() -> Environment:
     )
     env.globals["CSP"] = CSP
     env.filters["num"] = _num
+    env.filters["public"] = public_text
     env.filters["pct"] = _pct
     env.filters["evidence"] = _evidence_value
     env.tests["http_url"] = _is_http
