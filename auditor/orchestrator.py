@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from auditor import ANALYSIS_VERSION, __version__
-from auditor.errors import AuditorError, MissingBase, WeightsError
+from auditor.errors import (
+    AuditorError,
+    GatedRepo,
+    MissingBase,
+    RateLimited,
+    TransientHubError,
+    WeightsError,
+)
 from auditor.exitcodes import ExitCode
 from auditor.hub.client import HubClient, ResolvedRepo
 from auditor.schema import AuditReport, BackdoorInfo, FileIssue, Measurements, SubjectRef
@@ -85,6 +92,7 @@ class AuditContext:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+MAX_PARENTS_RESOLVED = 8
 _WEIGHT_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "generation_config.json")
 
@@ -151,7 +159,8 @@ def _choose_base(
     if len(declared) == 1 and subject.card.relation != "merge":
         return declared[0], []
     counts: dict[str, int] = {}
-    for parent in declared:
+    # Each parent costs a Hub call: a card listing 64 "parents" must not cost 64 of them.
+    for parent in declared[:MAX_PARENTS_RESOLVED]:
         try:
             parent_card = client.resolve_related(parent, near=subject).card
         except AuditorError as exc:
@@ -222,18 +231,26 @@ def audit_revision(
         say(f"downloading {resolved.repo_id}@{resolved.revision[:10]}")
         ctx.subject = fetch_model(client, resolved)
         ctx.file_issues += ctx.subject.issues
+        # No usable base costs the weights analysis, not the audit: the pickle scan and the
+        # card checks still report (exit 2 unless they find something).
         if base_spec is None:
             why = (" (it names only itself)" if cycle else "")
-            raise MissingBase(
+            ctx.errors.append(str(MissingBase(
                 f"{resolved.repo_id}: no --base given and the model card declares no "
                 f"base_model{why}"
-            )
-        say(f"downloading base {base_spec}")
-        ctx.base = fetch_model(client, client.resolve_related(base_spec, near=resolved))
-        if resolved.repo_id in ctx.base.resolved.card.base_models:
+            )))
+        else:
+            say(f"downloading base {base_spec}")
+            try:
+                ctx.base = fetch_model(client, client.resolve_related(base_spec, near=resolved))
+            except (GatedRepo, RateLimited, TransientHubError):
+                raise  # the daemon skips or retries the whole audit
+            except AuditorError as exc:
+                ctx.errors.append(f"base {base_spec}: {exc}")
+        if ctx.base is not None and resolved.repo_id in ctx.base.resolved.card.base_models:
             cycle = cycle or [resolved.repo_id, ctx.base.resolved.repo_id, resolved.repo_id]
-        for spec in against:
-            if spec in (subject, base_spec):
+        for spec in against if ctx.base is not None else ():
+            if spec in (subject, base_spec) or ctx.base is None:
                 continue
             try:
                 cand = client.resolve_related(spec, near=resolved)
