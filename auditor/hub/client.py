@@ -299,6 +299,11 @@ class HubClient:
         files = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
         card_data = info.card_data.to_dict() if info.card_data is not None else None
         card = card_from_data(card_data)
+        if not card_data and "README.md" in files:
+            # No card data from the server although there is a card: its front matter did
+            # not parse there. Read it here (bounded) so the report says why, not just
+            # "no base_model".
+            card = self._card_from_readme(repo_id, info.sha, files) or card
         resolved = ResolvedRepo(
             repo_id=repo_id,
             revision=info.sha,
@@ -322,6 +327,20 @@ class HubClient:
             resolved = _replace(resolved, mergekit_config=config,
                                 file_issues=resolved.file_issues + extra)
         return resolved
+
+    def _card_from_readme(self, repo_id: str, sha: str, files: dict[str, int]) -> CardInfo | None:
+        from auditor.hub.card import MAX_CARD_BYTES
+
+        if files.get("README.md", 0) > MAX_CARD_BYTES:
+            return CardInfo(warnings=[f"card larger than {MAX_CARD_BYTES} bytes: not read"])
+        probe = ResolvedRepo(repo_id=repo_id, revision=sha, files=files, card=CardInfo())
+        try:
+            path = self.fetch(probe, "README.md")
+            with path.open("rb") as fh:
+                return parse_card(fh.read(MAX_CARD_BYTES + 1))
+        except (AuditorError, OSError) as exc:
+            log.warning("%s: card not readable: %s", repo_id, exc)
+            return None
 
     # ----- files -----------------------------------------------------------------------
     def local_path(self, resolved: ResolvedRepo, filename: str) -> Path:
