@@ -196,9 +196,6 @@ def audit_revision(
     ``local``: None reads a path-like spec (``./x``, absolute) as a folder; the daemon passes
     False so a crawled repo id is never resolved on local disk.
     """
-    from auditor.preload import preload
-
-    preload()  # before any lazy transformers name is touched, whatever thread we are
     from auditor.detectors import DETECTORS, run_detectors
     from auditor.rules.engine import evaluate
     from auditor.rules.loader import load_rules
@@ -228,6 +225,9 @@ def audit_revision(
     ctx.file_issues += [FileIssue(path=p, kind="malformed", message=m)
                         for p, m in resolved.file_issues]
     if inventory.has_weights:
+        from auditor.preload import preload
+
+        preload()  # before any lazy transformers name is touched, whatever thread we are
         say(f"downloading {resolved.repo_id}@{resolved.revision[:10]}")
         ctx.subject = fetch_model(client, resolved)
         ctx.file_issues += ctx.subject.issues
