@@ -39,7 +39,6 @@ class Settings(BaseSettings):
     max_yaml_bytes: int = 1_000_000
     max_nesting_depth: int = 64
     max_int_digits: int = 64
-    max_header_bytes: int = 100_000_000
     max_tensors: int = 200_000
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,14 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def finite_json_dumps(value: Any) -> str:
+    """JSON columns hold only finite numbers: NaN / inf become null (and never the invalid
+    ``NaN`` token that PostgreSQL rejects and SQLite stores), whatever reaches the store."""
+    from auditor.schema import finite_json
+
+    return json.dumps(finite_json(value), allow_nan=False)
+
+
 def _ensure_sqlite_dir(url: str) -> None:
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
@@ -53,6 +62,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     foreign keys on every connection, so several processes can share the file."""
     url = normalize_url(url or default_database_url())
     backend = make_url(url).get_backend_name()
+    kwargs.setdefault("json_serializer", finite_json_dumps)
     if backend == "sqlite":
         _ensure_sqlite_dir(url)
         connect_args = dict(kwargs.pop("connect_args", {}))
