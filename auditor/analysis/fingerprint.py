@@ -320,6 +320,13 @@ NONFINITE_META = "nonfinite_tensors"
 MAX_NONFINITE_NAMES = 1000
 
 
+def is_finite(fp: Fingerprint) -> bool:
+    """Every norm and sample finite (fingerprints stored before non-finite tensors were
+    left out may hold NaN: one such homologue would poison every fit it enters)."""
+    return all(math.isfinite(t.sq_norm) and bool(np.isfinite(t.sample).all())
+               for t in fp.tensors.values())
+
+
 def nonfinite_tensors(fp: Fingerprint) -> list[str]:
     """Names of the tensors ``compute_fingerprint`` left out for holding NaN / infinity."""
     raw = fp.meta.get(NONFINITE_META)

@@ -64,7 +64,7 @@ def _audit_fn() -> AuditFn:
 
 
 def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
-    from auditor.analysis.fingerprint import Fingerprint
+    from auditor.analysis.fingerprint import Fingerprint, is_finite
     from auditor.orchestrator import HomologueRef
 
     refs: dict[str, Any] = {}
@@ -74,6 +74,9 @@ def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
         except AuditorError as exc:
             # A bad stored fingerprint only removes that repo from the comparison set.
             log.warning("bad stored fingerprint", repo=h.repo_id, error=str(exc))
+            continue
+        if not is_finite(fp):
+            log.warning("stored fingerprint holds non-finite values: left out", repo=h.repo_id)
             continue
         refs[h.repo_id] = HomologueRef(repo_id=h.repo_id, revision=h.revision,
                                        fingerprint=fp, backdoor=h.backdoor,
