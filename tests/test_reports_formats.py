@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from auditor.reports import samples
+from auditor_testkit.reports import samples
 from auditor.reports.formatters import FORMATTERS, UnknownFormat, render
 from auditor.reports.sarif import build_sarif, sarif_level
 from auditor.schema import AuditReport, Severity

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from auditor.reports import samples
+from auditor_testkit.reports import samples
 from auditor.reports.site import build_site, slugify
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -107,9 +107,9 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> DemoResult:
     from auditor.daemon.scheduler import Daemon
-    from auditor.factory.zoo import build_zoo
+    from auditor_testkit.factory.zoo import build_zoo
     from auditor.hub.client import HubClient
-    from auditor.hub.server import HubServer
+    from auditor_testkit.hub.server import HubServer
     from auditor.reports.from_store import site_data_from_store
     from auditor.reports.site import build_site
     from auditor.rules.engine import rule_metas
