@@ -107,9 +107,7 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> DemoResult:
     from auditor.daemon.scheduler import Daemon
-    from auditor_testkit.factory.zoo import build_zoo
     from auditor.hub.client import HubClient
-    from auditor_testkit.hub.server import HubServer
     from auditor.reports.from_store import site_data_from_store
     from auditor.reports.site import build_site
     from auditor.rules.engine import rule_metas
@@ -117,6 +115,8 @@ def run_demo(
     from auditor.settings import Settings
     from auditor.store import repository
     from auditor.store.db import make_engine, session_factory, upgrade_database
+    from auditor_testkit.factory.zoo import build_zoo
+    from auditor_testkit.hub.server import HubServer
 
     started = time.perf_counter()
     base_settings = Settings()

@@ -109,9 +109,9 @@ def test_spec_refuses_unknown_architectures_and_drops_remote_code() -> None:
 
 
 def test_saved_repo_round_trip(zoo: Trained, tmp_path: Path) -> None:
+    from auditor.weights.reader import open_model
     from auditor_testkit.factory.base import llama_config
     from auditor_testkit.factory.save import save_repo
-    from auditor.weights.reader import open_model
 
     folder = save_repo(tmp_path, "org/copy-a", state_dict=zoo.copy_a, config=llama_config(),
                        tokenizer=zoo.tokenizer)

@@ -18,9 +18,9 @@ from auditor import __version__
 from auditor.daemon.scheduler import Daemon, wait_until
 from auditor.daemon.worker import RetryPolicy
 from auditor.hub.client import HubClient
-from auditor_testkit.hub.server import FaultConfig
 from auditor.settings import Settings
 from auditor.store import repository
+from auditor_testkit.hub.server import FaultConfig
 from tests.test_daemon_support import BASE, DERIVATIVES, audit_rows, dump, make_zoo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
