@@ -55,7 +55,7 @@ def _audit_fn() -> AuditFn:
 
 def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
     from auditor.analysis.fingerprint import Fingerprint
-    from auditor.orchestrator import HomologueRef
+    from auditor.detectors.context import HomologueRef
 
     refs: dict[str, Any] = {}
     for h in stored:
