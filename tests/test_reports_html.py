@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from auditor.reports import charts, samples
+from auditor.reports import charts
 from auditor.reports.formatters import render
 from auditor.reports.html import CSP, environment
 from auditor.reports.site import SiteData, build_site, slugify
+from auditor_testkit.reports import samples
 
 CSP_META = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'.replace("'", "&#39;")
 
