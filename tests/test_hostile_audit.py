@@ -55,7 +55,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def hostile_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    from auditor.hub.server import HubServer
+    from auditor_testkit.hub.server import HubServer
 
     tmp = tmp_path_factory.mktemp("hostile")
     root = tmp / "hub"

@@ -17,7 +17,7 @@ from auditor.daemon.scheduler import Daemon
 from auditor.daemon.worker import RetryPolicy
 from auditor.hub.client import HubClient
 from auditor.settings import Settings
-from auditor.store import repository
+from auditor.store import policy
 from auditor.store.db import make_engine, session_factory, upgrade_database
 from auditor.store.models import Audit, FindingRow
 from tests import hostile_corpus as hc
@@ -49,7 +49,7 @@ def test_hostile_subset_through_daemon_crawl(tmp_path: Path, hub_server: Any, db
     engine = make_engine(db_url)
     factory = session_factory(engine)
     with factory() as session:
-        repository.watch_add(session, hc.BASE_ID)
+        policy.watch_add(session, repo_id=hc.BASE_ID)
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url)
     daemon = Daemon(settings=settings, database_url=db_url, client=client, workers=2,
                     interval_seconds=3600, poll_seconds=0.05,

@@ -17,7 +17,8 @@ from sqlalchemy import select
 from auditor.daemon.worker import RetryPolicy, WorkerPool, run_one
 from auditor.hub.client import HubClient
 from auditor.settings import Settings
-from auditor.store import repository
+from auditor.store import policy
+from auditor.store import queue as store_queue
 from auditor.store.db import make_engine, session_factory, upgrade_database
 from auditor.store.models import Audit
 from tests import hostile_corpus as hc
@@ -67,7 +68,7 @@ def test_eight_concurrent_first_run_store_audits_lose_nothing(tmp_path: Path) ->
 
 
 @pytest.fixture
-def queue(tmp_path: Path, hub_root: Path, hub_server: Any, hf_cache: Path) -> Any:
+def work_queue(tmp_path: Path, hub_root: Path, hub_server: Any, hf_cache: Path) -> Any:
     from auditor.daemon.crawler import crawl_base
 
     make_zoo(hub_root)
@@ -79,15 +80,15 @@ def queue(tmp_path: Path, hub_root: Path, hub_server: Any, hf_cache: Path) -> An
     engine = make_engine(url)
     factory = session_factory(engine)
     with factory() as session:
-        repository.watch_add(session, BASE)
+        policy.watch_add(session, repo_id=BASE)
         crawl_base(session, client, BASE, config_hash="h")
     yield factory, client, Settings(data_dir=tmp_path / "data", database_url=url)
     engine.dispose()
 
 
 def test_worker_that_cannot_save_fails_the_audit_with_the_reason(
-        queue: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    factory, client, settings = queue
+        work_queue: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    factory, client, settings = work_queue
     import auditor.daemon.worker as worker
 
     def refuse(*_a: Any, **_k: Any) -> None:
@@ -105,11 +106,11 @@ def test_worker_that_cannot_save_fails_the_audit_with_the_reason(
     assert not [a for a in audits if a.status == "running"]
 
 
-def test_drain_requeues_expired_leases_itself(queue: Any) -> None:
+def test_drain_requeues_expired_leases_itself(work_queue: Any) -> None:
     """An audit left running by a dead worker: crawl --once's drain takes it back and ends."""
-    factory, client, settings = queue
+    factory, client, settings = work_queue
     with factory() as session:
-        audit = repository.claim_next_audit(session, worker_id="dead:1:1", lease_seconds=0.01)
+        audit = store_queue.claim_next_audit(session, worker_id="dead:1:1", lease_seconds=0.01)
         assert audit is not None
     fake = FakeAudit()
     pool = WorkerPool(factory, client, settings, workers=1, audit_fn=fake, poll_seconds=0.05,
@@ -123,7 +124,7 @@ def test_drain_requeues_expired_leases_itself(queue: Any) -> None:
 def test_four_threads_run_the_first_audit_of_a_process(small_zoo: Any, tmp_path: Path) -> None:
     """In a fresh process (nothing imported yet), 4 threads audit at once with every
     detector: no detector crashes (the transformers lazy-import race)."""
-    from auditor.hub.server import HubServer
+    from auditor_testkit.hub.server import HubServer
 
     server = HubServer(small_zoo.root).start()
     try:

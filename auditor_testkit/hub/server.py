@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 from auditor.bounded import loads_json
 from auditor.errors import AuditorError
 from auditor.hub.card import CardInfo, derive_tags, infer_relation, parse_card
-from auditor.hub.server_repos import (
+from auditor.hub.repo_folders import (
     FileEntry,
     RepoLookupError,
     RepoStore,
