@@ -190,3 +190,21 @@ def test_schema_never_serialises_non_finite_numbers() -> None:
     assert data["alphas"] == [0.0, None] and data["barrier"] is None
     prot = ProtectionInfo(scale_curve=[(1.0, float("nan"))])
     assert prot.model_dump(mode="json")["scale_curve"] == [[1.0, None]]
+
+
+def test_incomplete_audit_page_is_not_clean_and_shows_no_internal_paths() -> None:
+    from auditor.reports.formatters import render
+    from auditor.schema import AuditReport, BackdoorInfo, MergeInfo, ProtectionInfo, SubjectRef
+
+    report = AuditReport(
+        tool_version="t", analysis_version="1",
+        subject=SubjectRef(repo_id="eve/x", revision="a" * 40),
+        lineage=[], merge=MergeInfo(is_merge=False), backdoor=BackdoorInfo(suspected=False),
+        protection=ProtectionInfo(), findings=[],
+        errors=["weights: /srv/auditor/hf-cache/models--eve--x/snapshots/abc/model.safetensors:"
+                " header is not valid JSON"],
+    )
+    page = render(report, fmt="html")
+    assert "Incomplete audit" in page and 'class="verdict v-incomplete"' in page
+    assert 'class="verdict v-clean"' not in page and "✔" not in page
+    assert "/srv/auditor" not in page and "model.safetensors" in page
