@@ -1,0 +1,239 @@
+"""Statistics on sampled weight chunks: is a candidate derived from the base, and from which
+homologues, with confidence intervals from a bootstrap over the chunks.
+
+The inputs are the chunks ``auditor.weights.sampling`` reads at fixed-seed positions: lists
+of 1-D float32 tensors, aligned element by element between models.
+
+* ``probe``: closeness to the base. An independently initialised model of the same
+  architecture has weights uncorrelated with the base's, so its relative distance
+  ``||x - b|| / sqrt(||x||^2 + ||b||^2)`` is about 1 (the reference); a derivative's is far
+  below. A paired test against the same candidate chunks compared with *other* base
+  positions (a derangement) says whether the closeness is more than shared statistics
+  (norms, means) of the two models.
+* ``screen``: similarity of the task vector ``x - b`` to each homologue's and a non-negative
+  least-squares attribution over them, each with a bootstrap interval, and a verdict
+  (clone / merge of parents / own fine-tune) whose stability under resampling says whether
+  it is borderline (then a full read decides).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+
+# "Far below an independent model": at most half the independent reference distance.
+RELATED_MAX_DISTANCE = 0.5
+# One-sided paired z for "closer at the same positions than at other positions".
+RELATED_MIN_Z = 4.0
+# A homologue counts as a parent from this coefficient up (below: a shared-task echo).
+PARENT_MIN_COEFFICIENT = 0.1
+# Homologues must explain at least this share of the task vector for a merge / clone.
+MERGE_MIN_EXPLAINED = 0.5
+# A clone: one parent, coefficient within this of 1, and nearly everything explained.
+CLONE_COEF_TOLERANCE = 0.05
+CLONE_MIN_EXPLAINED = 0.98
+# A verdict that resampling the chunks changes this often is borderline: read everything.
+STABLE_SHARE = 0.95
+BOOTSTRAP = 200
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    chunks: int
+    elements: int
+    relative_distance: float
+    distance_ci: tuple[float, float]
+    matched_cosine: float
+    null_cosine: float
+    z: float
+
+    @property
+    def related(self) -> bool:
+        return self.relative_distance <= RELATED_MAX_DISTANCE and self.z >= RELATED_MIN_Z
+
+    def as_dict(self) -> dict[str, float | int | bool | list[float]]:
+        return {"chunks": self.chunks, "elements": self.elements,
+                "relative_distance": round(self.relative_distance, 5),
+                "distance_ci": [round(v, 5) for v in self.distance_ci],
+                "matched_cosine": round(self.matched_cosine, 5),
+                "null_cosine": round(self.null_cosine, 5), "z": round(self.z, 2),
+                "related": self.related}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _stack(chunks: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    return [c.detach().to(torch.float64).numpy() for c in chunks]
+
+
+def probe(cand: Sequence[torch.Tensor], base: Sequence[torch.Tensor], *, seed: int = 0
+          ) -> ProbeResult:
+    """Closeness of the candidate's chunks to the base's at the same positions."""
+    if len(cand) != len(base) or not cand:
+        raise ValueError("probe needs the same non-empty list of chunks from both models")
+    xs, bs = _stack(cand), _stack(base)
+    sq_diff = np.array([float(((x - b) ** 2).sum()) for x, b in zip(xs, bs, strict=True)])
+    sq_ref = np.array([float((x**2).sum() + (b**2).sum()) for x, b in zip(xs, bs, strict=True)])
+    dist = math.sqrt(sq_diff.sum() / sq_ref.sum()) if sq_ref.sum() > 0 else 1.0
+    rng = np.random.default_rng(seed)
+    n = len(xs)
+    boots = []
+    for _ in range(BOOTSTRAP):
+        idx = rng.integers(0, n, n)
+        ref = sq_ref[idx].sum()
+        boots.append(math.sqrt(sq_diff[idx].sum() / ref) if ref > 0 else 1.0)
+    lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975]))
+    # Paired test: same positions vs the next chunk of the same length (a derangement).
+    by_len: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        by_len.setdefault(x.shape[0], []).append(i)
+    matched, null = [], []
+    for idx in by_len.values():
+        if len(idx) < 2:
+            continue
+        X = np.stack([xs[i] for i in idx])
+        B = np.stack([bs[i] for i in idx])
+        matched.extend(_cos(X, B))
+        null.extend(_cos(X, np.roll(B, 1, axis=0)))
+    if not matched:
+        return ProbeResult(n, sum(x.shape[0] for x in xs), dist, (lo, hi), float("nan"),
+                           float("nan"), 0.0)
+    diff = np.array(matched) - np.array(null)
+    sd = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+    z = float(diff.mean() / (sd / math.sqrt(len(diff)))) if sd > 0 else (
+        math.inf if diff.mean() > 0 else 0.0)
+    return ProbeResult(chunks=n, elements=sum(x.shape[0] for x in xs), relative_distance=dist,
+                       distance_ci=(lo, hi), matched_cosine=float(np.mean(matched)),
+                       null_cosine=float(np.mean(null)), z=z)
+
+
+# --- screening against homologues --------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    relation: str  # clone | merge | finetune
+    parents: frozenset[str] = frozenset()
+
+    def describe(self) -> str:
+        return self.relation + (f"({', '.join(sorted(self.parents))})" if self.parents else "")
+
+
+@dataclass(frozen=True)
+class Screening:
+    verdict: Verdict
+    stability: float  # share of bootstrap resamples giving the same verdict
+    explained: float
+    coefficients: dict[str, float]
+    coefficient_ci: dict[str, tuple[float, float]]
+    cosines: dict[str, float]
+    cosine_ci: dict[str, tuple[float, float]]
+    elements: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def borderline(self) -> bool:
+        return self.stability < STABLE_SHARE
+
+    def as_dict(self) -> dict[str, object]:
+        r5 = lambda v: round(float(v), 5)  # noqa: E731
+        return {
+            "verdict": self.verdict.relation, "parents": sorted(self.verdict.parents),
+            "stability": r5(self.stability), "borderline": self.borderline,
+            "explained": r5(self.explained),
+            "coefficients": {k: r5(v) for k, v in self.coefficients.items()},
+            "coefficient_ci": {k: [r5(a), r5(b)] for k, (a, b) in self.coefficient_ci.items()},
+            "cosines": {k: r5(v) for k, v in self.cosines.items()},
+            "cosine_ci": {k: [r5(a), r5(b)] for k, (a, b) in self.cosine_ci.items()},
+            "elements": self.elements,
+        }
+
+
+def _verdict(coef: np.ndarray, explained: float, names: list[str]) -> Verdict:
+    if explained < MERGE_MIN_EXPLAINED:
+        return Verdict("finetune")
+    parents = frozenset(n for n, c in zip(names, coef, strict=True)
+                        if c >= PARENT_MIN_COEFFICIENT)
+    if not parents:
+        return Verdict("finetune")
+    if len(parents) == 1 and explained >= CLONE_MIN_EXPLAINED:
+        c = float(coef[names.index(next(iter(parents)))])
+        if abs(c - 1.0) <= CLONE_COEF_TOLERANCE:
+            return Verdict("clone", parents)
+    return Verdict("merge", parents)
+
+
+def _fit(tau: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, float]:
+    """NNLS coefficients and the explained share of ``||tau||^2``."""
+    if T.shape[1] == 0 or not np.any(tau):
+        return np.zeros(T.shape[1]), 0.0
+    coef, resid = nnls(T, tau)
+    total = float(tau @ tau)
+    return coef, (1.0 - resid**2 / total) if total > 0 else 0.0
+
+
+def screen(
+    subject: Sequence[torch.Tensor],
+    base: Sequence[torch.Tensor],
+    homologues: Mapping[str, Sequence[torch.Tensor]],
+    *,
+    seed: int = 0,
+) -> Screening:
+    """Similarity and merge attribution of the subject's task vector over the homologues'."""
+    b = _stack(base)
+    tau_chunks = [x - bb for x, bb in zip(_stack(subject), b, strict=True)]
+    names = sorted(homologues)
+    h_chunks = {h: [x - bb for x, bb in zip(_stack(homologues[h]), b, strict=True)]
+                for h in names}
+    lengths = np.array([c.shape[0] for c in tau_chunks])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    tau = np.concatenate(tau_chunks) if tau_chunks else np.zeros(0)
+    T = np.stack([np.concatenate(h_chunks[h]) for h in names], axis=1) if names else \
+        np.zeros((tau.shape[0], 0))
+
+    def measure(rows: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        t, M = tau[rows], T[rows]
+        coef, expl = _fit(t, M)
+        tn = np.linalg.norm(t)
+        mn = np.linalg.norm(M, axis=0)
+        cos = np.where(mn * tn > 0, (M.T @ t) / np.where(mn * tn > 0, mn * tn, 1.0), 0.0)
+        return coef, expl, cos
+
+    all_rows = np.arange(tau.shape[0])
+    coef, explained, cos = measure(all_rows)
+    verdict = _verdict(coef, explained, names)
+    rng = np.random.default_rng(seed)
+    n = len(tau_chunks)
+    same = 0
+    boot_coef, boot_cos = [], []
+    for _ in range(BOOTSTRAP):
+        pick = rng.integers(0, n, n)
+        rows = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in pick])
+        c, e, cs = measure(rows)
+        boot_coef.append(c)
+        boot_cos.append(cs)
+        same += _verdict(c, e, names) == verdict
+    bc, bs = np.array(boot_coef), np.array(boot_cos)
+
+    def ci(a: np.ndarray, j: int) -> tuple[float, float]:
+        lo, hi = np.quantile(a[:, j], [0.025, 0.975]) if len(a) else (math.nan, math.nan)
+        return float(lo), float(hi)
+
+    return Screening(
+        verdict=verdict, stability=same / BOOTSTRAP, explained=float(explained),
+        coefficients={h: float(coef[j]) for j, h in enumerate(names)},
+        coefficient_ci={h: ci(bc, j) for j, h in enumerate(names)},
+        cosines={h: float(cos[j]) for j, h in enumerate(names)},
+        cosine_ci={h: ci(bs, j) for j, h in enumerate(names)},
+        elements=int(tau.shape[0]),
+    )
+
+
+__all__ = ["ProbeResult", "Screening", "Verdict", "probe", "screen"]
