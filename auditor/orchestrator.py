@@ -213,6 +213,13 @@ def audit_revision(
     finally:
         for source in ctx.state.pop("closers", []):
             source.close()
+    if ctx.base is not None and ctx.state.get("weights_analyzed"):
+        from auditor.analysis.card_claims import card_claims
+
+        # The card's origin claims against the weights (lying-card rules, AUD601-AUD604).
+        ctx.values["provenance"] = card_claims(
+            client=client, subject=resolved, base=ctx.base.resolved,
+            lineage=ctx.values.get("lineage", []), family=list(ctx.homologues))
 
     sub_ref = SubjectRef(
         repo_id=resolved.repo_id,
@@ -244,6 +251,7 @@ def audit_revision(
         protection=measurements.protection,
         findings=findings,
         barriers=measurements.barriers,
+        provenance=measurements.provenance,
         pickles=measurements.pickles,
         file_issues=ctx.file_issues,
         errors=ctx.errors,

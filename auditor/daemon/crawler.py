@@ -176,17 +176,23 @@ def declared_lineage(tags: list[str]) -> tuple[list[str], str | None]:
 
 
 def family_members(session: Session, base_repo_id: str) -> list[str]:
-    """Repos recorded as derivatives of ``base_repo_id`` (at any depth), newest first."""
-    from sqlalchemy import select
+    """Repos recorded as derivatives of ``base_repo_id`` (at any depth), newest first by
+    their newest revision's Hub time (recording time when unknown)."""
+    from sqlalchemy import func, select
 
-    from auditor.store.models import Repo
+    from auditor.store.models import Repo, Revision
 
+    newest = (select(Revision.repo_pk, func.max(Revision.created_at).label("hub_time"))
+              .group_by(Revision.repo_pk).subquery())
     rows = session.execute(
-        select(Repo.repo_id, Repo.family_bases).order_by(Repo.created_at.desc(), Repo.id.desc())
+        select(Repo.repo_id, Repo.family_bases, Repo.created_at, newest.c.hub_time)
+        .outerjoin(newest, newest.c.repo_pk == Repo.id)
     ).all()
     session.rollback()
     # JSON containment is not portable across SQLite / PostgreSQL: filter here.
-    return [r.repo_id for r in rows if base_repo_id in (r.family_bases or [])]
+    members = [r for r in rows if base_repo_id in (r.family_bases or [])]
+    members.sort(key=lambda r: (r.hub_time or r.created_at, r.repo_id), reverse=True)
+    return [r.repo_id for r in members]
 
 
 def _walk_tree(
@@ -214,6 +220,7 @@ def _walk_tree(
     rotation = members[start:] + members[:start]
     priority = members[: max(1, budget // NEWEST_SHARE)]
     listed: set[str] = set()
+    known = set(members)
 
     def list_children(parent: str) -> None:
         listed.add(parent)
@@ -222,22 +229,22 @@ def _walk_tree(
                 continue
             seen.add(summary.repo_id)
             record(summary, found_by="family_tree")
-            priority.append(summary.repo_id)  # new members are the newest
+            if summary.repo_id not in known:
+                known.add(summary.repo_id)
+                priority.append(summary.repo_id)  # new members are the newest
 
     while priority and len(listed) < budget:
         parent = priority.pop(0)
         if parent not in listed:
             list_children(parent)
     next_resume: str | None = None
-    for i, parent in enumerate(rotation):
+    for parent in rotation:
         if parent in listed:
             continue
         if len(listed) >= budget:
             next_resume = parent
             break
         list_children(parent)
-        if i == len(rotation) - 1:
-            next_resume = None
     result.tree_listed = len(listed)
     return next_resume
 
