@@ -170,13 +170,23 @@ def _verdict(coef: np.ndarray, explained: float, names: list[str]) -> Verdict:
     return Verdict("merge", parents)
 
 
-def _fit(tau: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, float]:
-    """NNLS coefficients and the explained share of ``||tau||^2``."""
-    if T.shape[1] == 0 or not np.any(tau):
-        return np.zeros(T.shape[1]), 0.0
-    coef, resid = nnls(T, tau)
-    total = float(tau @ tau)
-    return coef, (1.0 - resid**2 / total) if total > 0 else 0.0
+def _solve(G: np.ndarray, b: np.ndarray, s: float) -> tuple[np.ndarray, float, np.ndarray]:
+    """NNLS of ``tau`` over the columns of ``T`` from sufficient statistics
+    (``G = T'T``, ``b = T'tau``, ``s = tau'tau``): coefficients, explained share, cosines.
+
+    ``||tau - T c||^2 = ||L' c - L^-1 b||^2 + s - ||L^-1 b||^2`` with ``G = L L'``, so the
+    k x k problem has the same solution as the full one, whatever the number of rows."""
+    k = G.shape[0]
+    if k == 0 or s <= 0:
+        return np.zeros(k), 0.0, np.zeros(k)
+    jitter = 1e-12 * max(float(np.trace(G)) / k, 1e-30)
+    L = np.linalg.cholesky(G + jitter * np.eye(k))
+    y = np.linalg.solve(L, b)
+    coef, _ = nnls(L.T, y)
+    resid = float(coef @ G @ coef - 2 * b @ coef + s)
+    diag = np.sqrt(np.clip(np.diag(G), 0, None) * s)
+    cos = np.where(diag > 0, b / np.where(diag > 0, diag, 1.0), 0.0)
+    return coef, 1.0 - max(resid, 0.0) / s, cos
 
 
 def screen(
@@ -186,44 +196,37 @@ def screen(
     *,
     seed: int = 0,
 ) -> Screening:
-    """Similarity and merge attribution of the subject's task vector over the homologues'."""
+    """Similarity and merge attribution of the subject's task vector over the homologues'.
+
+    The chunks are the resampling unit of the bootstrap: each contributes its own
+    ``T_i'T_i``, ``T_i'tau_i`` and ``tau_i'tau_i``, so a resample is a weighted sum."""
     b = _stack(base)
     tau_chunks = [x - bb for x, bb in zip(_stack(subject), b, strict=True)]
     names = sorted(homologues)
-    h_chunks = {h: [x - bb for x, bb in zip(_stack(homologues[h]), b, strict=True)]
-                for h in names}
-    lengths = np.array([c.shape[0] for c in tau_chunks])
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    tau = np.concatenate(tau_chunks) if tau_chunks else np.zeros(0)
-    T = np.stack([np.concatenate(h_chunks[h]) for h in names], axis=1) if names else \
-        np.zeros((tau.shape[0], 0))
-
-    def measure(rows: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-        t, M = tau[rows], T[rows]
-        coef, expl = _fit(t, M)
-        tn = np.linalg.norm(t)
-        mn = np.linalg.norm(M, axis=0)
-        cos = np.where(mn * tn > 0, (M.T @ t) / np.where(mn * tn > 0, mn * tn, 1.0), 0.0)
-        return coef, expl, cos
-
-    all_rows = np.arange(tau.shape[0])
-    coef, explained, cos = measure(all_rows)
+    h_chunks = [[x - bb for x, bb in zip(_stack(homologues[h]), b, strict=True)]
+                for h in names]
+    n, k = len(tau_chunks), len(names)
+    Gs = np.zeros((n, k, k))
+    bs = np.zeros((n, k))
+    ss = np.zeros(n)
+    for i, t in enumerate(tau_chunks):
+        Ti = np.stack([h_chunks[j][i] for j in range(k)], axis=1) if k else np.zeros((len(t), 0))
+        Gs[i], bs[i], ss[i] = Ti.T @ Ti, Ti.T @ t, float(t @ t)
+    coef, explained, cos = _solve(Gs.sum(0), bs.sum(0), float(ss.sum()))
     verdict = _verdict(coef, explained, names)
     rng = np.random.default_rng(seed)
-    n = len(tau_chunks)
     same = 0
     boot_coef, boot_cos = [], []
     for _ in range(BOOTSTRAP):
-        pick = rng.integers(0, n, n)
-        rows = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in pick])
-        c, e, cs = measure(rows)
+        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(float)
+        c, e, cs = _solve(np.tensordot(w, Gs, 1), w @ bs, float(w @ ss))
         boot_coef.append(c)
         boot_cos.append(cs)
         same += _verdict(c, e, names) == verdict
-    bc, bs = np.array(boot_coef), np.array(boot_cos)
+    bc, bcs = np.array(boot_coef), np.array(boot_cos)
 
     def ci(a: np.ndarray, j: int) -> tuple[float, float]:
-        lo, hi = np.quantile(a[:, j], [0.025, 0.975]) if len(a) else (math.nan, math.nan)
+        lo, hi = np.quantile(a[:, j], [0.025, 0.975])
         return float(lo), float(hi)
 
     return Screening(
@@ -231,8 +234,8 @@ def screen(
         coefficients={h: float(coef[j]) for j, h in enumerate(names)},
         coefficient_ci={h: ci(bc, j) for j, h in enumerate(names)},
         cosines={h: float(cos[j]) for j, h in enumerate(names)},
-        cosine_ci={h: ci(bs, j) for j, h in enumerate(names)},
-        elements=int(tau.shape[0]),
+        cosine_ci={h: ci(bcs, j) for j, h in enumerate(names)},
+        elements=int(sum(len(t) for t in tau_chunks)),
     )
 
 

@@ -65,6 +65,7 @@ class CrawlResult:
     examined: int = 0
     discovery_note: str | None = None
     tree_listed: int = 0
+    examinations: list[Any] = field(default_factory=list)  # discovery.Examination
 
     @property
     def ok(self) -> bool:
@@ -279,10 +280,14 @@ def _discover(
             on_found=lambda s, exam: (record(s, found_by="discovered",
                                              evidence=exam.evidence),
                                       result.discovered.append(s.repo_id)),
+            # Screening compares with the newest known members (the newest first).
+            homologues=[m for m in family_members(session, base_repo_id)
+                        if m != base_repo_id][: disc.MAX_HOMOLOGUES],
         )
     finally:
         profile.close()
     result.examined = len(found.examined)
+    result.examinations = found.examined
     incomplete = [e for e in found.examined if e.related is None]
     if incomplete:
         # Leave the cursor where these will be listed again next crawl.

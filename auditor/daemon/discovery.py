@@ -27,11 +27,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from auditor.analysis.screening import ProbeResult, probe
+import torch
+
+from auditor.analysis.screening import ProbeResult, probe, screen
 from auditor.errors import AuditorError, RangeNotSupported
 from auditor.hub.client import HubClient, RepoSummary, ResolvedRepo
 from auditor.hub.range import open_range
 from auditor.weights.sampling import (
+    Chunk,
     CountingSource,
     Layout,
     ShapeMatch,
@@ -46,6 +49,11 @@ log = logging.getLogger(__name__)
 
 # Share of a candidate's weight bytes discovery may read before deciding (headers included).
 PROBE_BUDGET = 0.01
+# Share of a derivative's bytes its screening against homologues may read (probe included).
+SCREEN_BUDGET = 0.05
+# Homologues one screening compares with: the newest family members (and the card's
+# parents); each is read once per crawl at the screening positions.
+MAX_HOMOLOGUES = 16
 # "A parameter count near the base's": a resized vocabulary or an extra head moves it a
 # little; another width or depth moves it a lot. The shape fingerprint decides the rest.
 PARAM_TOLERANCE = 0.25
@@ -62,10 +70,62 @@ class BaseProfile:
     layout: Layout
     sources: dict[str, CountingSource]
     seed: int
+    # repo id -> (layout, sources, base name -> its name): homologues opened this crawl.
+    opened: dict[str, tuple[Layout, dict[str, CountingSource], dict[str, str]] | None] = \
+        field(default_factory=dict)
+    _plan: list[Chunk] | None = None
+    _samples: dict[str | None, list[torch.Tensor] | None] = field(default_factory=dict)
 
     def close(self) -> None:
         for s in self.sources.values():
             s.close()
+        for entry in self.opened.values():
+            if entry is not None:
+                for s in entry[1].values():
+                    s.close()
+
+    def screening_plan(self) -> list[Chunk]:
+        if self._plan is None:
+            own = compare_shapes(self.layout.tensors, self.layout.tensors)
+            header = sum(h.data_start for h in self.layout.headers.values())
+            self._plan = plan_samples(
+                own, self.layout.tensors, self.layout.tensors, seed=self.seed + 1,
+                budget_bytes=int(self.layout.total_bytes * SCREEN_BUDGET) - 2 * header,
+                max_tensors=16, max_chunks=256)
+        return self._plan
+
+    def sample_of(self, client: HubClient, repo_id: str | None) -> list[torch.Tensor] | None:
+        """The screening plan's values in the base (None) or a homologue, read once."""
+        if repo_id not in self._samples:
+            plan = self.screening_plan()
+            if repo_id is None:
+                self._samples[None] = read_samples(plan, self.layout, self.sources)
+            else:
+                opened = self.open_homologue(client, repo_id)
+                values = None
+                if opened is not None:
+                    try:
+                        values = read_samples(plan, opened[0], opened[1], names=opened[2])
+                    except (AuditorError, ValueError) as exc:
+                        log.info("homologue %s sample failed: %s", repo_id, exc)
+                self._samples[repo_id] = values
+        return self._samples[repo_id]
+
+    def open_homologue(self, client: HubClient, repo_id: str
+                       ) -> tuple[Layout, dict[str, CountingSource], dict[str, str]] | None:
+        if repo_id not in self.opened:
+            try:
+                resolved = client.resolve(repo_id)
+                layout, sources = read_layout(_sources_for(client, resolved,
+                                                           max_stream_bytes=None),
+                                              resolved.files)
+                match = compare_shapes(self.layout.tensors, layout.tensors)
+                self.opened[repo_id] = (layout, sources, match.pairs) \
+                    if match.compatible() else None
+            except (AuditorError, ValueError) as exc:
+                log.info("homologue %s not readable for screening: %s", repo_id, exc)
+                self.opened[repo_id] = None
+        return self.opened[repo_id]
 
     @property
     def bytes_read(self) -> int:
@@ -152,8 +212,10 @@ def prefilter(profile: BaseProfile, summary: RepoSummary) -> str | None:
 
 
 def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
-            budget: float = PROBE_BUDGET) -> Examination:
-    """Shape fingerprint and weight probe of one listed candidate."""
+            budget: float = PROBE_BUDGET,
+            homologues: list[str] | None = None) -> Examination:
+    """Shape fingerprint and weight probe of one listed candidate; a derivative is then
+    screened against ``homologues`` (when given) within ``SCREEN_BUDGET`` of its bytes."""
     exam = Examination(repo_id=summary.repo_id, sha=summary.sha, stage="prefilter",
                        related=False, reason="")
     reason = prefilter(profile, summary)
@@ -200,6 +262,12 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         exam.related = result.related
         exam.reason = (f"relative distance {result.relative_distance:.3f} (independent "
                        f"model ~1), paired z {result.z:.1f}")
+        if exam.related and homologues and not streaming:
+            exam.stage = "screen"
+            exam.evidence["screening"] = _screen(
+                client, profile, match, layout, sources, homologues=homologues,
+                budget_bytes=int(exam.total_bytes * SCREEN_BUDGET)
+                - sum(s.bytes_read for s in sources.values()))
         return exam
     except RangeNotSupported as exc:
         exam.related, exam.reason = None, f"incomplete: {exc}"
@@ -210,6 +278,34 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         exam.evidence["total_bytes"] = exam.total_bytes
         for s in sources.values():
             s.close()
+
+
+def _screen(client: HubClient, profile: BaseProfile, match: ShapeMatch, layout: Layout,
+            sources: dict[str, CountingSource], *, homologues: list[str], budget_bytes: int
+            ) -> dict[str, Any]:
+    """Similarity and merge attribution of a derivative against homologues, from samples.
+
+    One screening plan per base and crawl (positions from the base's shapes), so the base's
+    and each homologue's samples are read once and reused for every candidate."""
+    plan = profile.screening_plan()
+    chunks = [c for c in plan if c.row < layout.tensors[match.pairs[c.tensor]].shape[0]]
+    item = max((layout.tensors[match.pairs[c.tensor]].dtype_info.itemsize for c in chunks),
+               default=4)
+    while chunks and sum(c.length for c in chunks) * item > budget_bytes:
+        chunks = chunks[: len(chunks) // 2]  # keep within this candidate's byte budget
+    if len(chunks) < 8:
+        return {"note": "no screening sample fits in the byte budget"}
+    keep = {id(c) for c in chunks}
+    subject = read_samples(chunks, layout, sources, names=match.pairs)
+    base = [v for c, v in zip(plan, profile.sample_of(client, None), strict=True)
+            if id(c) in keep]
+    samples = {}
+    for h in homologues[:MAX_HOMOLOGUES]:
+        values = profile.sample_of(client, h)
+        if values is not None:
+            samples[h] = [v for c, v in zip(plan, values, strict=True) if id(c) in keep]
+    result = screen(subject, base, samples, seed=profile.seed)
+    return {**result.as_dict(), "homologues": sorted(samples)}
 
 
 def _shape_evidence(match: ShapeMatch) -> dict[str, Any]:
@@ -253,6 +349,7 @@ def discover(
     since: datetime | None,
     skip: Callable[[RepoSummary], bool],
     on_found: Callable[[RepoSummary, Examination], None],
+    homologues: list[str] | None = None,
 ) -> DiscoveryResult:
     """List, pre-filter, fingerprint and probe new uploads; ``on_found`` each derivative.
 
@@ -264,7 +361,7 @@ def discover(
             result.newest_created = summary.created_at
         if skip(summary):
             continue
-        exam = examine(client, profile, summary)
+        exam = examine(client, profile, summary, homologues=homologues)
         result.examined.append(exam)
         if exam.related is None:
             result.incomplete += 1
