@@ -5,9 +5,9 @@ The inputs are the chunks ``auditor.weights.sampling`` reads at fixed-seed posit
 of 1-D float32 tensors, aligned element by element between models.
 
 * ``probe``: closeness to the base. An independently initialised model of the same
-  architecture has weights uncorrelated with the base's, so its relative distance
-  ``||x - b|| / sqrt(||x||^2 + ||b||^2)`` is about 1 (the reference); a derivative's is far
-  below. A paired test against the same candidate chunks compared with *other* base
+  architecture has weights uncorrelated with the base's, so its distance ``sqrt(1 - cos)``
+  per chunk is about 1 (the reference); a derivative's is far below. A paired test
+  against the same candidate chunks compared with *other* base
   positions (a derangement) says whether the closeness is more than shared statistics
   (norms, means) of the two models.
 * ``screen``: similarity of the task vector ``x - b`` to each homologue's and a non-negative
@@ -77,41 +77,45 @@ def _stack(chunks: Sequence[torch.Tensor]) -> list[np.ndarray]:
 
 def probe(cand: Sequence[torch.Tensor], base: Sequence[torch.Tensor], *, seed: int = 0
           ) -> ProbeResult:
-    """Closeness of the candidate's chunks to the base's at the same positions."""
+    """Closeness of the candidate's chunks to the base's at the same positions.
+
+    The distance of one chunk pair is ``sqrt(1 - cos)``: about 1 for an independently
+    initialised model (uncorrelated weights), 0 for identical ones, and blind to a rescaled
+    row. The model's distance is the median over chunks (robust to a few rewritten rows),
+    with a bootstrap interval."""
     if len(cand) != len(base) or not cand:
         raise ValueError("probe needs the same non-empty list of chunks from both models")
     xs, bs = _stack(cand), _stack(base)
-    sq_diff = np.array([float(((x - b) ** 2).sum()) for x, b in zip(xs, bs, strict=True)])
-    sq_ref = np.array([float((x**2).sum() + (b**2).sum()) for x, b in zip(xs, bs, strict=True)])
-    dist = math.sqrt(sq_diff.sum() / sq_ref.sum()) if sq_ref.sum() > 0 else 1.0
-    rng = np.random.default_rng(seed)
-    n = len(xs)
-    boots = []
-    for _ in range(BOOTSTRAP):
-        idx = rng.integers(0, n, n)
-        ref = sq_ref[idx].sum()
-        boots.append(math.sqrt(sq_diff[idx].sum() / ref) if ref > 0 else 1.0)
-    lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975]))
-    # Paired test: same positions vs the next chunk of the same length (a derangement).
     by_len: dict[int, list[int]] = {}
     for i, x in enumerate(xs):
         by_len.setdefault(x.shape[0], []).append(i)
+    matched_all = np.zeros(len(xs))
     matched, null = [], []
     for idx in by_len.values():
-        if len(idx) < 2:
-            continue
         X = np.stack([xs[i] for i in idx])
         B = np.stack([bs[i] for i in idx])
-        matched.extend(_cos(X, B))
+        cos = _cos(X, B)
+        matched_all[idx] = cos
+        if len(idx) < 2:
+            continue
+        matched.extend(cos)
+        # Paired control: the same candidate chunk against another base position.
         null.extend(_cos(X, np.roll(B, 1, axis=0)))
+    d = np.sqrt(np.clip(1.0 - matched_all, 0.0, None))
+    dist = float(np.median(d))
+    rng = np.random.default_rng(seed)
+    n = len(d)
+    boots = [float(np.median(d[rng.integers(0, n, n)])) for _ in range(BOOTSTRAP)]
+    lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975]))
+    elements = sum(x.shape[0] for x in xs)
     if not matched:
-        return ProbeResult(n, sum(x.shape[0] for x in xs), dist, (lo, hi), float("nan"),
+        return ProbeResult(n, elements, dist, (lo, hi), float(np.mean(matched_all)),
                            float("nan"), 0.0)
     diff = np.array(matched) - np.array(null)
     sd = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
     z = float(diff.mean() / (sd / math.sqrt(len(diff)))) if sd > 0 else (
         math.inf if diff.mean() > 0 else 0.0)
-    return ProbeResult(chunks=n, elements=sum(x.shape[0] for x in xs), relative_distance=dist,
+    return ProbeResult(chunks=n, elements=elements, relative_distance=dist,
                        distance_ci=(lo, hi), matched_cosine=float(np.mean(matched)),
                        null_cosine=float(np.mean(null)), z=z)
 

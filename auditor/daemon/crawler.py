@@ -288,10 +288,12 @@ def _discover(
         profile.close()
     result.examined = len(found.examined)
     result.examinations = found.examined
-    incomplete = [e for e in found.examined if e.related is None]
-    if incomplete:
+    undecided = [e for e in found.examined if e.related is None]
+    for e in undecided:
+        result.skipped[e.repo_id] = f"discovery undecided: {e.reason}"
+    if any(e.retry for e in undecided):
         # Leave the cursor where these will be listed again next crawl.
-        result.discovery_note = f"{len(incomplete)} candidates could not be probed"
+        result.discovery_note = f"{len(undecided)} candidates could not be probed"
         return since
     return found.newest_created
 

@@ -144,6 +144,7 @@ class Examination:
     bytes_read: int = 0
     total_bytes: int = 0
     evidence: dict[str, Any] = field(default_factory=dict)
+    retry: bool = False  # undecided for a reason that may pass (a server ignoring Range)
 
     @property
     def fraction(self) -> float:
@@ -270,7 +271,7 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
                 - sum(s.bytes_read for s in sources.values()))
         return exam
     except RangeNotSupported as exc:
-        exam.related, exam.reason = None, f"incomplete: {exc}"
+        exam.related, exam.reason, exam.retry = None, f"incomplete: {exc}", True
         return exam
     finally:
         exam.bytes_read = sum(s.bytes_read for s in sources.values())

@@ -223,15 +223,18 @@ def _is_vocab(name: str) -> bool:
 
 def _probe_tensors(match: ShapeMatch, base: Mapping[str, TensorInfo], *, seed: int,
                    max_tensors: int) -> list[str]:
-    """Which base tensors to sample: the embedding (a permutation of MLP neurons or a
-    rescaling of heads leaves its rows in place) and attention matrices from layers drawn
-    with the seed; MLP matrices last, because a disguise may permute their rows."""
+    """Which base tensors to sample. Vocabulary tensors (embedding, head) first: every
+    function-preserving disguise inside the network (permuted neurons or heads, rescaled
+    or mixed heads, "protected" copies) leaves their rows in place, and a resized
+    vocabulary keeps the old rows. Then attention matrices from layers drawn with the
+    seed; MLP matrices last, because a disguise may permute their rows."""
     usable = [b for b in match.pairs if len(base[b].shape) == 2 and base[b].arithmetic]
-    embed = [b for b in usable if _is_vocab(b) and normalize_name(b).endswith(EMBED_SUFFIXES)]
+    vocab = sorted((b for b in usable if _is_vocab(b)),
+                   key=lambda b: not normalize_name(b).endswith(EMBED_SUFFIXES))
     attn = [b for b in usable if not _is_vocab(b) and ("attn" in b or "attention" in b)]
-    rest = [b for b in usable if b not in embed and b not in attn and not _is_vocab(b)]
+    rest = [b for b in usable if b not in vocab and b not in attn]
     rng = np.random.default_rng(seed)
-    order = embed[:1] + [attn[i] for i in rng.permutation(len(attn))] + \
+    order = vocab + [attn[i] for i in rng.permutation(len(attn))] + \
         [rest[i] for i in rng.permutation(len(rest))]
     return order[:max_tensors]
 
@@ -243,7 +246,7 @@ def plan_samples(
     *,
     seed: int,
     budget_bytes: int,
-    max_tensors: int = 4,
+    max_tensors: int = 2,
     chunk_elems: int = 256,
     max_chunks: int = 512,
 ) -> list[Chunk]:
