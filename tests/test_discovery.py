@@ -51,6 +51,24 @@ def test_every_derivative_found_and_queued_no_unrelated(
     for repo, how in zoo.derivatives.items():
         if "no card" in how or "another base" in how:
             assert ways[repo] == {"discovered"}, repo
+    # The base page and its owner's page list the derivatives found from their weights.
+    from auditor.reports.from_store import site_data_from_store
+    from auditor.reports.site import build_site, slugify
+
+    from auditor.store import repository
+
+    with factory() as session:
+        repository.watch_add(session, WATCHED)
+        data = site_data_from_store(session)
+    build_site(hub_root.parent / "site", data)
+    for page in (f"bases/{slugify(WATCHED)}.html", f"owners/{slugify('acme')}.html"):
+        html = (hub_root.parent / "site" / page).read_text()
+        listed = html.split('id="discovered"', 1)[1]
+        for repo, how in zoo.derivatives.items():
+            assert (repo in listed) == ("no card" in how or "another base" in how), (page, repo)
+        assert "no model card" in listed and "other/base" in listed
+        assert not any(u in listed.replace("other/base", "") for u in zoo.unrelated
+                       if u != "other/base")
     # The cursor holds: a second crawl examines nothing new and queues nothing.
     with factory() as session:
         again = crawl_base(session, client, WATCHED, config_hash="t")

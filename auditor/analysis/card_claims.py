@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from auditor.analysis.screening import probe
-from auditor.errors import AuditorError
+from auditor.errors import AuditorError, RepoNotFound
 from auditor.schema import LineageEntry, ProvenanceInfo
 from auditor.weights.sampling import (
     CountingSource,
@@ -79,6 +79,8 @@ def _in_family(client: HubClient, declared: Sequence[str], base_id: str,
     for d in list(declared)[:MAX_DECLARED_LOOKUPS]:
         try:
             card = client.resolve(d).card
+        except RepoNotFound:
+            continue  # a base that does not exist is not the audited base's family
         except AuditorError:
             unknown = True
             continue
