@@ -54,7 +54,6 @@ def test_every_derivative_found_and_queued_no_unrelated(
     # The base page and its owner's page list the derivatives found from their weights.
     from auditor.reports.from_store import site_data_from_store
     from auditor.reports.site import build_site, slugify
-
     from auditor.store import repository
 
     with factory() as session:
