@@ -78,8 +78,8 @@ def _write(root: Path, repo: str, sd: dict[str, torch.Tensor], card: dict[str, A
 def part1(tmp: Path, *, ignore_range: bool) -> bool:
     from auditor.daemon.crawler import crawl_base
     from auditor.hub.client import HubClient
-    from auditor.hub.server import HubServer
     from auditor.store.db import make_engine, session_factory, upgrade_database
+    from auditor_testkit.hub.server import HubServer
 
     rng = random.Random()
     seed = rng.randrange(1 << 30)
@@ -151,10 +151,10 @@ def part1(tmp: Path, *, ignore_range: bool) -> bool:
 def part2(zoo_root: Path) -> bool:
     from auditor.analysis.screening import screen
     from auditor.daemon.discovery import load_base_profile
-    from auditor.factory.zoo import build_zoo
     from auditor.hub.client import HubClient
-    from auditor.hub.server import HubServer
     from auditor.weights.sampling import compare_shapes, plan_samples, read_full, read_samples
+    from auditor_testkit.factory.zoo import build_zoo
+    from auditor_testkit.hub.server import HubServer
 
     manifest = build_zoo(zoo_root, spec="lineage", progress=print)
     seed = random.randrange(1 << 30)

@@ -45,7 +45,7 @@ def test_every_derivative_found_and_queued_no_unrelated(
         assert queued == set(zoo.derivatives), (queued ^ set(zoo.derivatives))
         assert not queued & set(zoo.unrelated)
         ways = {repo: {p.found_by for p in rows}
-                for repo, rows in provenance.derivatives_of(session, WATCHED).items()}
+                for repo, rows in provenance.derivatives_of(session, base_repo_id=WATCHED).items()}
     assert ways["alice/ft-declared"] == {"declared"}
     assert ways["mkit/merge-declared"] == {"family_tree"}
     for repo, how in zoo.derivatives.items():
@@ -54,10 +54,10 @@ def test_every_derivative_found_and_queued_no_unrelated(
     # The base page and its owner's page list the derivatives found from their weights.
     from auditor.reports.from_store import site_data_from_store
     from auditor.reports.site import build_site, slugify
-    from auditor.store import repository
+    from auditor.store import policy
 
     with factory() as session:
-        repository.watch_add(session, WATCHED)
+        policy.watch_add(session, repo_id=WATCHED)
         data = site_data_from_store(session)
     build_site(hub_root.parent / "site", data)
     for page in (f"bases/{slugify(WATCHED)}.html", f"owners/{slugify('acme')}.html"):

@@ -9,8 +9,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from auditor.rules.authz import owner_of
+from auditor.store.db import begin_write
 from auditor.store.models import DiscoveryState, Provenance, utcnow
-from auditor.store.repository import begin_write, owner_of
 
 FOUND_BY = ("declared", "family_tree", "discovered")
 
@@ -45,14 +46,14 @@ def record_provenance(
     return row
 
 
-def provenance_of(session: Session, repo_id: str) -> list[Provenance]:
+def provenance_of(session: Session, *, repo_id: str) -> list[Provenance]:
     rows = list(session.scalars(select(Provenance).where(Provenance.repo_id == repo_id)
                                 .order_by(Provenance.base_repo_id, Provenance.found_by)))
     session.rollback()
     return rows
 
 
-def derivatives_of(session: Session, base_repo_id: str) -> dict[str, list[Provenance]]:
+def derivatives_of(session: Session, *, base_repo_id: str) -> dict[str, list[Provenance]]:
     """repo id -> its provenance rows under ``base_repo_id``."""
     out: dict[str, list[Provenance]] = {}
     for row in session.scalars(select(Provenance)
@@ -80,21 +81,21 @@ def discovered_only(session: Session, *, base_repo_id: str | None = None,
             and (owner is None or owner_of(r.repo_id) == owner)]
 
 
-def get_state(session: Session, base_repo_id: str) -> DiscoveryState | None:
+def get_state(session: Session, *, base_repo_id: str) -> DiscoveryState | None:
     return session.scalar(select(DiscoveryState)
                           .where(DiscoveryState.base_repo_id == base_repo_id))
 
 
 def set_state(
     session: Session,
-    base_repo_id: str,
     *,
+    base_repo_id: str,
     listed_until: datetime | None = None,
     tree_resume: str | None = None,
 ) -> DiscoveryState:
     """Move the discovery cursor (fields given); ``tree_resume=""`` clears it."""
     begin_write(session)
-    state = get_state(session, base_repo_id)
+    state = get_state(session, base_repo_id=base_repo_id)
     if state is None:
         state = DiscoveryState(base_repo_id=base_repo_id)
         session.add(state)
