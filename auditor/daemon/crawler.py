@@ -66,6 +66,7 @@ class CrawlResult:
     discovery_note: str | None = None
     tree_listed: int = 0
     examinations: list[Any] = field(default_factory=list)  # discovery.Examination
+    undecided: dict[str, str] = field(default_factory=dict)  # discovery could not tell
 
     @property
     def ok(self) -> bool:
@@ -289,8 +290,7 @@ def _discover(
     result.examined = len(found.examined)
     result.examinations = found.examined
     undecided = [e for e in found.examined if e.related is None]
-    for e in undecided:
-        result.skipped[e.repo_id] = f"discovery undecided: {e.reason}"
+    result.undecided = {e.repo_id: e.reason for e in undecided}
     if any(e.retry for e in undecided):
         # Leave the cursor where these will be listed again next crawl.
         result.discovery_note = f"{len(undecided)} candidates could not be probed"

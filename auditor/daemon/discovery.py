@@ -366,7 +366,8 @@ def discover(
         result.examined.append(exam)
         if exam.related is None:
             result.incomplete += 1
-            log.warning("discovery incomplete repo=%s reason=%s", summary.repo_id, exam.reason)
+            log.log(logging.WARNING if exam.retry else logging.INFO,
+                    "discovery undecided repo=%s reason=%s", summary.repo_id, exam.reason)
         elif exam.related:
             log.info("discovered derivative repo=%s base=%s %s bytes=%d/%d", summary.repo_id,
                      profile.resolved.repo_id, exam.reason, exam.bytes_read, exam.total_bytes)
