@@ -121,6 +121,26 @@ class ProtectionInfo(Frozen):
     merged_loss_ratio: float | None = None
 
 
+class ProvenanceInfo(Frozen):
+    """What the card claims about the subject's origin against what its weights show.
+
+    ``derived_from_base`` comes from a sampled weight probe against the audited base
+    (None: not probed); ``declared_in_family``: a base the card names is the audited base or
+    one of its known derivatives (None: could not tell)."""
+
+    base_repo_id: str | None = None
+    found_by: list[str] = Field(default_factory=list)
+    card_present: bool | None = None
+    declared_bases: list[str] = Field(default_factory=list)
+    declared_relation: str | None = None
+    derived_from_base: bool | None = None
+    base_distance: float | None = None
+    base_z: float | None = None
+    declared_in_family: bool | None = None
+    detected_parents: list[str] = Field(default_factory=list)
+    declared_not_detected: list[str] = Field(default_factory=list)
+
+
 class BarrierCurve(Frozen):
     other_repo_id: str
     alphas: list[float]
@@ -190,6 +210,7 @@ class Measurements(Frozen):
     nonfinite_tensors: list[str] = Field(default_factory=list)
     # The card names the repo itself, or a base whose card names the subject: [A, ..., A].
     declared_cycle: list[str] = Field(default_factory=list)
+    provenance: ProvenanceInfo = ProvenanceInfo()
 
 
 class AuditReport(Frozen):
@@ -207,6 +228,7 @@ class AuditReport(Frozen):
     file_issues: list[FileIssue] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    provenance: ProvenanceInfo = ProvenanceInfo()
 
     @property
     def active_findings(self) -> list[Finding]:
