@@ -204,11 +204,12 @@ class HubApp:
             entry = snap.files.get("config.json")
             if entry is not None:
                 try:
-                    cfg = json.loads(self.store.read_range(snap, entry, 0,
-                                                           min(entry.size, 1 << 20)))
+                    cfg = loads_json(self.store.read_range(snap, entry, 0,
+                                                           min(entry.size, 1 << 20)),
+                                     name="config.json")
                     mt = cfg.get("model_type") if isinstance(cfg, dict) else None
                     value = mt if isinstance(mt, str) and mt.isidentifier() else None
-                except ValueError:
+                except (AuditorError, ValueError):
                     value = None
             self._model_types[key] = value
         return self._model_types[key]
