@@ -91,6 +91,37 @@ class ProtectionInfo(Frozen):
     merged_loss_ratio: float | None = None
 
 
+MergekitStatus = Literal["confirmed", "weight_mismatch", "not_detected", "not_compared",
+                         "undeclared"]
+
+
+class MergekitParent(Frozen):
+    """One parent of the merge, as ``mergekit_config.yml`` declares it and as detected."""
+
+    repo_id: str  # as the config names it (or, for ``undeclared``, the detected repo)
+    matched_repo: str | None = None  # the compared repo it was matched to
+    declared_weight: float | None = None  # the config's weight (mean of a gradient)
+    expected_coefficient: float | None = None  # what the weight means for the task vector
+    detected_coefficient: float | None = None
+    detected_relation: str | None = None
+    status: MergekitStatus
+
+
+class MergekitCheck(Frozen):
+    """``mergekit_config.yml`` compared with the weights: parents, method and weights."""
+
+    declared_method: str | None = None
+    detected_method: str | None = None
+    method_status: Literal["confirmed", "mismatch", "unknown"] = "unknown"
+    parents: list[MergekitParent] = Field(default_factory=list)
+    # |declared - detected| allowed: max(abs_tolerance, rel_tolerance * |declared|).
+    abs_tolerance: float
+    rel_tolerance: float
+    weight_mismatches: list[str] = Field(default_factory=list)
+    parent_mismatches: list[str] = Field(default_factory=list)
+    confirmed: bool = False  # every declared parent, weight and the method match
+
+
 class BarrierCurve(Frozen):
     other_repo_id: str
     alphas: list[float]
@@ -156,6 +187,7 @@ class Measurements(Frozen):
     weights_analyzed: bool = True
     function_equivalent_to: list[str] = Field(default_factory=list)
     declared_mergekit_config: dict[str, Any] | None = None
+    mergekit: MergekitCheck | None = None
 
 
 class AuditReport(Frozen):
@@ -173,6 +205,7 @@ class AuditReport(Frozen):
     file_issues: list[FileIssue] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    mergekit: MergekitCheck | None = None
 
     @property
     def active_findings(self) -> list[Finding]:
