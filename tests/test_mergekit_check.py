@@ -23,7 +23,8 @@ def test_declared_recipe_normalises_linear_and_scales_by_lambda() -> None:
     w = [random.uniform(0.1, 2.0) for _ in range(3)]
     lam = random.uniform(0.5, 1.5)
     linear = {"merge_method": "linear",
-              "models": [{"model": f"o/m{i}", "parameters": {"weight": x}} for i, x in enumerate(w)]}
+              "models": [{"model": f"o/m{i}", "parameters": {"weight": x}}
+                         for i, x in enumerate(w)]}
     method, parents = declared_recipe(linear)
     assert method == "linear"
     assert [c for _, c in parents] == pytest.approx([x / sum(w) for x in w])

@@ -178,7 +178,7 @@ class HubClient:
             endpoint=settings.hub_endpoint,
             token=settings.token_value(),
             cache_dir=settings.resolved_cache_dir,
-            disk_budget_bytes=settings.disk_budget_bytes,
+            disk_budget_bytes=settings.effective_disk_budget,
         )
 
     @property
