@@ -197,7 +197,15 @@ def audit_revision(
                 f"{resolved.repo_id}: no --base given and the model card declares no base_model"
             )
         say(f"downloading base {base_spec}")
-        ctx.base = fetch_model(client, client.resolve(base_spec))
+        try:
+            ctx.base = fetch_model(client, client.resolve(base_spec))
+        except AuditorError as exc:
+            # Name the base, where it came from and the way out, not just the HTTP error.
+            source = "--base" if base else "the model card's base_model"
+            raise type(exc)(
+                f"base model {base_spec} (from {source}) could not be fetched from "
+                f"{client.endpoint}: {exc}; pass --base ORG/NAME (or a local folder)"
+            ) from exc
         for spec in against:
             if spec in (subject, base_spec):
                 continue

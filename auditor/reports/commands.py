@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
 
     @report_app.command("build")
     def build(
-        out: Annotated[Path, typer.Option("--out", help="Directory to write the site into.")],
+        out: Annotated[Path, typer.Option("--output", "-o", "--out",
+                                          help="Directory to write the site into.")],
         rules: _RulesOpt = None,
     ) -> None:
         """Build the static HTML site from the store (works offline, from file://)."""
@@ -53,7 +54,8 @@ def register(app: typer.Typer) -> None:
     def render_cmd(
         report_file: Annotated[Path, typer.Argument(help="An audit report in JSON.")],
         fmt: Annotated[str, typer.Option("--format", "-f", help="json, sarif or html.")] = "sarif",
-        out: Annotated[Path | None, typer.Option("--out", "-o", help="File (default stdout).")]
+        out: Annotated[Path | None, typer.Option("--output", "-o", "--out",
+                                                 help="File (default stdout).")]
         = None,
         rules: _RulesOpt = None,
     ) -> None:
