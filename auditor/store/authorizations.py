@@ -9,6 +9,7 @@ one whose grant was withdrawn becomes active again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -25,6 +26,18 @@ from auditor.store.models import Audit, Authorization
 
 
 @dataclass(frozen=True)
+class Grant:
+    """A detached copy of an Authorization row (usable after the session closed)."""
+
+    id: int
+    owner: str
+    subject: str
+    related_repo: str | None
+    note: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class Reevaluation:
     audits: int  # done audits looked at
     changed: int  # audits whose findings changed
@@ -32,8 +45,10 @@ class Reevaluation:
     active: int  # findings active afterwards (all audits)
 
 
-def current_authorizations(session: Session) -> list[Authorization]:
-    return list(session.scalars(select(Authorization).order_by(Authorization.id)))
+def current_authorizations(session: Session) -> list[Grant]:
+    rows = session.scalars(select(Authorization).order_by(Authorization.id))
+    return [Grant(id=r.id, owner=r.owner, subject=r.subject, related_repo=r.related_repo,
+                  note=r.note, created_at=r.created_at) for r in rows]
 
 
 def authorize_report(session: Session, report: AuditReport) -> AuditReport:
