@@ -13,16 +13,16 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.reports import charts
 from auditor.reports.summary import sorted_findings, verdict
+from auditor.resources import resource_path
 from auditor.schema import AuditReport, Finding, LineageEntry, RuleMeta
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATE_DIR = resource_path("templates")
 # No script source at all; styles only inline; images only data: URIs; no <base>, no forms.
 CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
