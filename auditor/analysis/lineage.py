@@ -257,14 +257,13 @@ def analyze_lineage(
         relation: Relation
         if n in clones:
             relation = "clone"
-        elif n in shadowed:
-            # a re-upload of another candidate: its original speaks for it
-            relation = "related"
         elif j in parents and not reversed_:
             relation = "finetune_parent" if single_ft else "merge_parent"
             coef = fit.coefficient_of(j)
             per_coef = {g: f.coefficient_of(j) for g, f in attribution.per_group.items()}
         elif r.p_value < p_threshold:
+            # A re-upload of another candidate (shadowed) lets its original speak for it,
+            # but is judged by the same p-value: identical evidence, identical relation.
             relation = "related"
         else:
             relation = "unrelated"
