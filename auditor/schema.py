@@ -54,6 +54,8 @@ class LineageEntry(Frozen):
     barrier: float | None = None
     aligned: bool = False  # True when a permutation / head-scale alignment was applied first
     declared: bool = False  # the subject's card names this repo as a base
+    # A re-upload of another candidate (the oldest of its clone group speaks for it).
+    copy_of: str | None = None
     per_layer_cosine: dict[str, float] = Field(default_factory=dict)
     per_layer_coefficient: dict[str, float] = Field(default_factory=dict)
 

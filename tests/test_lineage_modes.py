@@ -138,3 +138,4 @@ def test_identical_evidence_gives_identical_relation(zoo: dict) -> None:
     a, b = res.entry("ft5"), res.entry("copy5")
     assert a.cosine == pytest.approx(b.cosine, abs=1e-3)
     assert a.relation == b.relation == "unrelated"
+    assert b.copy_of == "ft5" and a.copy_of is None

@@ -157,6 +157,7 @@ def analyze_lineage(
     copies = _clone_groups(stack, [n for n in names if n not in clones], cidx, ident,
                            clone_cosine, clone_norm_tolerance, usable, created_at)
     shadowed = {c for group in copies.values() for c in group}
+    copy_of = {c: rep for rep, group in copies.items() for c in group}
 
     eligible = [
         cidx[n]
@@ -278,6 +279,7 @@ def analyze_lineage(
                 z_score=r.z_score,
                 aligned=subject_aligned,
                 declared=n in declared,
+                copy_of=copy_of.get(n),
                 per_layer_cosine=r.per_group_cosine,
                 per_layer_coefficient=per_coef,
             )
