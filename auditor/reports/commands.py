@@ -39,14 +39,18 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--output", "-o", "--out",
                                           help="Directory to write the site into.")],
         rules: _RulesOpt = None,
+        site_url: Annotated[str | None, typer.Option(
+            help="The site's public URL, for absolute links in the Atom feeds.")] = None,
     ) -> None:
         """Build the static HTML site from the store (works offline, from file://)."""
         from auditor.reports.from_store import site_data_from_store
         from auditor.reports.site import build_site
+        from auditor.settings import Settings
         from auditor.store.db import migrated_session
 
         with migrated_session() as session:
-            data = site_data_from_store(session)
+            data = site_data_from_store(session, hub_url=Settings().hub_endpoint,
+                                        site_url=site_url)
         written = build_site(out, data, rules=_rule_metas(rules))
         typer.echo(f"wrote {len(written)} files to {out} (open {out / 'index.html'})")
 

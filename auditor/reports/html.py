@@ -156,6 +156,9 @@ def model_context(
         "lineage": [
             {"e": e, "href": link(e.repo_id), "status": _lineage_status(e)} for e in lineage
         ],
+        # Optional measurements get a column only when some row has them (no empty columns).
+        "lineage_cols": {k: any(getattr(e, k) is not None for e in lineage)
+                         for k in ("coefficient", "p_value", "z_score", "barrier")},
         "meta": {"owner": report.subject.owner, "owner_href": None, "created_at": None,
                  **(meta or {})},
         "link": link,
