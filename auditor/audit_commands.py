@@ -74,12 +74,12 @@ def _run_audit(subject: str, *, revision: str | None, base: str | None, against:
                fail_on: str, quiet: bool) -> None:
     import httpx
 
+    from auditor.audit_store import load_store_context
     from auditor.errors import AuditorError
     from auditor.hub.client import HubClient
     from auditor.orchestrator import _choose_base, audit_revision
     from auditor.reports import terminal
     from auditor.settings import Settings
-    from auditor.store.ondemand import load_store_context
     from auditor.weights.inventory import classify_files
 
     overrides = {"hub_endpoint": endpoint} if endpoint else {}

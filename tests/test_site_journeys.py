@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from auditor.reports import charts, samples
+from auditor.reports import charts
 from auditor.reports.evidence import evidence_rows, p_text
 from auditor.reports.site import SiteData, build_site, slugify
 from auditor.schema import Finding, LineageEntry, Severity
+from auditor_testkit.reports import samples
 
 ATOM = "{http://www.w3.org/2005/Atom}"
 

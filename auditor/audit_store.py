@@ -34,9 +34,9 @@ def load_store_context(settings: Settings, *, base_repo_id: str | None,
     """Homologues of ``base_repo_id`` and all authorizations; empty if no store."""
     if not store_exists(settings):
         return StoreContext()
-    from auditor.daemon.queries import stored_homologues
     from auditor.daemon.worker import _homologue_refs
     from auditor.store.authorizations import current_authorizations
+    from auditor.store.catalog import stored_homologues
     from auditor.store.db import migrated_session
 
     ctx = StoreContext(available=True)
