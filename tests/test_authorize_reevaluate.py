@@ -90,4 +90,4 @@ def test_authorize_then_reevaluate_suppresses_and_keeps(env: dict[str, str],
     assert r.exit_code == 0, r.output
     assert _findings(tmp_path)["carol/tiny-animals"] == (0, None)
     assert _run(["report", "build", "--output", str(site)], env).exit_code == 0
-    assert "authorized by carol" not in _model_page(site)
+    assert f"authorized by carol on {today}" not in _model_page(site)
