@@ -119,6 +119,9 @@ def crawl_base(
                 seen.add(summary.repo_id)
                 record(summary)
         _walk_tree(session, client, base_repo_id, seen=seen, record=record)
+        if not seen:
+            # An empty listing is also what a missing base gives: say which it is.
+            client.resolve(base_repo_id)
     except AuditorError as exc:
         result.error = str(exc)
         session.rollback()
