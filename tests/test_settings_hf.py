@@ -64,3 +64,20 @@ def test_shared_cache_is_only_trimmed_under_an_explicit_budget(
     clean_env.setenv("AUDITOR_DISK_BUDGET_BYTES", "1000")
     assert Settings().effective_disk_budget == 1000
     assert HubClient.from_settings(Settings()).disk_budget_bytes == 1000
+
+
+def test_client_turns_off_huggingface_hub_download_bars(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    hf_tqdm = sys.modules["huggingface_hub.utils.tqdm"]
+
+    # As on a user's machine where HF_HUB_DISABLE_PROGRESS_BARS is not set.
+    monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    enable_progress_bars()
+    assert not are_progress_bars_disabled()
+    HubClient(endpoint="http://127.0.0.1:9", token=None, cache_dir=tmp_path,
+              disk_budget_bytes=None)
+    assert are_progress_bars_disabled()
