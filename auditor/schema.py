@@ -122,6 +122,24 @@ class MergekitCheck(Frozen):
     weight_mismatches: list[str] = Field(default_factory=list)
     parent_mismatches: list[str] = Field(default_factory=list)
     confirmed: bool = False  # every declared parent, weight and the method match
+class ProvenanceInfo(Frozen):
+    """What the card claims about the subject's origin against what its weights show.
+
+    ``derived_from_base`` comes from a sampled weight probe against the audited base
+    (None: not probed); ``declared_in_family``: a base the card names is the audited base or
+    one of its known derivatives (None: could not tell)."""
+
+    base_repo_id: str | None = None
+    found_by: list[str] = Field(default_factory=list)
+    card_present: bool | None = None
+    declared_bases: list[str] = Field(default_factory=list)
+    declared_relation: str | None = None
+    derived_from_base: bool | None = None
+    base_distance: float | None = None
+    base_z: float | None = None
+    declared_in_family: bool | None = None
+    detected_parents: list[str] = Field(default_factory=list)
+    declared_not_detected: list[str] = Field(default_factory=list)
 
 
 class BarrierCurve(Frozen):
@@ -190,6 +208,7 @@ class Measurements(Frozen):
     function_equivalent_to: list[str] = Field(default_factory=list)
     declared_mergekit_config: dict[str, Any] | None = None
     mergekit: MergekitCheck | None = None
+    provenance: ProvenanceInfo = ProvenanceInfo()
 
 
 class AuditReport(Frozen):
@@ -208,6 +227,7 @@ class AuditReport(Frozen):
     errors: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     mergekit: MergekitCheck | None = None
+    provenance: ProvenanceInfo = ProvenanceInfo()
 
     @property
     def active_findings(self) -> list[Finding]:

@@ -32,11 +32,24 @@ SAME_BASIN_BARRIER = 0.5
 _DETECTED = facts.DETECTED
 
 
+class Discovered(BaseModel):
+    """A derivative found from its weights (provenance ``discovered``), with what its
+    card says; ``also`` lists the other ways it was found (declared, family_tree)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str
+    also: list[str] = Field(default_factory=list)
+    distance: float | None = None
+    card: str = ""
+
+
 class WatchedBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     repo_id: str
     derivatives: list[str] = Field(default_factory=list)
+    discovered: list[Discovered] = Field(default_factory=list)
 
 
 class RepoMeta(BaseModel):
@@ -219,11 +232,20 @@ class _Site:
             base_href=self.model_href(base_id, "../") if base_id in self.latest else None,
             graph=self.family_graph(base_id, members), rows=rows,
             feed_href=f"../feeds/bases/{slug}.xml",
+            discovered=self.discovered_rows(base_id),
         )
         self.feed(f"feeds/bases/{slug}.xml", key=f"base:{base_id}",
                   title=f"Findings in the family of {base_id}",
                   subtitle=f"New findings on derivatives of {base_id}",
                   page=f"bases/{slug}.html", repos=members)
+
+    def discovered_rows(self, base_id: str) -> list[dict[str, Any]]:
+        base = next((b for b in self.data.bases if b.repo_id == base_id), None)
+        return [{"d": d, "href": self.model_href(d.repo_id, "../"),
+                 "owner": self.owner_of(d.repo_id), "base_id": base_id,
+                 "base_href": f"../bases/{slugify(base_id)}.html",
+                 "verdict": verdict(self.latest[d.repo_id]) if d.repo_id in self.latest
+                 else None} for d in (base.discovered if base else [])]
 
     def family_graph(self, base_id: str, members: list[str]) -> Any:
         nodes: dict[str, charts.GraphNode] = {
@@ -306,6 +328,8 @@ class _Site:
                    for r in sorted(mine)],
             derived=derived, protection=protection, thresholds=facts.lineage_thresholds(),
             feed_href=f"../feeds/owners/{slug}.xml", hub_url=self.data.hub_url,
+            discovered=[row for b in self.data.bases if self.owner_of(b.repo_id) == owner
+                        for row in self.discovered_rows(b.repo_id)],
         )
         involved = set(mine) | {d["repo_id"] for d in derived}
         self.feed(f"feeds/owners/{slug}.xml", key=f"owner:{owner}",
