@@ -98,11 +98,14 @@ def audit_revision(
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
     local: bool | None = None,
+    authorizations: Sequence[Any] = (),
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
 
     ``against`` are candidates to download and compare; ``homologues`` are candidates
-    already fingerprinted (the daemon passes the store's). Raises ``AuditorError``
+    already fingerprinted (the daemon passes the store's). ``authorizations`` (owners'
+    grants, ``auditor.rules.authz.AuthorizationLike``) mark the findings they cover as
+    authorized; saving to the store re-applies the store's own. Raises ``AuditorError``
     subclasses for what makes an audit impossible (missing repo, gated, no base).
     ``local``: None reads a path-like spec (``./x``, absolute) as a folder; the daemon passes
     False so a crawled repo id is never resolved on local disk.
@@ -141,14 +144,12 @@ def audit_revision(
         say(f"downloading {resolved.repo_id}@{resolved.revision[:10]}")
         ctx.subject = fetch_model(client, resolved)
         ctx.file_issues += ctx.subject.issues
-        # No usable base costs the weights analysis, not the audit: the pickle scan and the
-        # card checks still report (exit 2 unless they find something).
         if base_spec is None:
             why = (" (it names only itself)" if cycle else "")
-            ctx.errors.append(str(MissingBase(
+            _no_base(ctx, inventory.pickles, MissingBase(
                 f"{resolved.repo_id}: no --base given and the model card declares no "
                 f"base_model{why}"
-            )))
+            ))
         else:
             say(f"downloading base {base_spec}")
             try:
@@ -156,7 +157,12 @@ def audit_revision(
             except (GatedRepo, RateLimited, TransientHubError):
                 raise  # the daemon skips or retries the whole audit
             except AuditorError as exc:
-                ctx.errors.append(f"base {base_spec}: {exc}")
+                # Name the base, where it came from and the way out, not just the HTTP error.
+                source = "--base" if base else "the model card's base_model"
+                _no_base(ctx, inventory.pickles, type(exc)(
+                    f"base model {base_spec} (from {source}) could not be fetched from "
+                    f"{client.endpoint}: {exc}; pass --base ORG/NAME (or a local folder)"
+                ))
         if ctx.base is not None and resolved.repo_id in ctx.base.resolved.card.base_models:
             cycle = cycle or [resolved.repo_id, ctx.base.resolved.repo_id, resolved.repo_id]
         for spec in against if ctx.base is not None else ():
@@ -201,8 +207,16 @@ def audit_revision(
         declared_cycle=cycle,
         **measured,
     )
+    if measurements.weights_analyzed:
+        from auditor.analysis.mergekit_check import check_mergekit
+
+        # The declared recipe against the measured one: parents, method, weights.
+        measurements = measurements.model_copy(update={"mergekit": check_mergekit(
+            resolved.mergekit_config, lineage=measurements.lineage, merge=measurements.merge,
+            base_repo=sub_ref.base_repo_id)})
     rules = load_rules(settings.rules_dir)
-    findings = evaluate(rules, measurements, errors=ctx.errors)
+    findings = evaluate(rules, measurements, authorizations=authorizations,
+                        errors=ctx.errors)
     ctx.timings["total"] = time.perf_counter() - started
     report = AuditReport(
         tool_version=__version__,
@@ -219,6 +233,7 @@ def audit_revision(
         file_issues=ctx.file_issues,
         errors=ctx.errors,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
+        mergekit=measurements.mergekit,
     )
     return AuditOutcome(
         report=report,
@@ -226,6 +241,15 @@ def audit_revision(
         resolved=resolved,
         exit_code=exit_code_for(report, scanned=inventory.has_weights or bool(inventory.pickles)),
     )
+
+
+def _no_base(ctx: AuditContext, pickles: Sequence[str], error: AuditorError) -> None:
+    """No usable base: with pickle files to scan, the audit goes on without the weights
+    analysis (their findings are kept; the error makes it incomplete); with nothing else
+    to check, the error is the answer."""
+    if not pickles:
+        raise error
+    ctx.errors.append(str(error))
 
 
 def declared_cycle(resolved: ResolvedRepo) -> list[str]:
