@@ -163,13 +163,13 @@ def test_four_threads_run_the_first_audit_of_a_process(small_zoo: Any, tmp_path:
 def test_internal_error_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str],
                                               tmp_path: Path) -> None:
-    import auditor.orchestrator as orchestrator
     from auditor import cli
+    from auditor.hub.client import HubClient
 
     def boom(*_a: Any, **_k: Any) -> None:
         raise KeyError("a bug")
 
-    monkeypatch.setattr(orchestrator, "audit_revision", boom)
+    monkeypatch.setattr(HubClient, "resolve", boom)  # a bug anywhere in the audit path
     for debug in (False, True):
         monkeypatch.setattr(sys, "argv", ["auditor", *(["--debug"] if debug else []),
                                           "audit", "org/x", "-q"])
