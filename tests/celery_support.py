@@ -44,12 +44,14 @@ def queue_prefix() -> str:
 
 
 def delete_queues(broker_url: str, prefix: str) -> None:
-    from kombu import Connection, Queue
+    from kombu import Connection, Exchange, Queue
 
     with contextlib.suppress(Exception), Connection(broker_url, connect_timeout=3) as conn:
         for kind in ("cpu", "gpu"):
             with contextlib.suppress(Exception):
                 Queue(f"{prefix}.{kind}")(conn.channel()).delete()
+        with contextlib.suppress(Exception):
+            Exchange(prefix)(conn.channel()).delete()
 
 
 def rabbitmq_server_binary() -> str | None:

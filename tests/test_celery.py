@@ -228,3 +228,86 @@ def test_audit_longer_than_consumer_timeout_runs_once(
         rows = audit_rows(session)
     assert [(r["repo_id"], r["status"], r["attempts"]) for r in rows] == \
         [(derivative, "done", 1)], dump(rows)
+
+
+WORKER_CLI = """
+import sys
+sys.path.insert(0, {root!r})
+import tests.celery_test_app  # noqa: F401  (wraps the orchestrator: slow, logged)
+from auditor.cli import main
+sys.argv = ["auditor", "worker", *{args!r}]
+main()
+"""
+
+
+def test_gpu_worker_sigterm_gives_the_audit_back(
+        tmp_path: Path, hub_root: Path, hub_server: Any, pg_url: str,
+        shared_broker: str) -> None:
+    from auditor.daemon.celery_scheduler import Dispatcher
+    from auditor.daemon.celery_store import workers_seen
+    from auditor.daemon.crawler import crawl_base
+    from auditor.daemon.queries import analysis_config_hash
+    from auditor.hub.client import HubClient
+    from auditor.settings import Settings
+    from tests.fixtures_hub import make_repo
+    from tests.test_daemon_support import LLAMA_CONFIG, base_tensors, finetuned, iso_hours
+
+    derivative = "alice/chat"
+    make_zoo(hub_root, derivatives=())
+    # config.json + tokenizer.json + full weights: behavioural checks apply -> gpu queue.
+    make_repo(hub_root, derivative, finetuned(base_tensors(), 7),
+              {"base_model": BASE, "base_model_relation": "finetune"},
+              config=LLAMA_CONFIG, files={"tokenizer.json": "{}"},
+              meta={"createdAt": iso_hours(3)})
+    server = hub_server(hub_root)
+    factory = _factory(pg_url)
+    prefix = queue_prefix()
+    calls = tmp_path / "calls.txt"
+    env = worker_env(database_url=pg_url, hub_endpoint=server.url, broker_url=shared_broker,
+                     prefix=prefix, data_dir=tmp_path / "data", calls=calls,
+                     extra={"CELERY_TEST_SLOW": "*", "CELERY_TEST_DELAY": "60",
+                            "AUDITOR_GPU_QUEUE": "1"})
+    env.pop("AUDITOR_DEVICE", None)
+    settings = Settings(database_url=pg_url, hub_endpoint=server.url, broker_url=shared_broker,
+                        queue_prefix=prefix, gpu_queue=True, data_dir=tmp_path / "data")
+    client = HubClient.from_settings(settings)
+    with factory() as session:
+        repository.watch_add(session, BASE)
+        crawl_base(session, client, BASE, config_hash=analysis_config_hash(settings))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_CLI.format(root=str(REPO_ROOT), args=[
+        "--queues", "gpu", "--grace-seconds", "1", "--lease-seconds", "120"]))
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO_ROOT,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    dispatcher = Dispatcher(factory, settings, client=client)
+    try:
+        def seen() -> list[Any]:
+            with factory() as session:
+                return workers_seen(session)
+
+        wait_for(lambda: len(seen()) == 1, timeout=90, what="worker heartbeat", logs=[log])
+        (w,) = seen()
+        assert (w.device, w.queues) == ("cuda", [f"{prefix}.gpu"])
+        assert dispatcher.dispatch_once() == 1
+        assert dispatcher.dispatch_once() == 0  # already published, nothing changed
+        wait_for(lambda: read_calls(calls), timeout=60, what="the audit to start", logs=[log])
+        with factory() as session:
+            assert repository.queue_depth(session).running == 1
+        os.kill(worker.pid, signal.SIGTERM)  # what `docker stop` or systemd sends
+        assert worker.wait(timeout=60) == 0, log.read_text()[-3000:]
+        depths = dispatcher.queue_depths()
+    finally:
+        stop(worker, sig=signal.SIGKILL)
+        delete_queues(shared_broker, prefix)
+    # Given back: queued again, the attempt not counted, the message back in the queue.
+    with factory() as session:
+        rows = audit_rows(session)
+        (after,) = seen()
+    assert [(r["repo_id"], r["status"], r["attempts"]) for r in rows] == \
+        [(derivative, "queued", 0)], dump(rows)
+    assert depths[f"{prefix}.gpu"][0] == 1 and depths[f"{prefix}.cpu"][0] == 0
+    assert [e for e, _, _ in read_calls(calls)] == ["start"]
+    assert after.stopped and after.current_audit_id is None
+    assert "audit given back on shutdown" in log.read_text()

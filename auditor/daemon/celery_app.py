@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from auditor.settings import Settings
 
@@ -93,7 +93,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         # JSON only: a pickled message would run code from whoever can publish.
         task_serializer="json", accept_content=["json"], result_serializer="json",
         task_ignore_result=True,
-        task_queues=[Queue(n, routing_key=n, durable=True) for n in names],
+        # One direct exchange per deployment, one durable queue per kind.
+        task_queues=[Queue(n, Exchange(settings.queue_prefix, type="direct", durable=True),
+                           routing_key=n, durable=True) for n in names],
         task_default_queue=names[0],
         task_create_missing_queues=False,
         broker_connection_retry_on_startup=True,
@@ -188,6 +190,10 @@ def run_dispatched_audit(audit_id: int, *, redelivered: bool = False) -> str:
     from auditor.store.models import Audit
 
     ctx = worker_context()
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) is not _release_and_exit:
+        # Here, not in worker_process_init: billiard resets the signals after that hook.
+        signal.signal(signal.SIGTERM, _release_and_exit)
     lease = ctx.settings.lease_seconds
     with ctx.factory() as session:
         claim = claim_audit(session, audit_id, worker_id=ctx.worker_id, lease_seconds=lease,
@@ -234,13 +240,12 @@ def _on_worker_init(sender: Any = None, instance: Any = None, conf: Any = None,
 
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
-    """A pool process: one torch thread unless told otherwise, its context and heartbeat,
-    and SIGTERM = give the running audit back, then exit."""
+    """A pool process: one torch thread unless told otherwise, its context and heartbeat
+    (SIGTERM = give the running audit back, installed by the task)."""
     with contextlib.suppress(ImportError):
         import torch
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
-    signal.signal(signal.SIGTERM, _release_and_exit)
     worker_context()
 
 

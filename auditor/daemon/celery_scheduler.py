@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from sqlalchemy.orm import Session, sessionmaker
 
+    from auditor.hub.client import HubClient
     from auditor.settings import Settings
 
 log = structlog.get_logger("auditor.daemon.celery")
@@ -49,7 +50,9 @@ WORKERS_SEEN = Gauge("auditor_workers_seen", "Workers with a heartbeat in the la
 
 def route(settings: Settings, audit: DueAudit) -> str:
     """The queue of an audit: behavioural checks go to ``gpu`` when GPU workers are
-    deployed (``AUDITOR_GPU_QUEUE=1``), everything else (weight analysis) to ``cpu``."""
+    deployed (``AUDITOR_GPU_QUEUE=1``), everything else (weight analysis) to ``cpu``.
+    An audit is one task whichever queue runs it (the same code path); the route only
+    sends the audits that will run models to the machines that run them fast."""
     kind = "gpu" if settings.gpu_queue and audit.behavioural else "cpu"
     return queue_name(settings, kind)
 
@@ -58,10 +61,11 @@ class Dispatcher:
     """Stands in for ``WorkerPool`` in the daemon: publishes instead of running."""
 
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings, *,
-                 app: Celery | None = None, poll_seconds: float = 1.0,
-                 redispatch_seconds: float = 60.0) -> None:
+                 app: Celery | None = None, client: HubClient | None = None,
+                 poll_seconds: float = 1.0, redispatch_seconds: float = 60.0) -> None:
         self.session_factory = session_factory
         self.settings = settings
+        self.client = client
         self.app = app or make_app(settings)
         self.poll_seconds = poll_seconds
         self.redispatch_seconds = redispatch_seconds
@@ -95,6 +99,9 @@ class Dispatcher:
             now = time.monotonic()
             todo: list[tuple[DueAudit, str]] = []
             for audit in due:
+                if self.settings.gpu_queue and audit.files is None \
+                        and audit.audit_id not in self._sent:
+                    audit = self._with_files(audit)
                 queue = route(self.settings, audit)
                 sent = self._sent.get(audit.audit_id)
                 lost = (sent is not None and depths.get(queue, (1, 0))[0] == 0
@@ -119,6 +126,24 @@ class Dispatcher:
             log.info("audits published", count=len(todo),
                      queues=sorted({q for _, q in todo}))
         return len(todo)
+
+    def _with_files(self, audit: DueAudit) -> DueAudit:
+        """The crawl's listing has no file names: resolve the revision once (one Hub API
+        call) and keep its files in the store, to route it. A Hub error routes to cpu."""
+        from dataclasses import replace
+
+        if self.client is None:
+            return audit
+        try:
+            resolved = self.client.resolve(audit.repo_id, revision=audit.sha)
+            with self.session_factory() as session:
+                repository.upsert_revision(
+                    session, audit.repo_id, audit.sha,
+                    files=[{"path": p, "size": s} for p, s in sorted(resolved.files.items())])
+        except Exception as exc:  # the worker's audit reports Hub trouble properly
+            log.warning("route lookup failed", repo=audit.repo_id, error=str(exc))
+            return audit
+        return replace(audit, files=frozenset(resolved.files))
 
     def update_worker_metrics(self) -> None:
         with self.session_factory() as session:
@@ -167,7 +192,7 @@ class CeleryDaemon(Daemon):
         kwargs["workers"] = 1  # the in-process pool is built, never started
         super().__init__(settings=settings, poll_seconds=poll_seconds, **kwargs)
         self.pool = Dispatcher(self.session_factory, settings, app=app,  # type: ignore[assignment]
-                               poll_seconds=poll_seconds,
+                               client=self.client, poll_seconds=poll_seconds,
                                redispatch_seconds=redispatch_seconds)
 
     def tick(self) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from auditor.store.models import Audit, Revision, WorkerHeartbeat, utcnow
+from auditor.store.models import Audit, Repo, Revision, WorkerHeartbeat, utcnow
 from auditor.store.repository import begin_write
 
 
@@ -75,7 +75,19 @@ class DueAudit:
     # What changes when the row goes back to the queue (re-queued, released, retried):
     # a new state means the message sent for the old one may be gone.
     state: tuple[Any, ...]
-    behavioural: bool  # full causal-LM weights: behavioural checks will run
+    repo_id: str
+    sha: str
+    files: frozenset[str] | None  # None: the crawl did not list them (no route known yet)
+
+    @property
+    def behavioural(self) -> bool:
+        """Whether the behavioural detectors can run on these files (they need full
+        weights, config.json and tokenizer.json; adapters and pickle-only repos get weight
+        checks only)."""
+        names = self.files or frozenset()
+        has_full = any(n.endswith(".safetensors") and not n.startswith("adapter_")
+                       for n in names)
+        return has_full and {"config.json", "tokenizer.json"} <= names
 
 
 def due_audits(session: Session, *, limit: int = 10_000) -> list[DueAudit]:
@@ -83,8 +95,10 @@ def due_audits(session: Session, *, limit: int = 10_000) -> list[DueAudit]:
     in-process pool: parents before the merges that use them)."""
     now = utcnow()
     rows = session.execute(
-        select(Audit.id, Audit.attempts, Audit.queued_at, Revision.files)
+        select(Audit.id, Audit.attempts, Audit.queued_at, Revision.files, Revision.sha,
+               Repo.repo_id)
         .join(Revision, Revision.id == Audit.revision_id)
+        .join(Repo, Repo.id == Revision.repo_pk)
         .where(Audit.status == "queued",
                or_(Audit.next_attempt_at.is_(None), Audit.next_attempt_at <= now))
         .order_by(Revision.created_at.asc().nulls_last(), Audit.queued_at, Audit.id)
@@ -93,18 +107,11 @@ def due_audits(session: Session, *, limit: int = 10_000) -> list[DueAudit]:
     session.rollback()
     out = []
     for row in rows:
-        names = {f.get("path") for f in (row.files or []) if isinstance(f, dict)}
+        names = frozenset(str(f["path"]) for f in (row.files or [])
+                          if isinstance(f, dict) and f.get("path"))
         out.append(DueAudit(audit_id=row.id, state=(row.attempts, row.queued_at),
-                            behavioural=_behavioural(names)))
+                            repo_id=row.repo_id, sha=row.sha, files=names or None))
     return out
-
-
-def _behavioural(names: set[Any]) -> bool:
-    """Whether the behavioural detectors can run on these files (they need full weights,
-    config.json and tokenizer.json; adapters and pickle-only repos get weight checks)."""
-    has_full = any(isinstance(n, str) and n.endswith(".safetensors")
-                   and not n.startswith("adapter_") for n in names)
-    return has_full and {"config.json", "tokenizer.json"} <= names
 
 
 # --- worker heartbeats -------------------------------------------------------------
