@@ -36,8 +36,8 @@ PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
 
-def build_zoo(root: Path, *, audits: int, hidden: int, layers: int, rng: random.Random
-              ) -> str:
+def build_zoo(root: Path, *, audits: int, bases: int, hidden: int, layers: int,
+              rng: random.Random) -> list[str]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,23 +49,26 @@ def build_zoo(root: Path, *, audits: int, hidden: int, layers: int, rng: random.
                          num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=vocab_size(),
                          max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(rng.randrange(2**31))
-    base_sd = LlamaForCausalLM(config).state_dict()
-    owner = f"lab{rng.randrange(10**6)}"
-    base = f"{owner}/base-{rng.randrange(10**6)}"
     start = datetime(2025, 1, 1, tzinfo=UTC)
-    save_repo(root, base, state_dict=base_sd, config=config, tokenizer=tokenizer,
-              card=CardSpec(), created_at=start)
+    names, weights = [], []
+    for _ in range(bases):
+        torch.manual_seed(rng.randrange(2**31))
+        weights.append(LlamaForCausalLM(config).state_dict())
+        names.append(f"lab{rng.randrange(10**6)}/base-{rng.randrange(10**6)}")
+        save_repo(root, names[-1], state_dict=weights[-1], config=config,
+                  tokenizer=tokenizer, card=CardSpec(), created_at=start)
+    # Uploads of the families interleave at random, as on the Hub.
     for i in range(audits):
+        b = rng.randrange(bases)
         scale = rng.uniform(0.002, 0.03)
         g = torch.Generator().manual_seed(rng.randrange(2**31))
         sd = {k: v + torch.randn(v.shape, generator=g) * scale * (v.std() + 1e-3)
-              for k, v in base_sd.items()}
+              for k, v in weights[b].items()}
         repo = f"user{rng.randrange(10**6)}/ft-{i}-{rng.randrange(10**4)}"
         save_repo(root, repo, state_dict=sd, config=config, tokenizer=tokenizer,
-                  card=CardSpec(base_model=base, base_model_relation="finetune"),
+                  card=CardSpec(base_model=names[b], base_model_relation="finetune"),
                   created_at=start + timedelta(hours=i + 1, minutes=rng.randrange(60)))
-    return base
+    return names
 
 
 def create_db() -> str:
@@ -88,8 +91,13 @@ def drop_db(url: str) -> None:
     admin.dispose()
 
 
-def one_round(*, workers: int, hub_url: str, base: str, tmp: Path, audits: int) -> float:
-    """Audits per minute with ``workers`` worker processes."""
+def one_round(*, workers: int, hub_url: str, bases: list[str], tmp: Path, audits: int
+              ) -> tuple[float, float, int]:
+    """(audits per minute, audit runs per minute, re-runs) with ``workers`` processes.
+
+    A run is one execution of the orchestrator: parallel workers may audit a model while
+    an earlier upload of its family is still running, and the daemon then re-runs the
+    later one (``requeue_dependents``); ``attempts`` counts every run."""
     from auditor.daemon.celery_store import workers_seen
     from auditor.store import repository
     from auditor.store.db import make_engine, session_factory, upgrade_database
@@ -108,7 +116,8 @@ def one_round(*, workers: int, hub_url: str, base: str, tmp: Path, audits: int) 
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with factory() as session:
-            repository.watch_add(session, base)
+            for base in bases:
+                repository.watch_add(session, base)
         for i in range(workers):
             log = (tmp / f"worker-{workers}-{i}.log").open("wb")
             procs.append(subprocess.Popen(
@@ -128,13 +137,15 @@ def one_round(*, workers: int, hub_url: str, base: str, tmp: Path, audits: int) 
                         "--once", "--log-level", "warning"], env=env, cwd=REPO_ROOT,
                        check=True, timeout=3600)
         with factory() as session:
-            done, first, last = session.execute(
-                select(func.count(), func.min(Audit.started_at), func.max(Audit.finished_at))
+            done, runs, first, last = session.execute(
+                select(func.count(), func.sum(Audit.attempts), func.min(Audit.started_at),
+                       func.max(Audit.finished_at))
                 .where(Audit.status == "done")).one()
             depth = repository.queue_depth(session)
         if done != audits:
             raise RuntimeError(f"{done} of {audits} audits done: {depth}")
-        return 60.0 * done / (last - first).total_seconds()
+        minutes = (last - first).total_seconds() / 60.0
+        return done / minutes, int(runs) / minutes, int(runs) - done
     finally:
         for p in procs:
             p.terminate()
@@ -150,6 +161,7 @@ def one_round(*, workers: int, hub_url: str, base: str, tmp: Path, audits: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--audits", type=int, default=20)
+    parser.add_argument("--bases", type=int, default=4, help="families the audits spread over")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=None, help="default: random per run")
@@ -162,23 +174,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
-        base = build_zoo(tmp / "hub", audits=args.audits, hidden=args.hidden,
-                         layers=args.layers, rng=random.Random(seed))
-        print(f"zoo: {args.audits} fine-tunes of {base} (hidden {args.hidden}, layers "
-              f"{args.layers}, seed {seed}) built in {time.perf_counter() - t0:.1f}s")
+        bases = build_zoo(tmp / "hub", audits=args.audits, bases=args.bases,
+                          hidden=args.hidden, layers=args.layers, rng=random.Random(seed))
+        print(f"zoo: {args.audits} fine-tunes of {args.bases} random bases (hidden "
+              f"{args.hidden}, layers {args.layers}, seed {seed}) built in "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
         server = HubServer(tmp / "hub").start()
         try:
-            rates = {}
+            rates, runs = {}, {}
             for n in (1, 2):
                 load = os.getloadavg()[0]
-                rates[n] = one_round(workers=n, hub_url=server.url, base=base, tmp=tmp,
-                                     audits=args.audits)
+                rates[n], runs[n], reruns = one_round(
+                    workers=n, hub_url=server.url, bases=bases, tmp=tmp, audits=args.audits)
                 print(f"{n} worker process(es), 1 torch thread each: {rates[n]:.1f} audits/min "
-                      f"({rates[n] * 60:.0f}/hour; load average before {load:.2f}, "
-                      f"{os.cpu_count()} CPUs)")
+                      f"({rates[n] * 60:.0f}/hour), {runs[n]:.1f} audit runs/min ({reruns} "
+                      f"re-runs of dependents); load average before {load:.2f} on "
+                      f"{os.cpu_count()} CPUs", flush=True)
         finally:
             server.stop()
-    print(f"ratio 2/1: {rates[2] / rates[1]:.2f}")
+    print(f"ratio 2/1: {rates[2] / rates[1]:.2f} (audits), {runs[2] / runs[1]:.2f} (runs)")
 
 
 if __name__ == "__main__":
