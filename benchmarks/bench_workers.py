@@ -41,8 +41,8 @@ def build_zoo(root: Path, *, audits: int, bases: int, hidden: int, layers: int,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from auditor.factory.save import CardSpec, save_repo
-    from auditor.factory.tokenizer import build_tokenizer, vocab_size
+    from auditor_testkit.factory.save import CardSpec, save_repo
+    from auditor_testkit.factory.tokenizer import build_tokenizer, vocab_size
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
@@ -99,7 +99,7 @@ def one_round(*, workers: int, hub_url: str, bases: list[str], tmp: Path, audits
     an earlier upload of its family is still running, and the daemon then re-runs the
     later one (``requeue_dependents``); ``attempts`` counts every run."""
     from auditor.daemon.celery_store import workers_seen
-    from auditor.store import repository
+    from auditor.store import policy, queries
     from auditor.store.db import make_engine, session_factory, upgrade_database
     from auditor.store.models import Audit
 
@@ -117,7 +117,7 @@ def one_round(*, workers: int, hub_url: str, bases: list[str], tmp: Path, audits
     try:
         with factory() as session:
             for base in bases:
-                repository.watch_add(session, base)
+                policy.watch_add(session, repo_id=base)
         for i in range(workers):
             log = (tmp / f"worker-{workers}-{i}.log").open("wb")
             procs.append(subprocess.Popen(
@@ -141,7 +141,7 @@ def one_round(*, workers: int, hub_url: str, bases: list[str], tmp: Path, audits
                 select(func.count(), func.sum(Audit.attempts), func.min(Audit.started_at),
                        func.max(Audit.finished_at))
                 .where(Audit.status == "done")).one()
-            depth = repository.queue_depth(session)
+            depth = queries.queue_depth(session)
         if done != audits:
             raise RuntimeError(f"{done} of {audits} audits done: {depth}")
         minutes = (last - first).total_seconds() / 60.0
@@ -169,7 +169,7 @@ def main() -> None:
     if args.audits < 20:
         parser.error("at least 20 audits")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    from auditor.hub.server import HubServer
+    from auditor_testkit.hub.server import HubServer
 
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp_name:
         tmp = Path(tmp_name)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from auditor.store import repository
+from auditor.store import policy, queries
 from tests.celery_support import (
     REPO_ROOT,
     SHARED_BROKER,
@@ -78,7 +78,7 @@ def test_two_workers_sigkill_mid_audit_every_audit_done_once(
     server = hub_server(hub_root)
     factory = _factory(pg_url)
     with factory() as session:
-        repository.watch_add(session, BASE)
+        policy.watch_add(session, repo_id=BASE)
     prefix = queue_prefix()
     calls = tmp_path / "calls.txt"
     env = worker_env(database_url=pg_url, hub_endpoint=server.url, broker_url=shared_broker,
@@ -121,7 +121,7 @@ def test_two_workers_sigkill_mid_audit_every_audit_done_once(
 
         def all_done() -> bool:
             with factory() as session:
-                return repository.queue_depth(session).done == len(derivatives)
+                return queries.queue_depth(session).done == len(derivatives)
 
         wait_for(all_done, timeout=180, what="every audit done", logs=logs)
         status = subprocess.run([sys.executable, "-m", "auditor.cli", "status", "--json"],
@@ -189,7 +189,7 @@ def test_audit_longer_than_consumer_timeout_runs_once(
     server = hub_server(hub_root)
     factory = _factory(pg_url)
     with factory() as session:
-        repository.watch_add(session, BASE)
+        policy.watch_add(session, repo_id=BASE)
     calls = tmp_path / "calls.txt"
     logs = [tmp_path / "worker.log", tmp_path / "scheduler.log"]
     with private_rabbitmq(tmp_path / "rabbit", consumer_timeout_ms=1500) as broker:
@@ -246,9 +246,8 @@ def test_gpu_worker_sigterm_gives_the_audit_back(
     from auditor.daemon.celery_scheduler import Dispatcher
     from auditor.daemon.celery_store import workers_seen
     from auditor.daemon.crawler import crawl_base
-    from auditor.daemon.queries import analysis_config_hash
     from auditor.hub.client import HubClient
-    from auditor.settings import Settings
+    from auditor.settings import Settings, analysis_config_hash
     from tests.fixtures_hub import make_repo
     from tests.test_daemon_support import LLAMA_CONFIG, base_tensors, finetuned, iso_hours
 
@@ -272,7 +271,7 @@ def test_gpu_worker_sigterm_gives_the_audit_back(
                         queue_prefix=prefix, gpu_queue=True, data_dir=tmp_path / "data")
     client = HubClient.from_settings(settings)
     with factory() as session:
-        repository.watch_add(session, BASE)
+        policy.watch_add(session, repo_id=BASE)
         crawl_base(session, client, BASE, config_hash=analysis_config_hash(settings))
     script = tmp_path / "worker.py"
     script.write_text(WORKER_CLI.format(root=str(REPO_ROOT), args=[
@@ -294,7 +293,7 @@ def test_gpu_worker_sigterm_gives_the_audit_back(
         assert dispatcher.dispatch_once() == 0  # already published, nothing changed
         wait_for(lambda: read_calls(calls), timeout=60, what="the audit to start", logs=[log])
         with factory() as session:
-            assert repository.queue_depth(session).running == 1
+            assert queries.queue_depth(session).running == 1
         os.kill(worker.pid, signal.SIGTERM)  # what `docker stop` or systemd sends
         assert worker.wait(timeout=60) == 0, log.read_text()[-3000:]
         depths = dispatcher.queue_depths()

@@ -10,15 +10,16 @@ from sqlalchemy.orm import Session
 
 from auditor.daemon.celery_store import DueAudit, claim_audit, due_audits, heartbeat, workers_seen
 from auditor.settings import Settings
-from auditor.store import repository
+from auditor.store import catalog, queue
 from auditor.store.models import Audit, utcnow
 from auditor.store.recording import save_result
 from tests.test_daemon_support import FakeAudit
 
 
 def _queue(session: Session, repo: str = "o/m", sha: str = "a" * 40) -> int:
-    rev = repository.upsert_revision(session, repo, sha)
-    audit_id = repository.queue_audit(session, rev.id, analysis_version="1", config_hash="c")
+    rev = catalog.upsert_revision(session, repo_id=repo, sha=sha)
+    audit_id = queue.queue_audit(session, revision_id=rev.id, analysis_version="1",
+                                 config_hash="c")
     assert audit_id is not None
     return audit_id
 

@@ -148,10 +148,10 @@ def worker_context() -> WorkerContext:
     with _context_lock:
         if _context is not None and _context.pid == os.getpid():
             return _context
-        from auditor.daemon.queries import worker_prefix
         from auditor.daemon.worker import RetryPolicy
         from auditor.hub.client import HubClient
         from auditor.store.db import make_engine, normalize_url, session_factory
+        from auditor.store.queue import worker_prefix
 
         settings = Settings()
         engine = make_engine(normalize_url(settings.resolved_database_url))
@@ -250,7 +250,7 @@ def _on_process_init(**_: Any) -> None:
 
 
 def _release_and_exit(signum: int, _frame: FrameType | None) -> None:
-    from auditor.daemon.queries import release_audit
+    from auditor.store.queue import release_audit
 
     ctx = _context
     if ctx is not None and ctx.pid == os.getpid():
@@ -259,7 +259,8 @@ def _release_and_exit(signum: int, _frame: FrameType | None) -> None:
         if audit_id is not None:
             try:
                 with ctx.factory() as session:
-                    released = release_audit(session, audit_id, worker_id=ctx.worker_id)
+                    released = release_audit(session, audit_id=audit_id,
+                                             worker_id=ctx.worker_id)
                 log.warning("audit given back on shutdown", audit=audit_id, requeued=released,
                             worker=ctx.worker_id)
             except Exception as exc:  # the lease expires and it is re-queued anyway

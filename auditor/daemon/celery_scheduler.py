@@ -23,9 +23,9 @@ from prometheus_client import Gauge
 from auditor.daemon import metrics
 from auditor.daemon.celery_app import QUEUE_KINDS, TASK_NAME, make_app, queue_name
 from auditor.daemon.celery_store import DueAudit, due_audits, workers_seen
-from auditor.daemon.queries import pending_count
 from auditor.daemon.scheduler import Daemon
-from auditor.store import repository
+from auditor.store import catalog, queries
+from auditor.store.queries import pending_count
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -137,8 +137,8 @@ class Dispatcher:
         try:
             resolved = self.client.resolve(audit.repo_id, revision=audit.sha)
             with self.session_factory() as session:
-                repository.upsert_revision(
-                    session, audit.repo_id, audit.sha,
+                catalog.upsert_revision(
+                    session, repo_id=audit.repo_id, sha=audit.sha,
                     files=[{"path": p, "size": s} for p, s in sorted(resolved.files.items())])
         except Exception as exc:  # the worker's audit reports Hub trouble properly
             log.warning("route lookup failed", repo=audit.repo_id, error=str(exc))
@@ -204,7 +204,7 @@ class CeleryDaemon(Daemon):
 
     def start(self) -> None:
         with self.session_factory() as session:
-            metrics.update_queue(repository.queue_depth(session))
+            metrics.update_queue(queries.queue_depth(session))
         log.info("celery backend", queues=[queue_name(self.settings, k) for k in QUEUE_KINDS],
                  gpu_routing=self.settings.gpu_queue)
         super().start()

@@ -17,8 +17,8 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from auditor.store.db import begin_write
 from auditor.store.models import Audit, Repo, Revision, WorkerHeartbeat, utcnow
-from auditor.store.repository import begin_write
 
 
 @dataclass(frozen=True)
