@@ -297,6 +297,14 @@ def test_gpu_worker_sigterm_gives_the_audit_back(
         os.kill(worker.pid, signal.SIGTERM)  # what `docker stop` or systemd sends
         assert worker.wait(timeout=60) == 0, log.read_text()[-3000:]
         depths = dispatcher.queue_depths()
+        # Its message is back in the broker: nothing to publish; the metrics say so.
+        assert dispatcher.dispatch_once() == 0
+        dispatcher.update_worker_metrics()
+        from prometheus_client import REGISTRY
+
+        assert REGISTRY.get_sample_value("auditor_broker_queue_messages",
+                                         {"queue": f"{prefix}.gpu"}) == 1
+        assert REGISTRY.get_sample_value("auditor_workers_seen") == 1
     finally:
         stop(worker, sig=signal.SIGKILL)
         delete_queues(shared_broker, prefix)

@@ -122,7 +122,8 @@ class WorkerContext:
     queues: list[str]
     retry: RetryPolicy
     current: int | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Re-entrant: the SIGTERM handler may beat while the main thread is inside beat().
+    lock: threading.RLock = field(default_factory=threading.RLock)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def beat(self, *, done: int = 0, failed: int = 0, stopped: bool = False) -> None:
