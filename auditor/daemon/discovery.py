@@ -261,8 +261,9 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         result: ProbeResult = probe(cand, base, seed=profile.seed)
         exam.evidence["probe"] = result.as_dict()
         exam.related = result.related
-        exam.reason = (f"relative distance {result.relative_distance:.3f} (independent "
-                       f"model ~1), paired z {result.z:.1f}")
+        exam.reason = (f"distance {result.relative_distance:.3f} (an independently "
+                       f"initialised model: {result.reference_distance:.3f}), "
+                       f"paired z {result.z:.1f}")
         if exam.related and homologues and not streaming:
             exam.stage = "screen"
             exam.evidence["screening"] = _screen(
