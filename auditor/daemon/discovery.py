@@ -32,7 +32,7 @@ import torch
 from auditor.analysis.screening import ProbeResult, probe, screen
 from auditor.errors import AuditorError, RangeNotSupported
 from auditor.hub.client import HubClient, RepoSummary, ResolvedRepo
-from auditor.hub.range import open_range
+from auditor.hub.range import STREAM_CHUNK, open_range
 from auditor.weights.sampling import (
     Chunk,
     CountingSource,
@@ -144,6 +144,7 @@ class Examination:
     bytes_read: int = 0
     total_bytes: int = 0
     evidence: dict[str, Any] = field(default_factory=dict)
+    bytes_transferred: int = 0
     retry: bool = False  # undecided for a reason that may pass (a server ignoring Range)
 
     @property
@@ -248,8 +249,11 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         if streaming:
             # The server ignores Range: only the start of the file is affordable.
             exam.evidence["range_ignored"] = True
+            # Every read streams from the start of the file: the window ends where the
+            # whole transfer (what came already, the window, one read of slack) fits.
+            came = sum(getattr(s.inner, "bytes_transferred", 0) for s in sources.values())
             chunks = plan_window(match, profile.layout.tensors, layout, seed=profile.seed,
-                                 end=limit)
+                                 end=limit - came - STREAM_CHUNK)
         else:
             chunks = plan_samples(match, profile.layout.tensors, layout.tensors,
                                   seed=profile.seed, budget_bytes=limit - spent)
@@ -276,6 +280,9 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         return exam
     finally:
         exam.bytes_read = sum(s.bytes_read for s in sources.values())
+        # On the wire: a server ignoring Range may send a little more before the cut.
+        exam.bytes_transferred = sum(getattr(s.inner, "bytes_transferred", s.bytes_read)
+                                     for s in sources.values())
         exam.evidence["bytes_read"] = exam.bytes_read
         exam.evidence["total_bytes"] = exam.total_bytes
         for s in sources.values():
