@@ -32,7 +32,7 @@ import torch
 from auditor.analysis.screening import ProbeResult, probe, screen
 from auditor.errors import AuditorError, RangeNotSupported
 from auditor.hub.client import HubClient, RepoSummary, ResolvedRepo
-from auditor.hub.range import STREAM_CHUNK, open_range
+from auditor.hub.range import open_range, stream_chunk
 from auditor.weights.sampling import (
     Chunk,
     CountingSource,
@@ -249,11 +249,10 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         if streaming:
             # The server ignores Range: only the start of the file is affordable.
             exam.evidence["range_ignored"] = True
-            # Every read streams from the start of the file: the window ends where the
-            # whole transfer (what came already, the window, one read of slack) fits.
-            came = sum(getattr(s.inner, "bytes_transferred", 0) for s in sources.values())
+            # The first read streamed the affordable prefix of the file (RangeFile keeps
+            # it): the probe uses rows inside it.
             chunks = plan_window(match, profile.layout.tensors, layout, seed=profile.seed,
-                                 end=limit - came - STREAM_CHUNK)
+                                 end=limit - stream_chunk(limit))
         else:
             chunks = plan_samples(match, profile.layout.tensors, layout.tensors,
                                   seed=profile.seed, budget_bytes=limit - spent)

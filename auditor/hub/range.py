@@ -35,6 +35,11 @@ _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 STREAM_CHUNK = 16 << 10
 
 
+def stream_chunk(stop: int) -> int:
+    """Read size for streaming up to byte ``stop``: 1/16 of it, within 256 B-16 KiB."""
+    return max(256, min(STREAM_CHUNK, stop // 16))
+
+
 class LocalRangeFile:
     """A ``ByteSource`` over a local file."""
 
@@ -172,11 +177,15 @@ class RangeFile:
             raise RangeNotSupported(f"{self.url}: a 200 body of {declared} bytes is not the "
                                     f"whole file ({self._size} bytes)")
         stop = offset + length
+        # One stream fetches the whole affordable prefix (later reads in it are free), and
+        # stops one read short of the limit so the transfer itself stays within it.
+        size = stream_chunk(self.max_stream_bytes)
+        target = max(stop, min(self._size, self.max_stream_bytes - size))
         prefix = bytearray()
-        for chunk in resp.iter_bytes(chunk_size=STREAM_CHUNK):
+        for chunk in resp.iter_bytes(chunk_size=size):
             self.bytes_transferred += len(chunk)
             prefix += chunk
-            if len(prefix) >= stop:
+            if len(prefix) >= target:
                 break  # leaving the with-block closes the connection: the rest never comes
         if len(prefix) > len(self._prefix):
             self._prefix = bytes(prefix[: self.max_stream_bytes])
