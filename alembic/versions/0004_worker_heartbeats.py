@@ -1,7 +1,7 @@
 """worker_heartbeats: Celery workers seen by the store
 
-Revision ID: 0003_workers
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-30 13:40:00
 
 """
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 
 
-revision: str = '0003_workers'
-down_revision: Union[str, Sequence[str], None] = '0002'
+revision: str = '0004'
+down_revision: Union[str, Sequence[str], None] = '0003'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
