@@ -12,10 +12,13 @@ class Verdict:
     text: str
     severity: Severity | None  # None: clean (or nothing could be concluded)
     detail: str = ""
+    incomplete: bool = False  # something could not be checked: never shown as clean
 
     @property
     def css(self) -> str:
-        return self.severity.value if self.severity else "clean"
+        if self.severity:
+            return self.severity.value
+        return "incomplete" if self.incomplete else "clean"
 
 
 def sorted_findings(findings: list[Finding]) -> list[Finding]:
@@ -32,7 +35,7 @@ def verdict(report: AuditReport) -> Verdict:
         detail = f"and {more} more finding{'s' if more != 1 else ''}" if more else ""
         return Verdict(f"{top.title} ({top.severity.value})", top.severity, detail)
     if report.errors:
-        return Verdict("Incomplete audit", None, "; ".join(report.errors[:3]))
+        return Verdict("Incomplete audit", None, "; ".join(report.errors[:3]), incomplete=True)
     plural = "s" if authorized != 1 else ""
     detail = f"{authorized} authorized finding{plural}" if authorized else ""
     return Verdict("Clean", None, detail)
