@@ -31,6 +31,7 @@ _COMMAND_MODULES = (
     "auditor.store.commands",
     "auditor.audit_commands",
     "auditor.daemon.commands",
+    "auditor.daemon.celery_commands",
     "auditor.reports.commands",
     "auditor.analysis.commands",
 )

@@ -234,3 +234,14 @@ def test_absolute_feed_links_with_a_site_url(tmp_path: Path) -> None:
     feed = ET.parse(tmp_path / "feeds" / "owners" / f"{slugify('bob')}.xml").getroot()
     links = [link.get("href") for link in feed.iter(f"{ATOM}link")]
     assert links and all(str(h).startswith("https://audits.example/") for h in links)
+
+
+def test_incomplete_is_never_styled_clean_and_tiny_numbers_read_zero() -> None:
+    from auditor.reports.html import _num
+    from auditor.reports.summary import verdict
+
+    report = samples.finetune_report().model_copy(update={"errors": ["candidate x: down"]})
+    v = verdict(report)
+    assert v.text == "Incomplete audit" and v.css == "incomplete"
+    assert verdict(samples.finetune_report()).css == "clean"
+    assert _num(6.9e-11) == "≈ 0" and _num(0.25) == "0.25"

@@ -121,14 +121,37 @@ def run_one(
     on_release: Callable[[int], None] | None = None,
 ) -> bool:
     """Claim and run the next due audit; ``False`` if none was claimable."""
-    retry = retry or RetryPolicy()
     with session_factory() as session:
         audit = queue.claim_next_audit(session, worker_id=worker_id,
-                                            lease_seconds=lease_seconds)
+                                       lease_seconds=lease_seconds)
         if audit is None:
             return False
-        # Read before audit_target's rollback expires the row.
         audit_id, attempt = audit.id, audit.attempts
+    execute_claimed(session_factory, client, settings, audit_id=audit_id, attempt=attempt,
+                    worker_id=worker_id, lease_seconds=lease_seconds, retry=retry,
+                    audit_fn=audit_fn, on_claim=on_claim, on_release=on_release)
+    return True
+
+
+def execute_claimed(
+    session_factory: sessionmaker[Session],
+    client: HubClient,
+    settings: Settings,
+    *,
+    audit_id: int,
+    attempt: int,
+    worker_id: str,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    retry: RetryPolicy | None = None,
+    audit_fn: AuditFn | None = None,
+    on_claim: Callable[[int], None] | None = None,
+    on_release: Callable[[int], None] | None = None,
+) -> None:
+    """Run an audit ``worker_id`` holds the lease of: renew the lease while the
+    orchestrator runs, record the result (or the failure). The one code path of the
+    in-process pool and the Celery task alike."""
+    retry = retry or RetryPolicy()
+    with session_factory() as session:
         target = audit_target(session, audit_id=audit_id)
     if on_claim is not None:
         on_claim(audit_id)
@@ -147,7 +170,6 @@ def run_one(
             on_release(target.audit_id)
     bound.info("audit finished", seconds=round(time.monotonic() - started, 3))
     _enforce_budget(session_factory, client)
-    return True
 
 
 def _run_claimed(

@@ -44,7 +44,8 @@ def _num(value: Any, digits: int = 3) -> str:
         if isinstance(value, int):
             return str(value)
         if value != 0 and abs(value) < 10 ** -digits:
-            return f"{value:.1e}"
+            # "6.9e-11" reads as a measurement; it is zero within the estimate.
+            return "≈ 0"
         text = f"{value:.{digits}f}"
         return text.rstrip("0").rstrip(".") if "." in text else text
     return str(value)

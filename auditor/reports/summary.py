@@ -13,13 +13,13 @@ class Verdict:
     text: str
     severity: Severity | None  # None: clean, or incomplete (nothing could be concluded)
     detail: str = ""
-    incomplete: bool = False  # a check failed: never shown as clean (no green, no ✔)
+    incomplete: bool = False  # something could not be checked: never shown as clean
 
     @property
     def css(self) -> str:
-        if self.incomplete:
-            return "incomplete"
-        return self.severity.value if self.severity else "clean"
+        if self.severity:
+            return self.severity.value
+        return "incomplete" if self.incomplete else "clean"
 
 
 # An absolute path (cache folders, snapshot dirs): pages show its last part only, so the
