@@ -1,8 +1,10 @@
 """The ``auditor`` command line.
 
 Each area owns its commands in ``auditor/<area>/commands.py`` with a ``register(app)``
-function; this module only assembles them. Heavy imports (torch, transformers) happen
-inside the command functions so ``auditor --help`` stays fast.
+function; this module only assembles them. Commands from other installed packages (the
+test kit's ``serve-hub``, ``zoo``, ``demo``) come through the ``auditor.commands``
+entry-point group, so the product never imports them. Heavy imports (torch,
+transformers) happen inside the command functions so ``auditor --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
 import typer
 
@@ -24,16 +27,16 @@ app = typer.Typer(
 )
 
 _COMMAND_MODULES = (
-    "auditor.hub.commands",
-    "auditor.factory.commands",
     "auditor.rules.commands",
     "auditor.store.commands",
     "auditor.audit_commands",
     "auditor.daemon.commands",
+    "auditor.daemon.celery_commands",
     "auditor.reports.commands",
     "auditor.analysis.commands",
-    "auditor.demo",
 )
+# Entry points whose object is a ``register(app)`` function (see pyproject.toml).
+COMMAND_GROUP = "auditor.commands"
 
 
 def _register_all() -> None:
@@ -46,11 +49,28 @@ def _register_all() -> None:
                 continue
             raise
         module.register(app)
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        ep.load()(app)
+
+
+_DEBUG = {"on": False}
+
+
+def debug_enabled() -> bool:
+    """``auditor --debug ...``: tracebacks on stderr (crashes, detector failures)."""
+    return _DEBUG["on"]
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(
+        False, "--debug", help="show tracebacks of internal errors (default: one line)"
+    ),
+) -> None:
     """Audit Hugging Face Hub models for merge theft and backdoored merges."""
+    _DEBUG["on"] = debug
+    if debug:
+        logging.getLogger("auditor").setLevel(logging.DEBUG)
 
 
 @app.command()
@@ -70,6 +90,16 @@ def main() -> None:
         app()
     except AuditorError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(ExitCode.ERROR)
+    except Exception as exc:
+        # A bug is an error (2), never "findings" (1): one line, the traceback on --debug.
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exc()
+        first = (str(exc).splitlines() or [""])[0][:300]
+        typer.secho(f"error: internal error: {type(exc).__name__}: {first} "
+                    "(run with --debug for the traceback)", err=True, fg=typer.colors.RED)
         sys.exit(ExitCode.ERROR)
 
 

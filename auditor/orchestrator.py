@@ -1,45 +1,46 @@
 """Audit one revision: the single path the CLI, the daemon and the demo all take.
 
-hub (resolve, pin, fetch) -> weights (stream, align, task vectors) -> analysis (detectors
-from the registry in ``auditor.detectors``) -> rules (findings) -> an ``AuditReport``.
+hub (resolve, pin, fetch) -> weights (stream, align, task vectors) -> analysis (the
+detector stages of ``auditor.detectors.PIPELINE``) -> rules (findings) -> an
+``AuditReport``.
 Storing the outcome is the caller's business (``auditor.store``), so this stays usable
 without a database.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from auditor import ANALYSIS_VERSION, __version__
-from auditor.errors import AuditorError, MissingBase, WeightsError
+from auditor.detectors import PIPELINE
+from auditor.detectors.base import run_stages, select_stages
+from auditor.detectors.context import (
+    AuditContext,
+    HomologueRef,
+    OpenModel,
+    Progress,
+    fetch_model,
+)
+from auditor.detectors.weights import SubjectWeights
+from auditor.errors import (
+    AuditorError,
+    GatedRepo,
+    MissingBase,
+    RateLimited,
+    TransientHubError,
+    WeightsError,
+)
 from auditor.exitcodes import ExitCode
 from auditor.hub.client import HubClient, ResolvedRepo
-from auditor.schema import AuditReport, BackdoorInfo, FileIssue, Measurements, SubjectRef
+from auditor.schema import AuditReport, FileIssue, Measurements, SubjectRef
 from auditor.settings import Settings, get_settings
-from auditor.weights.inventory import FileInventory, classify_files
+from auditor.weights.inventory import classify_files
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class HomologueRef:
-    """A known homologue of the subject (same base), as the store keeps it: no download."""
-
-    repo_id: str
-    revision: str | None
-    fingerprint: Any  # auditor.analysis.fingerprint.Fingerprint
-    backdoor: BackdoorInfo | None = None
-    created_at: datetime | None = None  # upload time: the oldest of a clone group is original
 
 
 @dataclass(frozen=True)
@@ -50,68 +51,7 @@ class AuditOutcome:
     exit_code: ExitCode
 
 
-@dataclass
-class OpenModel:
-    """A resolved repo with its weight files on local disk (downloaded, pinned)."""
-
-    resolved: ResolvedRepo
-    inventory: FileInventory
-    files: dict[str, Path]
-    config: dict[str, Any] | None
-
-    @property
-    def folder(self) -> Path:
-        """A folder holding config.json, tokenizer and weights (a local repo or a snapshot)."""
-        any_file = next(iter(self.files.values()))
-        return self.resolved.local_dir or any_file.parent
-
-
-@dataclass
-class AuditContext:
-    """What detectors read and write during one audit (mutable on purpose: it is a builder)."""
-
-    settings: Settings
-    client: HubClient
-    subject: OpenModel
-    base: OpenModel | None
-    candidates: dict[str, OpenModel]
-    homologues: dict[str, HomologueRef]
-    declared_parents: list[str]
-    progress: Progress
-    values: dict[str, Any] = field(default_factory=dict)  # Measurements fields, by name
-    state: dict[str, Any] = field(default_factory=dict)  # shared between detectors
-    file_issues: list[FileIssue] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-_WEIGHT_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
-                      "special_tokens_map.json", "generation_config.json")
-
-
-def fetch_model(client: HubClient, resolved: ResolvedRepo, *, weights: bool = True) -> OpenModel:
-    inv = classify_files(resolved.files)
-    wanted: list[str] = []
-    if weights:
-        if inv.shard_index:
-            wanted.append(inv.shard_index)
-            wanted += [f for f in inv.safetensors]
-        elif "model.safetensors" in inv.safetensors:
-            wanted.append("model.safetensors")
-        else:
-            wanted += list(inv.safetensors)
-        if inv.has_adapter:
-            wanted += [inv.adapter_config or "", inv.adapter_weights or ""]
-    wanted += [f for f in _WEIGHT_SIDE_FILES if f in resolved.files]
-    files = {name: client.fetch(resolved, name) for name in dict.fromkeys(wanted) if name}
-    config = None
-    if "config.json" in files:
-        try:
-            loaded = json.loads(files["config.json"].read_text(encoding="utf-8"))
-            config = loaded if isinstance(loaded, dict) else None
-        except (OSError, ValueError, UnicodeDecodeError):
-            config = None
-    return OpenModel(resolved=resolved, inventory=inv, files=files, config=config)
+MAX_PARENTS_RESOLVED = 8
 
 
 def _choose_base(
@@ -121,7 +61,8 @@ def _choose_base(
 
     A merge card lists its parents in ``base_model``; their own common base is the base.
     """
-    declared = list(subject.card.base_models)
+    # A card naming the repo itself is never audited against itself (see declared_cycle).
+    declared = [d for d in subject.card.base_models if d != subject.repo_id]
     if base:
         return base, [d for d in declared if d != base]
     if not declared:
@@ -129,14 +70,16 @@ def _choose_base(
     if len(declared) == 1 and subject.card.relation != "merge":
         return declared[0], []
     counts: dict[str, int] = {}
-    for parent in declared:
+    # Each parent costs a Hub call: a card listing 64 "parents" must not cost 64 of them.
+    for parent in declared[:MAX_PARENTS_RESOLVED]:
         try:
-            parent_card = client.resolve(parent).card
+            parent_card = client.resolve_related(parent, near=subject).card
         except AuditorError as exc:
             log.warning("declared parent %s not resolvable: %s", parent, exc)
             continue
         for b in parent_card.base_models[:1] or [parent]:
-            counts[b] = counts.get(b, 0) + 1
+            if b != subject.repo_id:  # a parent declaring the subject: a cycle, not a base
+                counts[b] = counts.get(b, 0) + 1
     if not counts:
         return declared[0], declared[1:]
     chosen = max(counts, key=lambda k: counts[k])
@@ -154,14 +97,19 @@ def audit_revision(
     client: HubClient | None = None,
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
+    local: bool | None = None,
+    authorizations: Sequence[Any] = (),
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
 
     ``against`` are candidates to download and compare; ``homologues`` are candidates
-    already fingerprinted (the daemon passes the store's). Raises ``AuditorError``
+    already fingerprinted (the daemon passes the store's). ``authorizations`` (owners'
+    grants, ``auditor.rules.authz.AuthorizationLike``) mark the findings they cover as
+    authorized; saving to the store re-applies the store's own. Raises ``AuditorError``
     subclasses for what makes an audit impossible (missing repo, gated, no base).
+    ``local``: None reads a path-like spec (``./x``, absolute) as a folder; the daemon passes
+    False so a crawled repo id is never resolved on local disk.
     """
-    from auditor.detectors import DETECTORS, run_detectors
     from auditor.rules.engine import evaluate
     from auditor.rules.loader import load_rules
 
@@ -171,10 +119,11 @@ def audit_revision(
     started = time.perf_counter()
 
     say(f"resolving {subject}")
-    resolved = client.resolve(subject, revision=revision)
+    resolved = client.resolve(subject, revision=revision, local=local)
     inventory = classify_files(resolved.files)
     subject_model = OpenModel(resolved=resolved, inventory=inventory, files={}, config=None)
     base_spec, declared_parents = _choose_base(client, resolved, base)
+    cycle = declared_cycle(resolved)
 
     ctx = AuditContext(
         settings=settings,
@@ -186,20 +135,41 @@ def audit_revision(
         declared_parents=declared_parents,
         progress=say,
     )
+    ctx.file_issues += [FileIssue(path=p, kind="malformed", message=m)
+                        for p, m in resolved.file_issues]
     if inventory.has_weights:
+        from auditor.preload import preload
+
+        preload()  # before any lazy transformers name is touched, whatever thread we are
         say(f"downloading {resolved.repo_id}@{resolved.revision[:10]}")
         ctx.subject = fetch_model(client, resolved)
+        ctx.file_issues += ctx.subject.issues
         if base_spec is None:
-            raise MissingBase(
-                f"{resolved.repo_id}: no --base given and the model card declares no base_model"
-            )
-        say(f"downloading base {base_spec}")
-        ctx.base = fetch_model(client, client.resolve(base_spec))
-        for spec in against:
-            if spec in (subject, base_spec):
+            why = (" (it names only itself)" if cycle else "")
+            _no_base(ctx, inventory.pickles, MissingBase(
+                f"{resolved.repo_id}: no --base given and the model card declares no "
+                f"base_model{why}"
+            ))
+        else:
+            say(f"downloading base {base_spec}")
+            try:
+                ctx.base = fetch_model(client, client.resolve_related(base_spec, near=resolved))
+            except (GatedRepo, RateLimited, TransientHubError):
+                raise  # the daemon skips or retries the whole audit
+            except AuditorError as exc:
+                # Name the base, where it came from and the way out, not just the HTTP error.
+                source = "--base" if base else "the model card's base_model"
+                _no_base(ctx, inventory.pickles, type(exc)(
+                    f"base model {base_spec} (from {source}) could not be fetched from "
+                    f"{client.endpoint}: {exc}; pass --base ORG/NAME (or a local folder)"
+                ))
+        if ctx.base is not None and resolved.repo_id in ctx.base.resolved.card.base_models:
+            cycle = cycle or [resolved.repo_id, ctx.base.resolved.repo_id, resolved.repo_id]
+        for spec in against if ctx.base is not None else ():
+            if spec in (subject, base_spec) or ctx.base is None:
                 continue
             try:
-                cand = client.resolve(spec)
+                cand = client.resolve_related(spec, near=resolved)
                 if cand.repo_id in (resolved.repo_id, ctx.base.resolved.repo_id):
                     continue
                 say(f"downloading candidate {cand.repo_id}")
@@ -207,12 +177,17 @@ def audit_revision(
             except (WeightsError, AuditorError) as exc:
                 ctx.errors.append(f"candidate {spec}: {exc}")
 
-    names = list(detectors) if detectors is not None else list(DETECTORS)
+    stages = select_stages(PIPELINE, list(detectors) if detectors is not None else None)
     try:
-        run_detectors(ctx, names)
+        run_stages(ctx, stages)
     finally:
-        for source in ctx.state.pop("closers", []):
+        for source in ctx.open_sources:
             source.close()
+        ctx.open_sources.clear()
+    measured: dict[str, Any] = {}
+    for result in ctx.results():  # in run order: a later stage refines an earlier field
+        measured.update(result.measurements())
+    subject_weights = ctx.find(SubjectWeights)
 
     sub_ref = SubjectRef(
         repo_id=resolved.repo_id,
@@ -227,12 +202,21 @@ def audit_revision(
         subject=sub_ref,
         file_issues=ctx.file_issues,
         has_safetensors=bool(inventory.safetensors) or inventory.has_adapter,
-        weights_analyzed=bool(ctx.state.get("weights_analyzed")),
+        weights_analyzed=subject_weights is not None,
         declared_mergekit_config=resolved.mergekit_config,
-        **ctx.values,
+        declared_cycle=cycle,
+        **measured,
     )
+    if measurements.weights_analyzed:
+        from auditor.analysis.mergekit_check import check_mergekit
+
+        # The declared recipe against the measured one: parents, method, weights.
+        measurements = measurements.model_copy(update={"mergekit": check_mergekit(
+            resolved.mergekit_config, lineage=measurements.lineage, merge=measurements.merge,
+            base_repo=sub_ref.base_repo_id)})
     rules = load_rules(settings.rules_dir)
-    findings = evaluate(rules, measurements, authorizations=ctx.state.get("authorizations", ()))
+    findings = evaluate(rules, measurements, authorizations=authorizations,
+                        errors=ctx.errors)
     ctx.timings["total"] = time.perf_counter() - started
     report = AuditReport(
         tool_version=__version__,
@@ -244,17 +228,35 @@ def audit_revision(
         protection=measurements.protection,
         findings=findings,
         barriers=measurements.barriers,
+        provenance=measurements.provenance,
         pickles=measurements.pickles,
         file_issues=ctx.file_issues,
         errors=ctx.errors,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
+        mergekit=measurements.mergekit,
     )
     return AuditOutcome(
         report=report,
-        fingerprint=ctx.state.get("fingerprint"),
+        fingerprint=subject_weights.weights.fingerprint if subject_weights else None,
         resolved=resolved,
         exit_code=exit_code_for(report, scanned=inventory.has_weights or bool(inventory.pickles)),
     )
+
+
+def _no_base(ctx: AuditContext, pickles: Sequence[str], error: AuditorError) -> None:
+    """No usable base: with pickle files to scan, the audit goes on without the weights
+    analysis (their findings are kept; the error makes it incomplete); with nothing else
+    to check, the error is the answer."""
+    if not pickles:
+        raise error
+    ctx.errors.append(str(error))
+
+
+def declared_cycle(resolved: ResolvedRepo) -> list[str]:
+    """The subject's card naming the subject itself as a base: ``[repo, repo]``, else []."""
+    if resolved.repo_id in resolved.card.base_models:
+        return [resolved.repo_id, resolved.repo_id]
+    return []
 
 
 def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:
@@ -265,12 +267,3 @@ def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:
     if report.errors:
         return ExitCode.ERROR
     return ExitCode.CLEAN
-
-
-@contextlib.contextmanager
-def timed(ctx: AuditContext, name: str):  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - t0

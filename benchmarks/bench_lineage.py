@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_lineage.py [--seeds 0 1 2] [--root DIR] [--verbose]
 
 For each seed the factory builds (or reuses) the ``lineage-hard`` zoo, whose structure,
-owners and coefficients are drawn from that seed (``auditor.factory.lineage_zoo``): same-
+owners and coefficients are drawn from that seed (``auditor_testkit.factory.lineage_zoo``): same-
 data siblings, same-domain fine-tunes by other owners, clones of siblings, merges of every
 method with random coefficients, merge-then-fine-tune, a merge of a protected copy, a
 disguised merge. The zoo is served by the Hub-compatible server (``auditor serve-hub``) and
@@ -37,11 +37,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auditor.factory.zoo import ZooEntry, ZooManifest, build_zoo
 from auditor.hub.client import HubClient
-from auditor.hub.server import HubServer
 from auditor.orchestrator import HomologueRef, audit_revision
 from auditor.settings import Settings
+from auditor_testkit.factory.zoo import ZooEntry, ZooManifest, build_zoo
+from auditor_testkit.hub.server import HubServer
 
 # The daemon runs every registered detector; the backdoor probe and the barrier curves
 # do not touch lineage verdicts and take most of the time, so they are left out here.

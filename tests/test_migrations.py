@@ -20,10 +20,13 @@ TABLES = {
     "revisions",
     "fingerprints",
     "audits",
+    "worker_heartbeats",
     "comparisons",
     "findings",
     "crawl_cursors",
     "authorizations",
+    "provenance",
+    "discovery_state",
 }
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from auditor.reports import charts, samples
+from auditor.reports import charts
 from auditor.reports.formatters import render
 from auditor.reports.html import CSP, environment
 from auditor.reports.site import SiteData, build_site, slugify
+from auditor_testkit.reports import samples
 
 CSP_META = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'.replace("'", "&#39;")
 
@@ -146,7 +147,7 @@ def test_site_pages_and_links(site: tuple[Path, list[Path]]) -> None:
     assert "index.html" in rel
     assert sum(r.startswith("models/") and r.endswith(".html") for r in rel) == 5
     assert sum(r.startswith("bases/") for r in rel) == 2
-    assert {r.split("/")[0] for r in rel} == {"index.html", "models", "bases", "owners"}
+    assert {r.split("/")[0] for r in rel} == {"index.html", "models", "bases", "owners", "feeds"}
     html_files = [p for p in written if p.suffix == ".html"]
     for page in html_files:
         html = page.read_text(encoding="utf-8")
@@ -192,19 +193,19 @@ def test_empty_site_builds(tmp_path: Path) -> None:
 
 def test_site_data_from_store(store_session) -> None:  # type: ignore[no-untyped-def]
     from auditor.reports.from_store import site_data_from_store
-    from auditor.store import repository
+    from auditor.store import catalog, policy, queue
 
-    repository.watch_add(store_session, samples.BASE)
+    policy.watch_add(store_session, repo_id=samples.BASE)
     for report in (samples.base_report(), samples.merge_report()):
         s = report.subject
-        repository.upsert_repo(store_session, s.repo_id, owner=s.owner,
+        catalog.upsert_repo(store_session, repo_id=s.repo_id, owner=s.owner,
                                declared_base_models=s.declared_base_models)
-        rev = repository.upsert_revision(store_session, s.repo_id, s.revision)
-        audit_id = repository.queue_audit(store_session, rev.id, analysis_version="1",
+        rev = catalog.upsert_revision(store_session, repo_id=s.repo_id, sha=s.revision)
+        audit_id = queue.queue_audit(store_session, revision_id=rev.id, analysis_version="1",
                                           config_hash="c")
         assert audit_id is not None
-        repository.complete_audit(store_session, audit_id, report=report)
-    repository.upsert_repo(store_session, samples.FINETUNE, owner="alice",
+        queue.complete_audit(store_session, audit_id=audit_id, report=report)
+    catalog.upsert_repo(store_session, repo_id=samples.FINETUNE, owner="alice",
                            declared_base_models=[samples.BASE])
     data = site_data_from_store(store_session)
     assert [b.repo_id for b in data.bases] == [samples.BASE]

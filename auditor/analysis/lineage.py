@@ -227,6 +227,7 @@ def _analyze(
     copies = clone_groups(stack, [n for n in names if n not in clones], cidx, ident,
                           o.clone_cosine, o.clone_norm_tolerance, usable, ctx.created_at)
     shadowed = {c for group in copies.values() for c in group}
+    copy_of = {c: rep for rep, group in copies.items() for c in group}
     fitted = [n for n in names if n not in clones and n not in shadowed]
     fam = family_null(stack, [cidx[n] for n in fitted], null, p_threshold=o.p_threshold,
                       clone_cosine=o.clone_cosine)
@@ -259,14 +260,14 @@ def _analyze(
         relation: Relation
         if n in clones:
             relation = "clone"
-        elif n in shadowed:
-            relation = "related"  # a re-upload of another candidate: its original speaks
         elif n in parents:
             relation = "merge_parent" if is_merge else "finetune_parent"
             coef = fit.coefficients[n]
             per_coef = fit.per_layer.get(n, {})
             ev = evidence
         elif r.p_value < o.p_threshold or abs(r.cosine) >= SHARED_COSINE or n in fit.parents:
+            # a re-upload of another candidate (shadowed) lets its original speak for it,
+            # but is judged by the same evidence: identical evidence, identical relation
             relation = "related" if n in derived else "sibling"
             if n in fit.parents:
                 ev = evidence  # the fit that was not enough to accuse
@@ -275,7 +276,7 @@ def _analyze(
         entries.append(LineageEntry(
             repo_id=n, revision=ctx.revisions.get(n), relation=relation, coefficient=coef,
             cosine=r.cosine, p_value=r.p_value, z_score=r.z_score,
-            aligned=ctx.subject_aligned, declared=n in ctx.declared,
+            aligned=ctx.subject_aligned, declared=n in ctx.declared, copy_of=copy_of.get(n),
             per_layer_cosine=r.per_group_cosine, per_layer_coefficient=per_coef,
             accusable=relation == "merge_parent" and fit.accusable,
             source_disguised=n in ctx.disguised and relation == "merge_parent",

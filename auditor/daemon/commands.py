@@ -72,7 +72,7 @@ def configure_logging(*, json_logs: bool, level: str) -> None:
 
 def _make_daemon(settings: Settings, *, workers: int | None, interval: float | None,
                  lease_seconds: float, grace_seconds: float, retry_backoff: float,
-                 max_attempts: int) -> Daemon:
+                 max_attempts: int, backend: str = "threads") -> Daemon:
     from auditor.daemon.scheduler import Daemon
     from auditor.daemon.worker import RetryPolicy
     from auditor.hub.client import HubClient
@@ -80,7 +80,15 @@ def _make_daemon(settings: Settings, *, workers: int | None, interval: float | N
 
     url = _database_url(settings)
     upgrade_database(url)
-    return Daemon(
+    cls: type[Daemon] = Daemon
+    if backend == "celery":
+        from auditor.daemon.celery_scheduler import CeleryDaemon
+
+        cls = CeleryDaemon
+    elif backend != "threads":
+        typer.echo(f"unknown backend {backend!r} (threads or celery)", err=True)
+        raise typer.Exit(2)
+    return cls(
         settings=settings, database_url=url, client=HubClient.from_settings(settings),
         workers=workers or settings.workers,
         interval_seconds=interval or settings.crawl_interval_seconds,
@@ -107,25 +115,38 @@ def register(app: typer.Typer) -> None:
     def watch_add(
         base: Annotated[str, typer.Argument(help="Base model repo id, e.g. org/name.")],
         note: Annotated[str | None, typer.Option(help="Why it is watched.")] = None,
+        check: Annotated[bool, typer.Option(
+            "--check/--no-check",
+            help="Check on the Hub that BASE exists and is a model (--no-check: offline).")
+        ] = True,
     ) -> None:
         """Watch BASE: its derivatives are crawled and audited."""
         from auditor.errors import RepoNotFound
         from auditor.hub.card import is_repo_id
-        from auditor.store import repository
+        from auditor.store import policy
 
         if not is_repo_id(base):
-            raise RepoNotFound(f"{base!r} is not a valid repo id")
+            raise RepoNotFound(f"{base!r} is not a valid repo id (expected ORG/NAME)")
+        if check:
+            from auditor.errors import AuditorError
+            from auditor.exitcodes import ExitCode
+
+            try:
+                _check_base(base)
+            except AuditorError as exc:
+                typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+                raise typer.Exit(ExitCode.ERROR) from None
         with _session() as session:
-            repository.watch_add(session, base, note=note)
+            policy.watch_add(session, repo_id=base, note=note)
         typer.echo(f"watching {base}")
 
     @watch_app.command("list")
     def watch_list() -> None:
         """List the watched bases."""
-        from auditor.store import repository
+        from auditor.store import policy
 
         with _session() as session:
-            rows = repository.watch_list(session)
+            rows = policy.watch_list(session)
             for row in rows:
                 note = f"  # {row.note}" if row.note else ""
                 typer.echo(f"{row.repo_id}{note}")
@@ -133,10 +154,10 @@ def register(app: typer.Typer) -> None:
     @watch_app.command("remove")
     def watch_remove(base: Annotated[str, typer.Argument(help="Base model repo id.")]) -> None:
         """Stop watching BASE (its audits stay in the store)."""
-        from auditor.store import repository
+        from auditor.store import policy
 
         with _session() as session:
-            removed = repository.watch_remove(session, base)
+            removed = policy.watch_remove(session, repo_id=base)
         if not removed:
             typer.echo(f"{base} was not watched", err=True)
             raise typer.Exit(1)
@@ -191,13 +212,18 @@ def register(app: typer.Typer) -> None:
         max_attempts: AttemptsOpt = 5,
         json_logs: Annotated[bool, typer.Option("--json-logs", help="JSON log lines.")] = False,
         log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+        backend: Annotated[str, typer.Option(
+            help="threads: audits run in this process (default, embedded SQLite). celery: "
+                 "this process only crawls and publishes; `auditor worker` runs the audits.")
+        ] = "threads",
     ) -> None:
         """Crawl the watched bases on a schedule and audit new revisions until stopped."""
         configure_logging(json_logs=json_logs, level=log_level)
         settings = _settings()
         daemon = _make_daemon(settings, workers=workers, interval=interval,
                               lease_seconds=lease_seconds, grace_seconds=grace_seconds,
-                              retry_backoff=retry_backoff, max_attempts=max_attempts)
+                              retry_backoff=retry_backoff, max_attempts=max_attempts,
+                              backend=backend)
         if once:
             try:
                 results = daemon.run_once()
@@ -221,7 +247,7 @@ def register(app: typer.Typer) -> None:
                            ] = False,
     ) -> None:
         """Health: last crawl of each base, queue depth, recent failures."""
-        from auditor.store import repository
+        from auditor.store import queries
 
         with _session() as session:
             data = _status_data(session)
@@ -238,7 +264,16 @@ def register(app: typer.Typer) -> None:
                                (c["last_error"] or "")[:80])
             console.print(crawls)
             _print_depth(session)
-            failures = repository.recent_failures(session, limit=20)
+            if data["workers"]:
+                table = Table("worker", "queues", "device", "last seen", "audit",
+                              "done", "failed", "audits/min", title="workers (last 5 min)")
+                for w in data["workers"]:
+                    table.add_row(w["worker_id"], ",".join(w["queues"]), w["device"],
+                                  w["last_seen_at"] + (" (stopped)" if w["stopped"] else ""),
+                                  str(w["current_audit_id"] or "-"), str(w["audits_done"]),
+                                  str(w["audits_failed"]), str(w["audits_per_minute"]))
+                console.print(table)
+            failures = queries.recent_failures(session, limit=20)
             if failures:
                 table = Table("audit", "status", "attempts", "error", title="failures")
                 for a in failures:
@@ -246,13 +281,33 @@ def register(app: typer.Typer) -> None:
                 console.print(table)
 
 
+def _check_base(base: str) -> None:
+    """BASE must exist on the Hub as a model with weights or a config (not a dataset)."""
+    from auditor.errors import RepoNotFound
+    from auditor.hub.client import HubClient
+    from auditor.weights.inventory import classify_files
+
+    settings = _settings()
+    client = HubClient.from_settings(settings)
+    try:
+        resolved = client.resolve(base)
+    except RepoNotFound as exc:
+        raise RepoNotFound(f"{base}: no such model on {client.endpoint} ({exc}); check the "
+                           "id (datasets and spaces cannot be watched) or the endpoint "
+                           "(HF_ENDPOINT / AUDITOR_HUB_ENDPOINT)") from exc
+    inv = classify_files(resolved.files)
+    if not (inv.has_weights or "config.json" in resolved.files):
+        raise RepoNotFound(f"{base}: found on {client.endpoint} but it holds no model weights "
+                           "or config.json; is it a model?")
+
+
 def _status_data(session: Session) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from auditor.store import repository
+    from auditor.store import catalog, policy, queries
 
-    watched = [w.repo_id for w in repository.watch_list(session)]
-    cursors = {c.base_repo_id: c for c in repository.last_crawls(session)}
+    watched = [w.repo_id for w in policy.watch_list(session)]
+    cursors = {c.base_repo_id: c for c in catalog.last_crawls(session)}
     crawls = []
     for base in sorted(set(watched) | set(cursors)):
         c = cursors.get(base)
@@ -265,15 +320,19 @@ def _status_data(session: Session) -> dict[str, Any]:
             "last_error_at": c.last_error_at.isoformat() if c and c.last_error_at else None,
         })
     failures = [{"audit": a.id, "status": a.status, "attempts": a.attempts, "error": a.error}
-                for a in repository.recent_failures(session, limit=20)]
-    return {"crawls": crawls, "queue": asdict(repository.queue_depth(session)),
-            "failures": failures}
+                for a in queries.recent_failures(session, limit=20)]
+    from auditor.daemon.celery_store import workers_seen
+
+    workers = [{**asdict(w), "last_seen_at": w.last_seen_at.isoformat()}
+               for w in workers_seen(session, minutes=5.0)]
+    return {"crawls": crawls, "queue": asdict(queries.queue_depth(session)),
+            "failures": failures, "workers": workers}
 
 
 def _print_depth(session: Session) -> None:
-    from auditor.store import repository
+    from auditor.store import queries
 
-    d = repository.queue_depth(session)
+    d = queries.queue_depth(session)
     typer.echo(f"queue: {d.queued} queued, {d.running} running, {d.done} done, "
                f"{d.failed} failed, {d.skipped} skipped")
 
@@ -284,7 +343,7 @@ def _crawl_once(daemon: Daemon, *, progress: bool) -> list[Any]:
         return daemon.run_once()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from auditor.daemon.queries import pending_count
+    from auditor.daemon.progress import AuditCounter, AuditTick, tick_line
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[item]}"), transient=False) as bars:
@@ -294,12 +353,13 @@ def _crawl_once(daemon: Daemon, *, progress: bool) -> list[Any]:
         def on_listed(base: str, repo_id: str) -> None:
             bars.update(crawl_task, advance=1, item=f"{base} <- {repo_id}")
 
-        def on_done() -> None:
+        def on_tick(tick: AuditTick) -> None:
             if not audit_task:
-                with daemon.session_factory() as session:
-                    total = pending_count(session) + 1  # + the one just done
-                audit_task.append(bars.add_task("audits", total=total, item=""))
-            bars.update(audit_task[0], advance=1)
+                audit_task.append(bars.add_task("audits", total=tick.total, item=""))
+            # The total is re-read each time: re-queued merges and new finds grow it.
+            bars.update(audit_task[0], completed=tick.done, total=tick.total,
+                        item=tick_line(tick))
 
+        on_done = AuditCounter(daemon.session_factory, on_tick)
         daemon.pool.on_done = on_done
         return daemon.run_once(progress=on_listed)

@@ -19,20 +19,12 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from auditor.daemon import metrics
-from auditor.daemon.queries import (
-    StoredHomologue,
-    audit_target,
-    next_due_at,
-    pending_count,
-    release_audit,
-    requeue_dependents,
-    running_shas,
-    stored_homologues,
-    worker_prefix,
-)
 from auditor.errors import AuditorError, GatedRepo, RateLimited, StoreError, TransientHubError
-from auditor.store import repository
+from auditor.store import catalog, queue
+from auditor.store.catalog import StoredHomologue, audit_target, stored_homologues
 from auditor.store.models import utcnow
+from auditor.store.queries import next_due_at, pending_count, running_shas
+from auditor.store.queue import release_audit, requeue_dependents, worker_prefix
 from auditor.store.recording import save_result
 
 if TYPE_CHECKING:
@@ -42,6 +34,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("auditor.daemon.worker")
 
 DEFAULT_LEASE_SECONDS = 300.0
+SAVE_ATTEMPTS = 3
+SAVE_BACKOFF_SECONDS = 0.5
 
 AuditFn = Callable[..., Any]
 
@@ -50,8 +44,8 @@ AuditFn = Callable[..., Any]
 class RetryPolicy:
     """How failed audits are retried (the store's defaults; tests shrink them)."""
 
-    max_attempts: int = repository.DEFAULT_MAX_ATTEMPTS
-    backoff_seconds: float = repository.DEFAULT_BACKOFF_SECONDS
+    max_attempts: int = queue.DEFAULT_MAX_ATTEMPTS
+    backoff_seconds: float = queue.DEFAULT_BACKOFF_SECONDS
 
 
 def _audit_fn() -> AuditFn:
@@ -62,8 +56,8 @@ def _audit_fn() -> AuditFn:
 
 
 def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
-    from auditor.analysis.fingerprint import Fingerprint
-    from auditor.orchestrator import HomologueRef
+    from auditor.analysis.fingerprint import Fingerprint, is_finite
+    from auditor.detectors.context import HomologueRef
 
     refs: dict[str, Any] = {}
     for h in stored:
@@ -72,6 +66,9 @@ def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
         except AuditorError as exc:
             # A bad stored fingerprint only removes that repo from the comparison set.
             log.warning("bad stored fingerprint", repo=h.repo_id, error=str(exc))
+            continue
+        if not is_finite(fp):
+            log.warning("stored fingerprint holds non-finite values: left out", repo=h.repo_id)
             continue
         refs[h.repo_id] = HomologueRef(repo_id=h.repo_id, revision=h.revision,
                                        fingerprint=fp, backdoor=h.backdoor,
@@ -97,7 +94,7 @@ class _LeaseRenewer(threading.Thread):
         while not self.stop_event.wait(period):
             try:
                 with self.factory() as session:
-                    if not repository.renew_lease(session, self.audit_id,
+                    if not queue.renew_lease(session, audit_id=self.audit_id,
                                                   worker_id=self.worker_id,
                                                   lease_seconds=self.lease_seconds):
                         self.lost = True
@@ -124,15 +121,38 @@ def run_one(
     on_release: Callable[[int], None] | None = None,
 ) -> bool:
     """Claim and run the next due audit; ``False`` if none was claimable."""
-    retry = retry or RetryPolicy()
     with session_factory() as session:
-        audit = repository.claim_next_audit(session, worker_id=worker_id,
-                                            lease_seconds=lease_seconds)
+        audit = queue.claim_next_audit(session, worker_id=worker_id,
+                                       lease_seconds=lease_seconds)
         if audit is None:
             return False
-        # Read before audit_target's rollback expires the row.
         audit_id, attempt = audit.id, audit.attempts
-        target = audit_target(session, audit_id)
+    execute_claimed(session_factory, client, settings, audit_id=audit_id, attempt=attempt,
+                    worker_id=worker_id, lease_seconds=lease_seconds, retry=retry,
+                    audit_fn=audit_fn, on_claim=on_claim, on_release=on_release)
+    return True
+
+
+def execute_claimed(
+    session_factory: sessionmaker[Session],
+    client: HubClient,
+    settings: Settings,
+    *,
+    audit_id: int,
+    attempt: int,
+    worker_id: str,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    retry: RetryPolicy | None = None,
+    audit_fn: AuditFn | None = None,
+    on_claim: Callable[[int], None] | None = None,
+    on_release: Callable[[int], None] | None = None,
+) -> None:
+    """Run an audit ``worker_id`` holds the lease of: renew the lease while the
+    orchestrator runs, record the result (or the failure). The one code path of the
+    in-process pool and the Celery task alike."""
+    retry = retry or RetryPolicy()
+    with session_factory() as session:
+        target = audit_target(session, audit_id=audit_id)
     if on_claim is not None:
         on_claim(audit_id)
     bound = log.bind(audit=audit_id, repo=target.repo_id, sha=target.sha[:12],
@@ -150,7 +170,6 @@ def run_one(
             on_release(target.audit_id)
     bound.info("audit finished", seconds=round(time.monotonic() - started, 3))
     _enforce_budget(session_factory, client)
-    return True
 
 
 def _run_claimed(
@@ -173,12 +192,15 @@ def _run_claimed(
                                            analysis_version=target.analysis_version)
             homologues = _homologue_refs(stored) if stored else {}
         log.info("audit started", base=target.base_repo_id, homologues=len(homologues))
+        # local=False: a crawled repo id is a Hub id, even when a folder of that name
+        # exists in the daemon's working directory.
         outcome = audit_fn(target.repo_id, revision=target.sha, base=target.base_repo_id,
-                           homologues=homologues, settings=settings, client=client)
+                           homologues=homologues, settings=settings, client=client,
+                           local=False)
     except GatedRepo as exc:
         with factory() as session:
-            repository.upsert_repo(session, target.repo_id, gated=True, skip_reason=str(exc))
-            repository.skip_audit(session, target.audit_id, reason=str(exc))
+            catalog.upsert_repo(session, repo_id=target.repo_id, gated=True, skip_reason=str(exc))
+            queue.skip_audit(session, audit_id=target.audit_id, reason=str(exc))
         metrics.AUDITS.labels(outcome="skipped").inc()
         log.info("audit skipped", reason=str(exc))
         return
@@ -193,25 +215,40 @@ def _run_claimed(
         return
     except Exception as exc:
         # A bug must not kill the worker nor leave the audit running until its lease ends.
-        log.exception("audit crashed")
+        log.error("audit crashed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        log.debug("audit crash traceback", exc_info=True)
         _fail(factory, target, worker_id, error=f"internal error: {type(exc).__name__}: {exc}",
               retryable=False, retry=retry, retry_after=None, log=log)
         return
-    try:
-        with factory() as session:
-            fingerprint = getattr(outcome, "fingerprint", None)
-            save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
-                        report=outcome.report, fingerprint=fingerprint,
-                        analysis_version=target.analysis_version, worker_id=worker_id)
-            requeued = (
-                requeue_dependents(session, revision_id=target.revision_id,
-                                   analysis_version=target.analysis_version)
-                if fingerprint is not None else []
-            )
-    except StoreError as exc:
-        # Lost the lease (someone else re-ran it): their result stands.
-        log.warning("audit result dropped", error=str(exc))
-        return
+    fingerprint = getattr(outcome, "fingerprint", None)
+    requeued: list[Any] = []
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            with factory() as session:
+                save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
+                            report=outcome.report, fingerprint=fingerprint,
+                            analysis_version=target.analysis_version, worker_id=worker_id)
+                requeued = (
+                    requeue_dependents(session, revision_id=target.revision_id,
+                                       analysis_version=target.analysis_version)
+                    if fingerprint is not None else []
+                )
+            break
+        except StoreError as exc:
+            # Lost the lease (someone else re-ran it): their result stands.
+            log.warning("audit result dropped", error=str(exc))
+            return
+        except Exception as exc:
+            # The database refused the result (a value it cannot hold, a lock, a lost
+            # connection): retry a few times, then fail this audit with the reason, so it
+            # never stays "running" and a crawl --once still ends.
+            reason = f"could not save the result: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("save failed", attempt=attempt, error=reason)
+            if attempt == SAVE_ATTEMPTS:
+                _fail(factory, target, worker_id, error=reason, retryable=False,
+                      retry=retry, retry_after=None, log=log)
+                return
+            time.sleep(SAVE_BACKOFF_SECONDS * attempt)
     metrics.AUDITS.labels(outcome="done").inc()
     log.info("audit done", findings=len(outcome.report.findings), requeued=requeued)
 
@@ -220,8 +257,8 @@ def _fail(factory: sessionmaker[Session], target: Any, worker_id: str, *, error:
           retryable: bool, retry: RetryPolicy, retry_after: float | None, log: Any) -> None:
     try:
         with factory() as session:
-            status = repository.fail_audit(
-                session, target.audit_id, error=error, retryable=retryable,
+            status = queue.fail_audit(
+                session, audit_id=target.audit_id, error=error, retryable=retryable,
                 worker_id=worker_id, max_attempts=retry.max_attempts,
                 backoff_seconds=retry.backoff_seconds, retry_after=retry_after)
     except StoreError as exc:
@@ -319,6 +356,10 @@ class WorkerPool:
             wait = self.poll_seconds
             if until_empty:
                 with self.session_factory() as session:
+                    # Leases that expired while draining (a worker that died or could not
+                    # record its failure) go back to the queue here: drain always ends.
+                    queue.requeue_expired(session)
+                with self.session_factory() as session:
                     if pending_count(session) == 0:
                         return
                     due = next_due_at(session)
@@ -328,6 +369,9 @@ class WorkerPool:
 
     def drain(self) -> None:
         """Run until no audit is queued or running (retries included), then return."""
+        from auditor.preload import preload
+
+        preload()  # heavy, lazily-bound imports before the threads race for them
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="audit") as pool:
             futures = [pool.submit(self._loop, until_empty=True) for _ in range(self.workers)]
             for f in futures:
@@ -335,6 +379,9 @@ class WorkerPool:
 
     def start(self) -> None:
         """Run in the background until ``stop``."""
+        from auditor.preload import preload
+
+        preload()
         self._executor = ThreadPoolExecutor(max_workers=self.workers,
                                             thread_name_prefix="audit")
         self._futures = [self._executor.submit(self._loop, until_empty=False)
@@ -357,7 +404,7 @@ class WorkerPool:
         for audit_id, worker_id in leftover.items():
             try:
                 with self.session_factory() as session:
-                    released = release_audit(session, audit_id, worker_id=worker_id)
+                    released = release_audit(session, audit_id=audit_id, worker_id=worker_id)
                 log.warning("audit interrupted by shutdown", audit=audit_id,
                             requeued=released)
             except Exception as exc:

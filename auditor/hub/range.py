@@ -1,8 +1,12 @@
 """Random access to one file of a resolved repo: HTTP Range reads or a local file.
 
 Both satisfy ``auditor.weights.base.ByteSource``. A server that ignores ``Range`` answers
-200 with the whole body; using those bytes after a seek silently gives wrong data, so
-anything but a 206 with exactly the requested Content-Range raises ``RangeNotSupported``.
+200 with the whole body (some mirrors do); using that body as if it were the requested
+range silently gives wrong data. ``RangeFile`` detects the 200, streams the body from the
+start, keeps only the requested bytes and closes the connection right after them, so
+reading a header never downloads the whole file. Streaming past ``max_stream_bytes`` (a
+read deep into a large file) raises ``RangeNotSupported`` instead. A 206 whose
+Content-Range is not exactly the requested one raises ``RangeNotSupported`` too.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ if TYPE_CHECKING:
     from auditor.hub.client import HubClient, ResolvedRepo
 
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# Read size when streaming a 200 answer: bounds how far past the needed bytes we read.
+STREAM_CHUNK = 16 << 10
+
+
+def stream_chunk(stop: int) -> int:
+    """Read size for streaming up to byte ``stop``: 1/16 of it, within 256 B-16 KiB."""
+    return max(256, min(STREAM_CHUNK, stop // 16))
 
 
 class LocalRangeFile:
@@ -72,8 +83,15 @@ class RangeFile:
         backoff_seconds: float = 0.5,
         max_wait_seconds: float = 30.0,
         timeout: float = 30.0,
+        max_stream_bytes: int = 32 << 20,
     ) -> None:
         self.url = url
+        # How far into the file a read may stream when the server ignores Range: enough
+        # for any safetensors header (25 MB limit), never a whole multi-GB shard.
+        self.max_stream_bytes = max_stream_bytes
+        self.range_ignored = False
+        self.bytes_transferred = 0
+        self._prefix = b""  # the start of the file, kept from a 200 answer
         self._size = size
         self.max_retries = max_retries
         self.backoff_seconds = backoff_seconds
@@ -93,6 +111,8 @@ class RangeFile:
         _check_bounds(offset, length, self._size)
         if length == 0:
             return b""
+        if offset + length <= len(self._prefix):
+            return self._prefix[offset: offset + length]
         attempt = 0
         while True:
             try:
@@ -108,15 +128,21 @@ class RangeFile:
 
     def _read_once(self, offset: int, length: int) -> bytes:
         end = offset + length - 1
+        if self.range_ignored and offset + length > self.max_stream_bytes:
+            raise RangeNotSupported(
+                f"{self.url}: the server ignores Range and bytes {offset}-{end} lie beyond "
+                f"the {self.max_stream_bytes} bytes this reader streams"
+            )
         self.requests += 1
         try:
             with self._http.stream("GET", self.url, headers={"Range": f"bytes={offset}-{end}"}
                                    ) as resp:
+                if resp.status_code == 200:
+                    return self._from_full_body(resp, offset, length)
                 if resp.status_code != 206:
                     _raise_for_status(resp, self.url)
                     raise RangeNotSupported(
-                        f"{self.url}: server answered {resp.status_code} to a Range request; "
-                        "refusing to use a body that may not be the requested bytes"
+                        f"{self.url}: server answered {resp.status_code} to a Range request"
                     )
                 match = _CONTENT_RANGE_RE.match(resp.headers.get("content-range", "").strip())
                 if not match or (int(match.group(1)), int(match.group(2))) != (offset, end):
@@ -127,6 +153,7 @@ class RangeFile:
                 data = bytearray()
                 for chunk in resp.iter_bytes():
                     data += chunk
+                    self.bytes_transferred += len(chunk)
                     if len(data) > length:
                         raise RangeNotSupported(f"{self.url}: more bytes than requested")
         except httpx.TransportError as exc:
@@ -135,6 +162,36 @@ class RangeFile:
         if len(data) != length:
             raise TransientHubError(f"{self.url}: short body {len(data)}/{length} (cut)")
         return bytes(data)
+
+    def _from_full_body(self, resp: httpx.Response, offset: int, length: int) -> bytes:
+        """The requested bytes out of a 200 answer: stream from the start, stop right after
+        them, and keep what came (later reads inside it cost nothing)."""
+        self.range_ignored = True
+        if offset + length > self.max_stream_bytes:
+            raise RangeNotSupported(
+                f"{self.url}: the server ignores Range; reading bytes at {offset} would stream "
+                f"more than {self.max_stream_bytes} bytes"
+            )
+        declared = resp.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) != self._size:
+            raise RangeNotSupported(f"{self.url}: a 200 body of {declared} bytes is not the "
+                                    f"whole file ({self._size} bytes)")
+        stop = offset + length
+        # One stream fetches the whole affordable prefix (later reads in it are free), and
+        # stops one read short of the limit so the transfer itself stays within it.
+        size = stream_chunk(self.max_stream_bytes)
+        target = max(stop, min(self._size, self.max_stream_bytes - size))
+        prefix = bytearray()
+        for chunk in resp.iter_bytes(chunk_size=size):
+            self.bytes_transferred += len(chunk)
+            prefix += chunk
+            if len(prefix) >= target:
+                break  # leaving the with-block closes the connection: the rest never comes
+        if len(prefix) > len(self._prefix):
+            self._prefix = bytes(prefix[: self.max_stream_bytes])
+        if len(prefix) < stop:
+            raise TransientHubError(f"{self.url}: short body {len(prefix)}/{stop} (cut)")
+        return bytes(prefix[offset:stop])
 
     def close(self) -> None:
         self._http.close()
@@ -176,9 +233,12 @@ def _raise_for_status(resp: httpx.Response, url: str) -> None:
 
 
 def open_range(
-    client: HubClient, resolved: ResolvedRepo, filename: str
+    client: HubClient, resolved: ResolvedRepo, filename: str, *,
+    max_stream_bytes: int | None = None,
 ) -> RangeFile | LocalRangeFile:
-    """A ``ByteSource`` for ``filename`` at ``resolved.revision`` without downloading it."""
+    """A ``ByteSource`` for ``filename`` at ``resolved.revision`` without downloading it.
+
+    ``max_stream_bytes`` bounds how far a read may stream when the server ignores Range."""
     if resolved.local_dir is not None:
         return LocalRangeFile(client.local_path(resolved, filename))
     if filename not in resolved.files:
@@ -190,4 +250,5 @@ def open_range(
         max_retries=client.max_retries,
         backoff_seconds=client.backoff_seconds,
         max_wait_seconds=client.max_wait_seconds,
+        **({} if max_stream_bytes is None else {"max_stream_bytes": max_stream_bytes}),
     )

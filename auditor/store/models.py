@@ -250,3 +250,55 @@ class Authorization(Base):
     related_repo: Mapped[str | None] = mapped_column(String(255))
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Provenance(Base):
+    """How a derivative of a watched base was found: ``declared`` (its card names the
+    base), ``family_tree`` (a child of a known derivative) or ``discovered`` (its weights,
+    whatever its card says). One row per way; ``evidence`` holds the shape match, the
+    weight probe, the screening and the card's claims."""
+
+    __tablename__ = "provenance"
+    __table_args__ = (UniqueConstraint("repo_id", "base_repo_id", "found_by"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[str] = mapped_column(String(255), index=True)
+    base_repo_id: Mapped[str] = mapped_column(String(255), index=True)
+    found_by: Mapped[str] = mapped_column(String(16))
+    sha: Mapped[str | None] = mapped_column(String(64))
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class DiscoveryState(Base):
+    """Per watched base: how far back the weight-based discovery has listed new uploads,
+    and where the bounded family-tree walk stopped (it resumes there next crawl)."""
+
+    __tablename__ = "discovery_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_repo_id: Mapped[str] = mapped_column(String(255), unique=True)
+    listed_until: Mapped[datetime | None] = mapped_column()
+    tree_resume: Mapped[str | None] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process seen by the store: Celery workers on any machine write one row
+    each and refresh ``last_seen_at`` (``auditor status`` lists the recent ones)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(128), unique=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[Any]] = mapped_column(default=list)
+    device: Mapped[str] = mapped_column(String(32), default="cpu")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    current_audit_id: Mapped[int | None] = mapped_column(Integer)
+    audits_done: Mapped[int] = mapped_column(Integer, default=0)
+    audits_failed: Mapped[int] = mapped_column(Integer, default=0)
+    stopped_at: Mapped[datetime | None] = mapped_column()
