@@ -266,9 +266,9 @@ def _analyze(
             per_coef = fit.per_layer.get(n, {})
             ev = evidence
         elif r.p_value < o.p_threshold or abs(r.cosine) >= SHARED_COSINE or n in fit.parents:
-            # a re-upload of another candidate (shadowed) lets its original speak for it,
-            # but is judged by the same evidence: identical evidence, identical relation
-            relation = "related" if n in derived else "sibling"
+            # a re-upload of another candidate (shadowed, ``copy_of``) lets its original
+            # speak for it: related by the same evidence, never a parent itself
+            relation = "related" if n in derived or n in shadowed else "sibling"
             if n in fit.parents:
                 ev = evidence  # the fit that was not enough to accuse
         else:
