@@ -265,7 +265,7 @@ def _analyze(
             coef = fit.coefficients[n]
             per_coef = fit.per_layer.get(n, {})
             ev = evidence
-        elif r.p_value < o.p_threshold or n in fit.parents:
+        elif r.p_value < o.p_threshold:
             # a re-upload of another candidate (shadowed, ``copy_of``) lets its original
             # speak for it: related by the same evidence, never a parent itself
             relation = "related" if n in derived or n in shadowed else "sibling"
