@@ -30,11 +30,15 @@ def register(app: typer.Typer) -> None:
         store: Annotated[
             bool, typer.Option("--store/--no-store", help="also record it in the database")
         ] = False,
+        stored: Annotated[
+            bool, typer.Option("--stored/--no-stored",
+                               help="also compare against the cached homologues of the base")
+        ] = True,
         quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     ) -> None:
         """Audit SUBJECT. Exit codes: 0 clean, 1 findings, 2 errors, 3 nothing scanned."""
         from auditor.errors import AuditorError
-        from auditor.orchestrator import audit_revision
+        from auditor.orchestrator import audit_revision, incomplete
         from auditor.reports.formatters import FORMATTERS, render
         from auditor.rules.engine import rule_metas
         from auditor.rules.loader import load_rules
@@ -43,7 +47,9 @@ def register(app: typer.Typer) -> None:
         if fmt not in FORMATTERS:
             typer.secho(f"error: unknown format {fmt!r} ({', '.join(FORMATTERS)})", err=True)
             raise typer.Exit(ExitCode.ERROR)
-        overrides = {"hub_endpoint": endpoint} if endpoint else {}
+        overrides: dict[str, object] = {"hub_endpoint": endpoint} if endpoint else {}
+        if not stored:
+            overrides["compare_stored"] = False
         settings = Settings(**overrides)  # type: ignore[arg-type]
         try:
             with _progress(enabled=not quiet) as say:
@@ -74,7 +80,11 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
         if not quiet:
             _summary(outcome.report)
-        raise typer.Exit(int(outcome.exit_code))
+        code = outcome.exit_code
+        if code == ExitCode.CLEAN and incomplete(outcome.report):
+            # no findings after comparing against nothing is not a clean result
+            code = ExitCode.ERROR
+        raise typer.Exit(int(code))
 
 
 class _progress:
@@ -100,8 +110,17 @@ class _progress:
 
 def _summary(report) -> None:  # type: ignore[no-untyped-def]
     findings = report.active_findings
-    if not findings:
-        typer.echo(f"{report.subject.repo_id}: no findings", err=True)
+    compared = report.coverage.get("candidates_compared")
+    against = f" (compared against {compared} candidates)" if compared is not None else ""
+    if not findings and compared == 0:
+        typer.echo(f"{report.subject.repo_id}: incomplete: compared against no candidate, "
+                   "so no findings is not a clean result (give --against, or audit its "
+                   "homologues first)", err=True)
         return
+    if not findings:
+        typer.echo(f"{report.subject.repo_id}: no findings{against}", err=True)
+        return
+    if against:
+        typer.echo(f"{report.subject.repo_id}:{against}", err=True)
     for f in findings:
         typer.echo(f"{report.subject.repo_id}: [{f.severity}] {f.rule_id} {f.title}", err=True)

@@ -16,8 +16,8 @@ from auditor.errors import AnalysisError, AuditorError
 from auditor.orchestrator import AuditContext
 from auditor.schema import FileIssue
 
-MAX_BARRIER_CANDIDATES = 6
-MAX_EQUIVALENCE_CANDIDATES = 8
+# Barrier curves go to the top-K related candidates (Settings.behaviour_top_k); the
+# equivalence check to twice as many, related ones first.
 MAX_HOMOLOGUES = 3
 # Function-equivalent copy: predictions nearly identical (mean KL in nats) while the
 # weights sit far apart (relative to the candidate's own distance from the base).
@@ -34,22 +34,28 @@ def _setup(ctx: AuditContext) -> dict[str, Any] | None:
     subject_src = info.get("raw_source")
     base_src = ctx.state.get("base_source")
     reason = None
+    # An adapter runs as base + its delta, with the base's config and tokenizer.
+    config = ctx.subject.config or (ctx.base.config if ctx.base else None)
+    tok_model = ctx.subject if "tokenizer.json" in ctx.subject.files else ctx.base
     if subject_src is None or base_src is None:
-        reason = "behavioural checks need full weights (adapters are compared by weights only)"
-    elif ctx.subject.config is None or "tokenizer.json" not in ctx.subject.files:
+        reason = "behavioural checks need the subject's weights"
+    elif config is None or tok_model is None or "tokenizer.json" not in tok_model.files:
         reason = "behavioural checks need config.json and tokenizer.json"
     if reason is None:
+        from auditor.analysis.compute import resolve_device
         from auditor.analysis.modeling import build_model, load_tokenizer, spec_from_config
         from auditor.analysis.probes import build_probes
 
         try:
-            spec = spec_from_config(ctx.subject.config or {})
+            spec = spec_from_config(config or {})
             if not spec.is_causal:
                 raise AnalysisError(f"{spec.task} models get weight checks only")
-            tokenizer = load_tokenizer(ctx.subject.folder)
-            work = build_model(spec, base_src)
+            assert tok_model is not None
+            tokenizer = load_tokenizer(tok_model.folder)
+            work = build_model(spec, base_src, device=resolve_device(ctx.settings.device))
+            budget = _probe_plan(ctx, spec)
             probes = build_probes(tokenizer=tokenizer, sampler=work,
-                                  probe_file=ctx.settings.probe_file, seed=0)
+                                  probe_file=ctx.settings.probe_file, seed=0, **budget)
         except AnalysisError as exc:
             reason = str(exc)
     if reason is not None:
@@ -59,6 +65,36 @@ def _setup(ctx: AuditContext) -> dict[str, Any] | None:
     ctx.state["behaviour"] = {"spec": spec, "tokenizer": tokenizer, "work": work,
                               "probes": probes, "subject": subject_src, "base": base_src}
     return ctx.state["behaviour"]  # type: ignore[no-any-return]
+
+
+# Default probe set (build_probes): 16 sampled rows of 24 tokens, 32 texts of <= 32 tokens.
+_FULL_PROBE_TOKENS = 16 * 24 + 32 * 32
+
+
+def _probe_plan(ctx: AuditContext, spec: Any) -> dict[str, int]:
+    """Probe-set size for this audit: the full set when the compute budget allows it,
+    fewer rows when the model is large for the device (tokens x planned evaluations x
+    2 x params <= the budget in settings)."""
+    from auditor.analysis.compute import count_params, probe_budget, resolve_device
+
+    k = max(1, ctx.settings.behaviour_top_k)
+    points = ctx.settings.barrier_points
+    # barrier curves (base + top-K), equivalence (2 per candidate), protection, backdoor
+    planned = points * (1 + k) + 2 * k + 16 + 24
+    tokens = probe_budget(n_params=count_params(spec.config),
+                          device=resolve_device(ctx.settings.device),
+                          planned_evaluations=planned, cpu_flops=ctx.settings.cpu_probe_flops,
+                          gpu_flops=ctx.settings.gpu_probe_flops)
+    if tokens >= _FULL_PROBE_TOKENS:
+        return {}
+    share = tokens / _FULL_PROBE_TOKENS
+    ctx.file_issues.append(FileIssue(
+        path=ctx.subject.resolved.repo_id, kind="budget",
+        message=f"behavioural checks on a reduced probe set (~{tokens} tokens per pass) "
+                "to fit the compute budget; set AUDITOR_DEVICE=cuda or raise "
+                "AUDITOR_CPU_PROBE_FLOPS for full curves"))
+    return {"n_sampled": max(2, round(16 * share)), "max_texts": max(2, round(32 * share)),
+            "sample_length": 24, "max_length": 32}
 
 
 def _candidate_sources(ctx: AuditContext) -> dict[str, Any]:
@@ -104,13 +140,16 @@ def _benign_homologues(
 
 
 def _download_weights(ctx: AuditContext, repo_id: str, revision: str | None) -> Any:
-    from auditor.detectors_builtin import open_weights
+    from auditor.detectors_builtin import weights_source
+    from auditor.errors import WeightsError
     from auditor.orchestrator import fetch_model
 
     model = fetch_model(ctx.client, ctx.client.resolve(repo_id, revision=revision))
-    source = open_weights(model)
-    ctx.state.setdefault("closers", []).append(source)
-    return source
+    base = ctx.state.get("base_source")
+    if base is None:
+        raise WeightsError("no base weights open")
+    # adapters are full homologues: base + their delta
+    return weights_source(ctx, model, base)
 
 
 @register("barrier")
@@ -122,6 +161,7 @@ def detect_barriers(ctx: AuditContext) -> None:
     if setup is None:
         return
     points = ctx.settings.barrier_points
+    top_k = max(1, ctx.settings.behaviour_top_k)
     curves = []
     base_id = ctx.base.resolved.repo_id if ctx.base else "base"
     curves.append(loss_path(setup["spec"], setup["subject"], setup["base"],
@@ -132,7 +172,7 @@ def detect_barriers(ctx: AuditContext) -> None:
     # Parents and clones known only by their stored fingerprint (daemon audits) are
     # downloaded for their curve: the report plots the barrier to every related model.
     for entry in sorted(entries.values(), key=lambda e: -abs(e.cosine)):
-        if len(sources) >= MAX_BARRIER_CANDIDATES:
+        if len(sources) >= top_k:
             break
         ref = ctx.homologues.get(entry.repo_id)
         if entry.relation == "unrelated" or entry.repo_id in sources or ref is None:
@@ -143,7 +183,7 @@ def detect_barriers(ctx: AuditContext) -> None:
             ctx.errors.append(f"barrier {entry.repo_id}: {exc}")
     ranked = sorted((e for e in entries.values() if e.repo_id in sources),
                     key=lambda e: (e.relation == "unrelated", -abs(e.cosine)))
-    for entry in ranked[:MAX_BARRIER_CANDIDATES]:
+    for entry in ranked[:top_k]:
         curves.append(loss_path(setup["spec"], setup["subject"], sources[entry.repo_id],
                                 probes=setup["probes"], points=points,
                                 other_repo_id=entry.repo_id, model=setup["work"]))
@@ -179,7 +219,13 @@ def detect_function_equivalence(ctx: AuditContext) -> None:
     if setup is None:
         return
     found: list[str] = []
-    for repo_id, src in list(_candidate_sources(ctx).items())[:MAX_EQUIVALENCE_CANDIDATES]:
+    entries = _entry_map(ctx)
+    sources = _candidate_sources(ctx)
+    ranked = sorted(sources, key=lambda r: (
+        r not in entries or entries[r].relation == "unrelated",
+        -abs(entries[r].cosine) if r in entries else 0.0, r))
+    for repo_id in ranked[:2 * max(1, ctx.settings.behaviour_top_k)]:
+        src = sources[repo_id]
         kl = function_distance(setup["spec"], setup["subject"], src, probes=setup["probes"],
                                model=setup["work"])
         if kl > EQUIVALENCE_KL:
@@ -212,7 +258,7 @@ def detect_protection(ctx: AuditContext) -> None:
 def detect_backdoor(ctx: AuditContext) -> None:
     """Trigger candidates, behavioural confirmation, merge robustness, inheritance."""
     from auditor.analysis.backdoor import LoadedModel, analyze_backdoor
-    from auditor.analysis.modeling import build_model
+    from auditor.analysis.modeling import load_state_into
 
     setup = _setup(ctx)
     if setup is None:
@@ -222,7 +268,9 @@ def detect_backdoor(ctx: AuditContext) -> None:
     flagged = {repo: list(ref.backdoor.triggers) for repo, ref in ctx.homologues.items()
                if repo in parents and ref.backdoor is not None and ref.backdoor.suspected
                and ref.backdoor.triggers}
-    subject = LoadedModel(model=build_model(setup["spec"], setup["subject"]),
+    # The working model becomes the subject (loaded in place: no second model in memory).
+    load_state_into(setup["work"], setup["subject"])
+    subject = LoadedModel(model=setup["work"],
                           tokenizer=setup["tokenizer"], weights=setup["subject"],
                           repo_id=ctx.subject.resolved.repo_id,
                           revision=ctx.subject.resolved.revision)

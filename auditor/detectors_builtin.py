@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from auditor.detectors import register
@@ -41,6 +42,7 @@ def _fingerprint(
 ) -> tuple[Any, dict[str, Any]]:
     """Task-vector fingerprint of one model against the base, disguises undone first."""
     from auditor.analysis.align import align_to_base
+    from auditor.analysis.disguise_screen import ScreenTap
     from auditor.analysis.fingerprint import compute_fingerprint
     from auditor.weights.lora import lora_deltas
     from auditor.weights.task_vectors import model_deltas
@@ -56,26 +58,45 @@ def _fingerprint(
                           kind="adapter", message=areport.reason or "not exactly reconstructable")
             )
         fp = compute_fingerprint(deltas)
+        from auditor.weights.adapter_source import AdapterWeights
+
+        # an adapter is a full homologue: base + its delta, served tensor by tensor
+        info["raw_source"] = AdapterWeights(base_src, deltas)
+        info["adapter"] = True
+        ctx.state.setdefault("closers", []).append(info["raw_source"])
         return fp, info
     src = open_weights(model)
     ctx.state.setdefault("closers", []).append(src)
     config = model.config or (ctx.base.config if ctx.base else None)
-    aligned = align_to_base(src, base_src, config=config)
-    disguised = _disguise_detected(aligned.report, config or {})
+    base_config = ctx.base.config if ctx.base else None
+    # One pass: the task vector's reads also feed the linear disguise screen; only a
+    # suspect model is aligned (and read again), honest ones are never aligned.
+    tap = ScreenTap(src, base_src, config=config)
+    deltas, report = model_deltas(tap.subject, tap.base, model_config=model.config,
+                                  base_config=base_config)
+    fp = compute_fingerprint(deltas)
+    info["screen"] = tap.screen.summary()
+    disguised = False
+    chosen: Any = src
+    if tap.screen.suspect:
+        aligned = align_to_base(src, base_src, config=config)
+        info["alignment"] = aligned.report
+        # Ordinary fine-tuning also moves a few neuron scales; only a real disguise (a
+        # permutation, or most units rescaled) justifies comparing the aligned weights.
+        disguised = _disguise_detected(aligned.report, config or {})
+        if disguised:
+            chosen = aligned.source
+            deltas, report = model_deltas(chosen, base_src, model_config=model.config,
+                                          base_config=base_config)
+            fp = compute_fingerprint(deltas)
     info["aligned"] = disguised
-    info["alignment"] = aligned.report
-    # Ordinary fine-tuning also moves a few neuron scales; only a real disguise (a
-    # permutation, or most units rescaled) justifies comparing the aligned weights.
-    chosen = aligned.source if disguised else src
-    deltas, report = model_deltas(chosen, base_src, model_config=model.config,
-                                  base_config=ctx.base.config if ctx.base else None)
     for name, (old, new) in report.resized.items():
         ctx.file_issues.append(FileIssue(
             path=name, kind="vocab_resize",
             message=f"{role}: vocabulary resized from {old} to {new} rows; shared rows compared"))
     info["source"] = chosen
     info["raw_source"] = src
-    return compute_fingerprint(deltas), info
+    return fp, info
 
 
 def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:
@@ -94,6 +115,7 @@ def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:
 def detect_weights(ctx: AuditContext) -> None:
     """Stream the subject and its base, align the subject, fingerprint its task vector."""
     from auditor.analysis.fingerprint import fingerprint_weights
+    from auditor.store.fpcache import WEIGHTS_KEY
 
     if ctx.base is None or not ctx.subject.files:
         return
@@ -103,8 +125,10 @@ def detect_weights(ctx: AuditContext) -> None:
         raise AuditorError(f"base {ctx.base.resolved.repo_id}: {exc}") from exc
     ctx.state.setdefault("closers", []).append(base_src)
     ctx.state["base_source"] = base_src
+    cache = ctx.state.get("fp_cache")
+    base_key = ctx.base.resolved.revision
     try:
-        fp, info = _fingerprint(ctx, ctx.subject, base_src, role="subject")
+        fp, info = _cached_fingerprint(ctx, cache, ctx.subject, base_src, role="subject")
     except WeightsError as exc:
         # The weights could not be analysed: never "clean" (exit code 2 unless a finding).
         ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="weights",
@@ -112,17 +136,78 @@ def detect_weights(ctx: AuditContext) -> None:
         ctx.errors.append(f"weights: {exc}")
         return
     ctx.state.update(fingerprint=fp, subject_info=info, weights_analyzed=True)
-    ctx.state["base_fingerprint"] = fingerprint_weights(base_src)
+    hit = cache.get(base_key, WEIGHTS_KEY) if cache is not None else None
+    if hit is not None:
+        ctx.state["base_fingerprint"] = hit.fingerprint
+    else:
+        ctx.state["base_fingerprint"] = fingerprint_weights(base_src)
+        if cache is not None:
+            cache.put(content_key=base_key, base_key=WEIGHTS_KEY,
+                      repo_id=ctx.base.resolved.repo_id, base_repo_id=None,
+                      fingerprint=ctx.state["base_fingerprint"], meta={})
     cand_fps: dict[str, Any] = {}
     cand_info: dict[str, dict[str, Any]] = {}
     for repo_id, cand in ctx.candidates.items():
         try:
-            cand_fps[repo_id], cand_info[repo_id] = _fingerprint(ctx, cand, base_src,
-                                                                 role=repo_id)
+            cand_fps[repo_id], cand_info[repo_id] = _cached_fingerprint(
+                ctx, cache, cand, base_src, role=repo_id)
         except AuditorError as exc:
             ctx.errors.append(f"candidate {repo_id}: {exc}")
     ctx.state["candidate_fingerprints"] = cand_fps
     ctx.state["candidate_info"] = cand_info
+
+
+def _cached_fingerprint(
+    ctx: AuditContext, cache: Any, model: OpenModel, base_src: TensorSource, *, role: str
+) -> tuple[Any, dict[str, Any]]:
+    """The fingerprint from the content-keyed cache, else computed (and then cached).
+
+    A cache hit reads no weight bytes and aligns nothing; a local model's weights are
+    still opened (headers only) so the behavioural checks can run it if it ranks.
+    """
+    assert ctx.base is not None
+    key, base_key = model.resolved.revision, ctx.base.resolved.revision
+    hit = cache.get(key, base_key) if cache is not None else None
+    if hit is None:
+        fp, info = _fingerprint(ctx, model, base_src, role=role)
+        if cache is not None:
+            meta = {"aligned": bool(info.get("aligned")), "screen": info.get("screen"),
+                    "adapter": bool(info.get("adapter")),
+                    "resized": [i.model_dump(mode="json") for i in ctx.file_issues
+                                if i.kind == "vocab_resize" and i.message.startswith(role)]}
+            if model.resolved.local_dir is not None:
+                meta["local_dir"] = str(model.resolved.local_dir)
+            cache.put(content_key=key, base_key=base_key, repo_id=model.resolved.repo_id,
+                      base_repo_id=ctx.base.resolved.repo_id, fingerprint=fp, meta=meta)
+        return fp, info
+    ctx.state["cache_hits"] = ctx.state.get("cache_hits", 0) + 1
+    info = {"aligned": bool(hit.meta.get("aligned")), "screen": hit.meta.get("screen"),
+            "cached": True}
+    for issue in hit.meta.get("resized") or []:
+        ctx.file_issues.append(FileIssue(**issue))
+    # weights not at hand (a remote candidate): fetched later only if it ranks
+    with contextlib.suppress(AuditorError):
+        info["raw_source"] = weights_source(ctx, model, base_src)
+    return hit.fingerprint, info
+
+
+def weights_source(ctx: AuditContext, model: OpenModel, base_src: TensorSource) -> Any:
+    """Full weights of ``model`` as a source: its files, or base + delta for an adapter."""
+    if model.inventory.has_adapter and not model.inventory.safetensors:
+        from auditor.weights.adapter_source import AdapterWeights
+        from auditor.weights.lora import lora_deltas
+
+        adapter_files = {n: p for n, p in model.files.items() if n.startswith("adapter_")}
+        if not adapter_files:
+            raise WeightsError("adapter files not fetched")
+        deltas, _ = lora_deltas(adapter_files, base_src)
+        src: Any = AdapterWeights(base_src, deltas)
+    else:
+        if not any(n.endswith(".safetensors") for n in model.files):
+            raise WeightsError("weights not fetched")
+        src = open_weights(model)
+    ctx.state.setdefault("closers", []).append(src)
+    return src
 
 
 def _comparable_times(times: dict[str, Any]) -> dict[str, Any]:

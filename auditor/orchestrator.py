@@ -143,6 +143,38 @@ def _choose_base(
     return chosen, [d for d in declared if d != chosen]
 
 
+def _open_cache(settings: Settings) -> Any:
+    if not settings.fingerprint_cache:
+        return None
+    from auditor.store.fpcache import FingerprintCache
+
+    return FingerprintCache(settings)
+
+
+def _add_stored_homologues(ctx: AuditContext, cache: Any, base_key: str, limit: int) -> None:
+    """The cached homologues of the same base (one indexed query), by fingerprint only."""
+    exclude = {ctx.subject.resolved.revision}
+    exclude |= {c.resolved.revision for c in ctx.candidates.values()}
+    taken = {ctx.subject.resolved.repo_id, *ctx.candidates}
+    for entry in cache.homologues(base_key, exclude=exclude, limit=limit):
+        if entry.repo_id in taken or entry.repo_id in ctx.homologues:
+            continue
+        local = entry.meta.get("local_dir")
+        if local and Path(local).is_dir():
+            # a local folder still holding the cached content joins as a candidate: its
+            # fingerprint is a cache hit and its weights are at hand for the checks
+            try:
+                resolved = ctx.client.resolve(local)
+            except AuditorError:
+                resolved = None
+            if resolved is not None and resolved.revision == entry.content_key:
+                ctx.candidates[resolved.repo_id] = fetch_model(ctx.client, resolved)
+                taken.add(resolved.repo_id)
+                continue
+        ctx.homologues[entry.repo_id] = HomologueRef(
+            repo_id=entry.repo_id, revision=entry.content_key, fingerprint=entry.fingerprint)
+
+
 def audit_revision(
     subject: str,
     *,
@@ -195,6 +227,9 @@ def audit_revision(
             )
         say(f"downloading base {base_spec}")
         ctx.base = fetch_model(client, client.resolve(base_spec))
+        cache = _open_cache(settings)
+        ctx.state["fp_cache"] = cache
+        base_key = ctx.base.resolved.revision
         for spec in against:
             if spec in (subject, base_spec):
                 continue
@@ -202,10 +237,16 @@ def audit_revision(
                 cand = client.resolve(spec)
                 if cand.repo_id in (resolved.repo_id, ctx.base.resolved.repo_id):
                     continue
+                # a candidate whose fingerprint is cached is not downloaded again (local
+                # folders are read in place, so their weights stay at hand)
+                cached = cache is not None and cache.has(cand.revision, base_key)
                 say(f"downloading candidate {cand.repo_id}")
-                ctx.candidates[cand.repo_id] = fetch_model(client, cand)
+                ctx.candidates[cand.repo_id] = fetch_model(
+                    client, cand, weights=not cached or cand.local_dir is not None)
             except (WeightsError, AuditorError) as exc:
                 ctx.errors.append(f"candidate {spec}: {exc}")
+        if homologues is None and cache is not None and settings.compare_stored:
+            _add_stored_homologues(ctx, cache, base_key, settings.max_stored_homologues)
 
     names = list(detectors) if detectors is not None else list(DETECTORS)
     try:
@@ -248,6 +289,7 @@ def audit_revision(
         file_issues=ctx.file_issues,
         errors=ctx.errors,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
+        coverage=_coverage(ctx),
     )
     return AuditOutcome(
         report=report,
@@ -255,6 +297,15 @@ def audit_revision(
         resolved=resolved,
         exit_code=exit_code_for(report, scanned=inventory.has_weights or bool(inventory.pickles)),
     )
+
+
+def _coverage(ctx: AuditContext) -> dict[str, int]:
+    if not ctx.state.get("weights_analyzed"):
+        return {}
+    compared = {e.repo_id for e in ctx.values.get("lineage", [])}
+    return {"candidates_compared": len(compared),
+            "stored_homologues": len(ctx.homologues),
+            "fingerprints_cached": int(ctx.state.get("cache_hits", 0))}
 
 
 def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:
@@ -265,6 +316,11 @@ def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:
     if report.errors:
         return ExitCode.ERROR
     return ExitCode.CLEAN
+
+
+def incomplete(report: AuditReport) -> bool:
+    """Weights analysed but compared against nothing: "no findings" would not be clean."""
+    return report.coverage.get("candidates_compared", 1) == 0
 
 
 @contextlib.contextmanager

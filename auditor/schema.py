@@ -173,6 +173,9 @@ class AuditReport(Frozen):
     file_issues: list[FileIssue] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    # What the audit compared against: candidates_compared (candidates + stored
+    # homologues with a fingerprint), stored_homologues, fingerprints_cached (reused).
+    coverage: dict[str, int] = Field(default_factory=dict)
 
     @property
     def active_findings(self) -> list[Finding]:

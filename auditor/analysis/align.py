@@ -231,14 +231,7 @@ def _align_mlp(
 
 
 def _keyset(source: TensorSource) -> set[str]:
-    cached = getattr(source, "_auditor_keyset", None)
-    if cached is None:
-        cached = set(source.keys())
-        try:
-            source._auditor_keyset = cached  # type: ignore[attr-defined]
-        except AttributeError:
-            pass
-    return cached
+    return set(source.keys())
 
 
 def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -167,7 +167,8 @@ class HubClient:
         self.api = HfApi(endpoint=self.endpoint, token=self._hf_token)
         from auditor.hub.server_repos import RepoStore
 
-        self._local_store = RepoStore(Path("/"))  # only its folder hashing is used
+        # only its folder hashing is used; hashes of big files persist in the cache dir
+        self._local_store = RepoStore(Path("/"), hash_memo=self.cache_dir / "local-hashes.jsonl")
 
     def __repr__(self) -> str:
         return f"HubClient(endpoint={self.endpoint!r}, cache_dir={str(self.cache_dir)!r})"
