@@ -335,7 +335,7 @@ def write_tokenizer(directory: Path, vocab: int) -> None:
                 words.append(w)
     words += [f"tok{i}" for i in range(vocab - len(words))]
     table = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))  # noqa: S106
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)])
