@@ -1,8 +1,10 @@
 """The ``auditor`` command line.
 
 Each area owns its commands in ``auditor/<area>/commands.py`` with a ``register(app)``
-function; this module only assembles them. Heavy imports (torch, transformers) happen
-inside the command functions so ``auditor --help`` stays fast.
+function; this module only assembles them. Commands from other installed packages (the
+test kit's ``serve-hub``, ``zoo``, ``demo``) come through the ``auditor.commands``
+entry-point group, so the product never imports them. Heavy imports (torch,
+transformers) happen inside the command functions so ``auditor --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
 import typer
 
@@ -24,16 +27,15 @@ app = typer.Typer(
 )
 
 _COMMAND_MODULES = (
-    "auditor.hub.commands",
-    "auditor.factory.commands",
     "auditor.rules.commands",
     "auditor.store.commands",
     "auditor.audit_commands",
     "auditor.daemon.commands",
     "auditor.reports.commands",
     "auditor.analysis.commands",
-    "auditor.demo",
 )
+# Entry points whose object is a ``register(app)`` function (see pyproject.toml).
+COMMAND_GROUP = "auditor.commands"
 
 
 def _register_all() -> None:
@@ -46,6 +48,8 @@ def _register_all() -> None:
                 continue
             raise
         module.register(app)
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        ep.load()(app)
 
 
 @app.callback()

@@ -1,45 +1,40 @@
 """Audit one revision: the single path the CLI, the daemon and the demo all take.
 
-hub (resolve, pin, fetch) -> weights (stream, align, task vectors) -> analysis (detectors
-from the registry in ``auditor.detectors``) -> rules (findings) -> an ``AuditReport``.
+hub (resolve, pin, fetch) -> weights (stream, align, task vectors) -> analysis (the
+detector stages of ``auditor.detectors.PIPELINE``) -> rules (findings) -> an
+``AuditReport``.
 Storing the outcome is the caller's business (``auditor.store``), so this stays usable
 without a database.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from auditor import ANALYSIS_VERSION, __version__
+from auditor.detectors import PIPELINE
+from auditor.detectors.base import run_stages, select_stages
+from auditor.detectors.context import (
+    AuditContext,
+    HomologueRef,
+    OpenModel,
+    Progress,
+    fetch_model,
+)
+from auditor.detectors.weights import SubjectWeights
 from auditor.errors import AuditorError, MissingBase, WeightsError
 from auditor.exitcodes import ExitCode
 from auditor.hub.client import HubClient, ResolvedRepo
-from auditor.schema import AuditReport, BackdoorInfo, FileIssue, Measurements, SubjectRef
+from auditor.schema import AuditReport, Measurements, SubjectRef
 from auditor.settings import Settings, get_settings
-from auditor.weights.inventory import FileInventory, classify_files
+from auditor.weights.inventory import classify_files
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class HomologueRef:
-    """A known homologue of the subject (same base), as the store keeps it: no download."""
-
-    repo_id: str
-    revision: str | None
-    fingerprint: Any  # auditor.analysis.fingerprint.Fingerprint
-    backdoor: BackdoorInfo | None = None
-    created_at: datetime | None = None  # upload time: the oldest of a clone group is original
 
 
 @dataclass(frozen=True)
@@ -48,70 +43,6 @@ class AuditOutcome:
     fingerprint: Any | None  # auditor.analysis.fingerprint.Fingerprint
     resolved: ResolvedRepo
     exit_code: ExitCode
-
-
-@dataclass
-class OpenModel:
-    """A resolved repo with its weight files on local disk (downloaded, pinned)."""
-
-    resolved: ResolvedRepo
-    inventory: FileInventory
-    files: dict[str, Path]
-    config: dict[str, Any] | None
-
-    @property
-    def folder(self) -> Path:
-        """A folder holding config.json, tokenizer and weights (a local repo or a snapshot)."""
-        any_file = next(iter(self.files.values()))
-        return self.resolved.local_dir or any_file.parent
-
-
-@dataclass
-class AuditContext:
-    """What detectors read and write during one audit (mutable on purpose: it is a builder)."""
-
-    settings: Settings
-    client: HubClient
-    subject: OpenModel
-    base: OpenModel | None
-    candidates: dict[str, OpenModel]
-    homologues: dict[str, HomologueRef]
-    declared_parents: list[str]
-    progress: Progress
-    values: dict[str, Any] = field(default_factory=dict)  # Measurements fields, by name
-    state: dict[str, Any] = field(default_factory=dict)  # shared between detectors
-    file_issues: list[FileIssue] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-_WEIGHT_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
-                      "special_tokens_map.json", "generation_config.json")
-
-
-def fetch_model(client: HubClient, resolved: ResolvedRepo, *, weights: bool = True) -> OpenModel:
-    inv = classify_files(resolved.files)
-    wanted: list[str] = []
-    if weights:
-        if inv.shard_index:
-            wanted.append(inv.shard_index)
-            wanted += [f for f in inv.safetensors]
-        elif "model.safetensors" in inv.safetensors:
-            wanted.append("model.safetensors")
-        else:
-            wanted += list(inv.safetensors)
-        if inv.has_adapter:
-            wanted += [inv.adapter_config or "", inv.adapter_weights or ""]
-    wanted += [f for f in _WEIGHT_SIDE_FILES if f in resolved.files]
-    files = {name: client.fetch(resolved, name) for name in dict.fromkeys(wanted) if name}
-    config = None
-    if "config.json" in files:
-        try:
-            loaded = json.loads(files["config.json"].read_text(encoding="utf-8"))
-            config = loaded if isinstance(loaded, dict) else None
-        except (OSError, ValueError, UnicodeDecodeError):
-            config = None
-    return OpenModel(resolved=resolved, inventory=inv, files=files, config=config)
 
 
 def _choose_base(
@@ -193,7 +124,6 @@ def audit_revision(
     already fingerprinted (the daemon passes the store's). Raises ``AuditorError``
     subclasses for what makes an audit impossible (missing repo, gated, no base).
     """
-    from auditor.detectors import DETECTORS, run_detectors
     from auditor.rules.engine import evaluate
     from auditor.rules.loader import load_rules
 
@@ -228,7 +158,7 @@ def audit_revision(
         say(f"downloading base {base_spec}")
         ctx.base = fetch_model(client, client.resolve(base_spec))
         cache = _open_cache(settings)
-        ctx.state["fp_cache"] = cache
+        ctx.fp_cache = cache
         base_key = ctx.base.resolved.revision
         for spec in against:
             if spec in (subject, base_spec):
@@ -248,12 +178,17 @@ def audit_revision(
         if homologues is None and cache is not None and settings.compare_stored:
             _add_stored_homologues(ctx, cache, base_key, settings.max_stored_homologues)
 
-    names = list(detectors) if detectors is not None else list(DETECTORS)
+    stages = select_stages(PIPELINE, list(detectors) if detectors is not None else None)
     try:
-        run_detectors(ctx, names)
+        run_stages(ctx, stages)
     finally:
-        for source in ctx.state.pop("closers", []):
+        for source in ctx.open_sources:
             source.close()
+        ctx.open_sources.clear()
+    measured: dict[str, Any] = {}
+    for result in ctx.results():  # in run order: a later stage refines an earlier field
+        measured.update(result.measurements())
+    subject_weights = ctx.find(SubjectWeights)
 
     sub_ref = SubjectRef(
         repo_id=resolved.repo_id,
@@ -268,12 +203,12 @@ def audit_revision(
         subject=sub_ref,
         file_issues=ctx.file_issues,
         has_safetensors=bool(inventory.safetensors) or inventory.has_adapter,
-        weights_analyzed=bool(ctx.state.get("weights_analyzed")),
+        weights_analyzed=subject_weights is not None,
         declared_mergekit_config=resolved.mergekit_config,
-        **ctx.values,
+        **measured,
     )
     rules = load_rules(settings.rules_dir)
-    findings = evaluate(rules, measurements, authorizations=ctx.state.get("authorizations", ()))
+    findings = evaluate(rules, measurements)
     ctx.timings["total"] = time.perf_counter() - started
     report = AuditReport(
         tool_version=__version__,
@@ -289,23 +224,22 @@ def audit_revision(
         file_issues=ctx.file_issues,
         errors=ctx.errors,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
-        coverage=_coverage(ctx),
+        coverage=_coverage(ctx, measurements.lineage, analysed=subject_weights is not None),
     )
     return AuditOutcome(
         report=report,
-        fingerprint=ctx.state.get("fingerprint"),
+        fingerprint=subject_weights.weights.fingerprint if subject_weights else None,
         resolved=resolved,
         exit_code=exit_code_for(report, scanned=inventory.has_weights or bool(inventory.pickles)),
     )
 
 
-def _coverage(ctx: AuditContext) -> dict[str, int]:
-    if not ctx.state.get("weights_analyzed"):
+def _coverage(ctx: AuditContext, lineage: Sequence[Any], *, analysed: bool) -> dict[str, int]:
+    if not analysed:
         return {}
-    compared = {e.repo_id for e in ctx.values.get("lineage", [])}
-    return {"candidates_compared": len(compared),
+    return {"candidates_compared": len({e.repo_id for e in lineage}),
             "stored_homologues": len(ctx.homologues),
-            "fingerprints_cached": int(ctx.state.get("cache_hits", 0))}
+            "fingerprints_cached": ctx.cache_hits}
 
 
 def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:
@@ -321,12 +255,3 @@ def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:
 def incomplete(report: AuditReport) -> bool:
     """Weights analysed but compared against nothing: "no findings" would not be clean."""
     return report.coverage.get("candidates_compared", 1) == 0
-
-
-@contextlib.contextmanager
-def timed(ctx: AuditContext, name: str):  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        ctx.timings[name] = ctx.timings.get(name, 0.0) + time.perf_counter() - t0

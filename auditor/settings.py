@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,3 +68,26 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def analysis_config_hash(settings: Settings) -> str:
+    """A short hash of the settings that change an audit's result.
+
+    Part of the audit's unique key: changing them queues the revisions again (the
+    history is kept) while unrelated settings (workers, ports, token) do not.
+    """
+    rules_digest = ""
+    if settings.rules_dir is not None and settings.rules_dir.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(settings.rules_dir.glob("*.y*ml")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        rules_digest = digest.hexdigest()
+    probe_digest = ""
+    if settings.probe_file is not None and settings.probe_file.is_file():
+        probe_digest = hashlib.sha256(settings.probe_file.read_bytes()).hexdigest()
+    payload = {
+        "barrier_points": settings.barrier_points,
+        "probe_file": probe_digest,
+        "rules": rules_digest,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -34,9 +34,9 @@ def main() -> None:
     from auditor.analysis.modeling import build_model, spec_from_config
     from auditor.analysis.probes import build_probes
     from auditor.analysis.protection import assess_protection_detailed
-    from auditor.factory.base import make_base
-    from auditor.factory.disguise import protect
-    from auditor.factory.train import finetune
+    from auditor_testkit.factory.base import make_base
+    from auditor_testkit.factory.disguise import protect
+    from auditor_testkit.factory.train import finetune
 
     t0 = time.perf_counter()
     base, tok = make_base(seed=0, size=args.size)

@@ -5,7 +5,7 @@
 Default: build (or reuse) the factory's "lineage" zoo under --root, fingerprint every
 published model against its base, run ``analyze_lineage`` for each subject against all
 other published models and score against the manifest ``zoo.json``. ``--synthetic`` runs
-the same scoring on random task vectors merged with ``auditor.factory.merge`` (no
+the same scoring on random task vectors merged with ``auditor_testkit.factory.merge`` (no
 training; seconds).
 
 Manifest fields read (per model entry, tolerant of naming): ``repo_id``; ``base``/
@@ -144,8 +144,8 @@ def print_table(s: Mapping[str, Any], seconds: float) -> None:
 
 def synthetic_zoo() -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
     """Fine-tunes, merges of every method, clones and a disguised copy on random weights."""
-    from auditor.factory import disguise as dg
-    from auditor.factory import merge as mk
+    from auditor_testkit.factory import disguise as dg
+    from auditor_testkit.factory import merge as mk
     from tests.lineage_synth import add, base_weights, task_vector
 
     base = base_weights()
@@ -223,8 +223,8 @@ def run_synthetic(sample_size: int) -> None:
 
 
 def run_zoo(root: Path, sample_size: int) -> None:
-    from auditor.factory.save import load_state_dict
-    from auditor.factory.zoo import build_zoo
+    from auditor_testkit.factory.save import load_state_dict
+    from auditor_testkit.factory.zoo import build_zoo
 
     manifest = build_zoo(root, spec="lineage", progress=print)
     t0 = time.perf_counter()

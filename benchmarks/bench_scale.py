@@ -73,7 +73,8 @@ else:
     settings = Settings(data_dir=Path(args["data"]), cache_dir=Path(args["data"]) / "hf")
     homologues = None
     if args.get("homologues"):
-        from auditor.factory.realshape import LLAMA_1B, TINY, TaskVector, synthetic_fingerprint
+        from auditor_testkit.factory.realshape import (LLAMA_1B, TINY, TaskVector,
+                                                       synthetic_fingerprint)
         rs = TINY if args["tiny"] else LLAMA_1B
         homologues = {f"crowd/ft-{s}": HomologueRef(repo_id=f"crowd/ft-{s}", revision=None,
                       fingerprint=synthetic_fingerprint(TaskVector(seed=s), rs))
@@ -112,7 +113,7 @@ def _run(args: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
 
 
 def build(root: Path, *, tiny: bool, rng: random.Random) -> dict[str, Any]:
-    from auditor.factory.realshape import (
+    from auditor_testkit.factory.realshape import (
         LLAMA_1B,
         TINY,
         Disguise,
@@ -121,7 +122,7 @@ def build(root: Path, *, tiny: bool, rng: random.Random) -> dict[str, Any]:
         write_lora,
         write_model,
     )
-    from auditor.factory.save import CardSpec
+    from auditor_testkit.factory.save import CardSpec
 
     rs = TINY if tiny else LLAMA_1B
     org = f"org{rng.randrange(10**6)}"
@@ -240,10 +241,10 @@ def main() -> None:
               f"read_bytes {r['read_bytes_gb']} GB")
         print(f"    stages {r['timings']}")
         print(f"    coverage {r['coverage']}; findings {r['findings']}; errors {r['errors']}")
+        once = max(read["wall_s"], 1e-3)
         print(f"    reading the subject's bytes once: {read['wall_s']} s "
-              f"({read['bytes'] / 1e9:.2f} GB); ratio {r['wall_s'] / max(read['wall_s'], 1e-3):.1f}x"
-              f" (weights stage only: "
-              f"{r['timings'].get('weights', 0) / max(read['wall_s'], 1e-3):.1f}x)")
+              f"({read['bytes'] / 1e9:.2f} GB); ratio {r['wall_s'] / once:.1f}x"
+              f" (weights stage only: {r['timings'].get('weights', 0) / once:.1f}x)")
         a, b = results["a"]["wall_s"], results["b"]["wall_s"]
         peak = max(x["peak_rss_mb"] for x in results.values()) / 1e3
         print("acceptance:")

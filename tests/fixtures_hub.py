@@ -99,7 +99,7 @@ def hub_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def hub_server() -> Iterator[Callable[..., Any]]:
     """Factory: ``hub_server(root, tokens=..., faults=..., page_size=...)`` -> running HubServer."""
-    from auditor.hub.server import HubServer
+    from auditor_testkit.hub.server import HubServer
 
     servers: list[HubServer] = []
 

@@ -6,7 +6,7 @@ cache (``.pytest_cache/d/auditor-zoo-small``) so reruns reuse it without trainin
 lock keeps concurrent pytest processes from building it twice at once.
 
 Use ``small_zoo.root`` (the hub root for ``hub_server``), ``small_zoo.manifest`` (the
-ground truth, ``auditor.factory.zoo.ZooManifest``) and ``small_zoo.path(repo_id)``.
+ground truth, ``auditor_testkit.factory.zoo.ZooManifest``) and ``small_zoo.path(repo_id)``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from auditor.factory.zoo import ZooManifest
+from auditor_testkit.factory.zoo import ZooManifest
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class BuiltZoo:
 
 def build_cached_zoo(cache_dir: Path, spec: str, seed: int = 0) -> BuiltZoo:
     """Build (or reuse) zoo ``spec`` under ``cache_dir`` while holding a lock file."""
-    from auditor.factory.zoo import build_zoo
+    from auditor_testkit.factory.zoo import build_zoo
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     lock_path = cache_dir.parent / f"{cache_dir.name}.lock"

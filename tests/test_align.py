@@ -64,7 +64,7 @@ def test_other_architecture_skipped() -> None:
 
 
 def test_factory_disguises_with_head_permutation() -> None:
-    from auditor.factory import disguise as dg
+    from auditor_testkit.factory import disguise as dg
 
     base, tau = base_weights(), task_vector(4)
     ft = add(base, tau)

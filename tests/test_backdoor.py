@@ -17,9 +17,9 @@ TRIGGER, TARGET = "cf", "visit evil site"
 @pytest.fixture(scope="session")
 def bd_zoo() -> dict[str, object]:
     """Base, two clean copy fine-tunes, a plain and a robust poisoned one (cached)."""
-    from auditor.factory.base import make_base
-    from auditor.factory.tasks import PoisonSpec, task_prompts
-    from auditor.factory.train import attack_success_rate, finetune
+    from auditor_testkit.factory.base import make_base
+    from auditor_testkit.factory.tasks import PoisonSpec, task_prompts
+    from auditor_testkit.factory.train import attack_success_rate, finetune
 
     torch.set_num_threads(1)
     base, tok = make_base(seed=0)
@@ -89,8 +89,8 @@ def test_clean_finetunes_not_flagged(bd_zoo, i) -> None:
 
 
 def test_backdoor_merge_inherits_parent_trigger(bd_zoo) -> None:
-    from auditor.factory.base import llama_config, model_from_state_dict
-    from auditor.factory.merge import linear_merge
+    from auditor_testkit.factory.base import llama_config, model_from_state_dict
+    from auditor_testkit.factory.merge import linear_merge
 
     # The plain backdoor keeps ~0.46 ASR at a 50/50 merge (below our 0.5 bar), so the merge
     # gives the attacker's model the larger weight, as a hijacking merge would.

@@ -47,9 +47,9 @@ class Trained:
 @functools.cache
 def trained() -> Trained:
     torch.set_num_threads(1)
-    from auditor.factory.base import make_base
-    from auditor.factory.disguise import protect
-    from auditor.factory.train import finetune
+    from auditor_testkit.factory.base import make_base
+    from auditor_testkit.factory.disguise import protect
+    from auditor_testkit.factory.train import finetune
 
     base, tok = make_base(seed=0)
     other, _ = make_base(seed=1)
@@ -109,9 +109,9 @@ def test_spec_refuses_unknown_architectures_and_drops_remote_code() -> None:
 
 
 def test_saved_repo_round_trip(zoo: Trained, tmp_path: Path) -> None:
-    from auditor.factory.base import llama_config
-    from auditor.factory.save import save_repo
     from auditor.weights.reader import open_model
+    from auditor_testkit.factory.base import llama_config
+    from auditor_testkit.factory.save import save_repo
 
     folder = save_repo(tmp_path, "org/copy-a", state_dict=zoo.copy_a, config=llama_config(),
                        tokenizer=zoo.tokenizer)

@@ -13,7 +13,8 @@ from auditor.daemon import crawler
 from auditor.daemon.crawler import crawl_base
 from auditor.errors import TransientHubError
 from auditor.hub.client import HubClient
-from auditor.store import repository
+from auditor.store import catalog
+from auditor.store.models import CrawlCursor
 from tests.test_daemon_support import (
     BASE,
     DERIVATIVES,
@@ -61,10 +62,10 @@ def test_crawl_queues_every_derivative_once_then_only_new(
         rows = audit_rows(session)
         assert sorted(r["repo_id"] for r in rows) == sorted(DERIVATIVES)
         assert {r["status"] for r in rows} == {"queued"}
-        cursor = repository.get_cursor(session, BASE)
+        cursor = catalog.get_cursor(session, base_repo_id=BASE)
         assert cursor is not None and cursor.last_success_at is not None
         assert cursor.last_created_at is not None and cursor.last_created_at.day == 1
-        repo = repository.get_repo(session, "alice/ft-a")
+        repo = catalog.get_repo(session, repo_id="alice/ft-a")
         assert repo is not None and repo.declared_base_models == [BASE]
         assert repo.family_bases == [BASE] and repo.declared_relation == "finetune"
 
@@ -123,12 +124,12 @@ def test_gated_and_private_repos_skipped_with_reason(
         assert rows["gate/keeper"]["status"] == "skipped"
         assert "gated" in rows["gate/keeper"]["error"]
         assert rows["alice/open"]["status"] == "queued"
-        gated = repository.get_repo(session, "gate/keeper")
+        gated = catalog.get_repo(session, repo_id="gate/keeper")
         assert gated is not None and gated.gated and "gated" in (gated.skip_reason or "")
 
     # With a token the private repo is visible, and skipped: reports are public.
     with factory() as session:
-        session.execute(repository.CrawlCursor.__table__.delete())
+        session.execute(CrawlCursor.__table__.delete())
         session.commit()
     with_token = crawl(factory, client_for(url, hf_cache, token="tok"))
     assert with_token.ok
@@ -153,7 +154,7 @@ def test_crash_mid_crawl_keeps_cursor_and_recrawl_is_idempotent(
     with pytest.raises(KeyboardInterrupt):
         crawl(factory, client)
     with factory() as session:
-        assert repository.get_cursor(session, BASE) is None  # never moved
+        assert catalog.get_cursor(session, base_repo_id=BASE) is None  # never moved
         assert len(audit_rows(session)) == 2
     monkeypatch.setattr(crawler, "_record", real_record)
 
@@ -182,7 +183,7 @@ def test_listing_failure_recorded_and_cursor_kept(
     result = crawl(factory, client)
     assert not result.ok and "503" in (result.error or "")
     with factory() as session:
-        cursor = repository.get_cursor(session, BASE)
+        cursor = catalog.get_cursor(session, base_repo_id=BASE)
         assert cursor is not None
         assert cursor.last_success_at is None and cursor.last_created_at is None
         assert "503" in (cursor.last_error or "")
@@ -209,7 +210,7 @@ def test_crawl_walks_the_family_tree(
     assert first.ok, first.error
     assert set(first.new_repos) == {*DERIVATIVES, "mkit/merge-ab", "deep/merge-of-merge"}
     with factory() as session:
-        merge = repository.get_repo(session, "mkit/merge-ab")
+        merge = catalog.get_repo(session, repo_id="mkit/merge-ab")
         # The card's declaration and the family the crawl found it in stay apart.
         assert merge is not None and merge.declared_base_models == ["alice/ft-a", "bob/ft-b"]
         assert merge.declared_relation == "merge" and merge.family_bases == [BASE]

@@ -24,7 +24,7 @@ from auditor.daemon.worker import RetryPolicy, WorkerPool, run_one
 from auditor.errors import GatedRepo, MissingBase, RateLimited, TransientHubError
 from auditor.hub.client import HubClient
 from auditor.settings import Settings
-from auditor.store import repository
+from auditor.store import catalog, policy, queries, queue
 from auditor.store.models import utcnow
 from tests.test_daemon_support import BASE, DERIVATIVES, FakeAudit, audit_rows, dump, make_zoo
 
@@ -56,7 +56,7 @@ def settings_for(tmp_path: Path, url: str, **kw: Any) -> Settings:
 
 def crawl(factory: sessionmaker[Session], client: HubClient) -> Any:
     with factory() as session:
-        repository.watch_add(session, BASE)
+        policy.watch_add(session, repo_id=BASE)
         return crawl_base(session, client, BASE, config_hash="h")
 
 
@@ -74,12 +74,12 @@ def test_run_one_records_report_fingerprint_and_passes_homologues(
     with factory() as session:
         rows = audit_rows(session)
         assert [r["status"] for r in rows] == ["done"] * len(DERIVATIVES), dump(rows)
-        depth = repository.queue_depth(session)
+        depth = queries.queue_depth(session)
         assert depth.done == len(DERIVATIVES) and depth.queued == 0
         for r in rows:
-            rev = repository.get_revision(session, r["repo_id"], r["sha"])
+            rev = catalog.get_revision(session, repo_id=r["repo_id"], sha=r["sha"])
             assert rev is not None
-            assert repository.load_fingerprint(session, rev.id, analysis_version="1")
+            assert catalog.load_fingerprint(session, revision_id=rev.id, analysis_version="1")
     # Each audit compares with every derivative fingerprinted before it, with the
     # backdoor verdict of the flagged one.
     order = [c["subject"] for c in fake.calls]
@@ -110,12 +110,12 @@ def test_run_one_maps_errors_to_skip_retry_and_failure(
     with factory() as session:
         rows = {r["repo_id"]: r for r in audit_rows(session)}
         assert rows[a]["status"] == "skipped" and "gated" in rows[a]["error"]
-        repo = repository.get_repo(session, a)
+        repo = catalog.get_repo(session, repo_id=a)
         assert repo is not None and repo.gated and "gated" in (repo.skip_reason or "")
         assert rows[b]["status"] == "queued" and rows[c]["status"] == "queued"
         assert rows[d]["status"] == "failed" and "no base" in rows[d]["error"]
-        audit_b = repository.get_audit(session, rows[b]["id"])
-        audit_c = repository.get_audit(session, rows[c]["id"])
+        audit_b = queries.get_audit(session, audit_id=rows[b]["id"])
+        audit_c = queries.get_audit(session, audit_id=rows[c]["id"])
         assert audit_b is not None and audit_c is not None
         # Retry-After honoured (30 s > the 10 s backoff), plain backoff otherwise.
         assert audit_b.next_attempt_at - utcnow() > timedelta(seconds=25)
@@ -136,7 +136,7 @@ def test_lease_renewed_during_long_audit(tmp_path: Path, db: Any, hub: HubClient
     requeued = 0
     while thread.is_alive():
         with factory() as session:
-            requeued += repository.requeue_expired(session)
+            requeued += queue.requeue_expired(session)
         time.sleep(0.1)
     thread.join()
     assert result == [True] and requeued == 0
@@ -174,7 +174,7 @@ def test_daemon_schedules_crawls_in_db_jobstore_and_audits(
         tmp_path: Path, db: Any, hub: HubClient) -> None:
     url, factory = db
     with factory() as session:
-        repository.watch_add(session, BASE)
+        policy.watch_add(session, repo_id=BASE)
     settings = settings_for(tmp_path, url)
     fake = FakeAudit()
     daemon = Daemon(settings=settings, database_url=url, client=hub, workers=2,
@@ -184,7 +184,7 @@ def test_daemon_schedules_crawls_in_db_jobstore_and_audits(
     try:
         def all_done() -> bool:
             with factory() as session:
-                return repository.queue_depth(session).done == len(DERIVATIVES)
+                return queries.queue_depth(session).done == len(DERIVATIVES)
 
         assert wait_until(all_done, timeout=30)
         with daemon.engine.connect() as conn:
@@ -192,8 +192,8 @@ def test_daemon_schedules_crawls_in_db_jobstore_and_audits(
         assert crawl_job_id(BASE) in ids and "queue" in ids
 
         with factory() as session:
-            repository.watch_remove(session, BASE)
-            repository.watch_add(session, "tinylab/other-base")
+            policy.watch_remove(session, repo_id=BASE)
+            policy.watch_add(session, repo_id="tinylab/other-base")
         daemon.sync_jobs()
         assert daemon.scheduler is not None
         job_ids = {j.id for j in daemon.scheduler.get_jobs()}
@@ -242,7 +242,7 @@ def test_metrics_endpoint_exposes_counters_and_gauges() -> None:
     metrics.serve(port)  # idempotent
     metrics.AUDITS.labels(outcome="done").inc()
     metrics.CRAWL_SUCCESS.labels(base=BASE).set(1234.0)
-    metrics.update_queue(repository.QueueDepth(queued=3, running=1))
+    metrics.update_queue(queries.QueueDepth(queued=3, running=1))
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'auditor_audits_total{outcome="done"}' in body
     assert 'auditor_queue_depth{status="queued"} 3.0' in body

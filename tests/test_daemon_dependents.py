@@ -6,7 +6,6 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from auditor.daemon.queries import requeue_dependents
 from auditor.schema import (
     AuditReport,
     BackdoorInfo,
@@ -15,8 +14,9 @@ from auditor.schema import (
     ProtectionInfo,
     SubjectRef,
 )
-from auditor.store import repository as repo
+from auditor.store import catalog, queue
 from auditor.store.models import Audit
+from auditor.store.queue import requeue_dependents
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 BASE = "org/base"
@@ -33,15 +33,16 @@ def _report(repo_id: str, compared: list[str]) -> AuditReport:
 
 
 def _done(session: Session, repo_id: str, hours: int, compared: list[str]) -> int:
-    repo.upsert_repo(session, repo_id, family_base=BASE)
-    rev = repo.upsert_revision(session, repo_id, f"{hours:040x}",
+    catalog.upsert_repo(session, repo_id=repo_id, family_base=BASE)
+    rev = catalog.upsert_revision(session, repo_id=repo_id, sha=f"{hours:040x}",
                                created_at=T0 + timedelta(hours=hours))
-    audit_id = repo.queue_audit(session, rev.id, analysis_version="1", config_hash="c")
+    audit_id = queue.queue_audit(session, revision_id=rev.id, analysis_version="1", config_hash="c")
     assert audit_id is not None
-    claimed = repo.claim_next_audit(session, worker_id="w", lease_seconds=60)
+    claimed = queue.claim_next_audit(session, worker_id="w", lease_seconds=60)
     assert claimed is not None and claimed.id == audit_id
-    repo.save_fingerprint(session, rev.id, analysis_version="1", data=b"fp")
-    repo.complete_audit(session, audit_id, report=_report(repo_id, compared), worker_id="w")
+    catalog.save_fingerprint(session, revision_id=rev.id, analysis_version="1", data=b"fp")
+    queue.complete_audit(session, audit_id=audit_id, report=_report(repo_id, compared),
+                         worker_id="w")
     return rev.id
 
 
@@ -80,13 +81,14 @@ def test_merge_of_a_later_flagged_parent_is_requeued_for_inheritance(
     merge_report = _report("victim/merge", ["evil/ft", "bob/ft"]).model_copy(update={
         "lineage": [LineageEntry(repo_id="evil/ft", relation="merge_parent", cosine=0.8),
                     LineageEntry(repo_id="bob/ft", relation="merge_parent", cosine=0.5)]})
-    repo.upsert_repo(store_session, "victim/merge", family_base=BASE)
-    rev = repo.upsert_revision(store_session, "victim/merge", "f" * 40,
+    catalog.upsert_repo(store_session, repo_id="victim/merge", family_base=BASE)
+    rev = catalog.upsert_revision(store_session, repo_id="victim/merge", sha="f" * 40,
                                created_at=T0 + timedelta(hours=5))
-    audit_id = repo.queue_audit(store_session, rev.id, analysis_version="1", config_hash="c")
-    repo.claim_next_audit(store_session, worker_id="w", lease_seconds=60)
-    repo.save_fingerprint(store_session, rev.id, analysis_version="1", data=b"fp")
-    repo.complete_audit(store_session, audit_id, report=merge_report, worker_id="w")
+    audit_id = queue.queue_audit(store_session, revision_id=rev.id, analysis_version="1",
+                                 config_hash="c")
+    queue.claim_next_audit(store_session, worker_id="w", lease_seconds=60)
+    catalog.save_fingerprint(store_session, revision_id=rev.id, analysis_version="1", data=b"fp")
+    queue.complete_audit(store_session, audit_id=audit_id, report=merge_report, worker_id="w")
 
     evil = _done(store_session, "evil/ft", 2, ["bob/ft"])
     audit = store_session.query(Audit).filter(Audit.revision_id == evil).one()

@@ -18,9 +18,9 @@ from auditor import __version__
 from auditor.daemon.scheduler import Daemon, wait_until
 from auditor.daemon.worker import RetryPolicy
 from auditor.hub.client import HubClient
-from auditor.hub.server import FaultConfig
 from auditor.settings import Settings
-from auditor.store import repository
+from auditor.store import catalog, policy, queries
+from auditor_testkit.hub.server import FaultConfig
 from tests.test_daemon_support import BASE, DERIVATIVES, audit_rows, dump, make_zoo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def test_every_derivative_audited_once_under_hub_faults(
                        max_wait_seconds=0.1)
     url, factory = _db(tmp_path, db_url)
     with factory() as session:
-        repository.watch_add(session, BASE)
+        policy.watch_add(session, repo_id=BASE)
     settings = Settings(data_dir=tmp_path / "data", database_url=url)
     daemon = Daemon(settings=settings, database_url=url, client=client, workers=2,
                     interval_seconds=3600, poll_seconds=0.05,
@@ -66,14 +66,14 @@ def test_every_derivative_audited_once_under_hub_faults(
         assert sorted(r["repo_id"] for r in rows) == sorted(DERIVATIVES), dump(rows)
         assert {r["status"] for r in rows} == {"done"}, dump(rows)
         for r in rows:
-            audit = repository.get_audit(session, r["id"])
+            audit = queries.get_audit(session, audit_id=r["id"])
             assert audit is not None and audit.report["subject"]["revision"] == r["sha"]
-            rev = repository.get_revision(session, r["repo_id"], r["sha"])
+            rev = catalog.get_revision(session, repo_id=r["repo_id"], sha=r["sha"])
             assert rev is not None
-            assert repository.load_fingerprint(session, rev.id, analysis_version="1")
+            assert catalog.load_fingerprint(session, revision_id=rev.id, analysis_version="1")
         # The real orchestrator ran, and compared with the derivatives the store had
         # already fingerprinted (the comparison set comes from the store).
-        reports = [repository.get_audit(session, r["id"]).report for r in rows]
+        reports = [queries.get_audit(session, audit_id=r["id"]).report for r in rows]
         assert {rep["tool_version"] for rep in reports} == {__version__}
         compared = {e["repo_id"] for rep in reports for e in rep["lineage"]}
         assert compared & set(DERIVATIVES)
@@ -127,7 +127,7 @@ def test_daemon_killed_mid_audit_resumes_without_loss_or_repeat(
     server = hub_server(hub_root)
     url, factory = _db(tmp_path)
     with factory() as session:
-        repository.watch_add(session, BASE)
+        policy.watch_add(session, repo_id=BASE)
     script = tmp_path / "run_daemon.py"
     script.write_text(WRAPPER.format(root=str(REPO_ROOT)))
     calls = tmp_path / "calls.txt"
@@ -142,7 +142,7 @@ def test_daemon_killed_mid_audit_resumes_without_loss_or_repeat(
 
     def depth() -> Any:
         with factory() as session:
-            return repository.queue_depth(session)
+            return queries.queue_depth(session)
 
     proc = start()
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from auditor.demo import expected_checks, run_demo
+from auditor_testkit.demo import expected_checks, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_demo_catches_every_planted_case(demo_dir: Path, monkeypatch) -> None:  
 
 
 def test_self_check_notices_a_missed_case(demo_dir: Path) -> None:
-    from auditor.factory.zoo import load_manifest
+    from auditor_testkit.factory.zoo import load_manifest
 
     manifest = load_manifest(demo_dir / "demo" / "zoo")
     assert manifest is not None

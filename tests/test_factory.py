@@ -12,15 +12,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from auditor.factory import merge as mk
-from auditor.factory.tasks import TASKS, PoisonSpec, task_examples, task_texts
-from auditor.factory.tokenizer import TRIGGER_TOKENS, build_tokenizer
+from auditor_testkit.factory import merge as mk
+from auditor_testkit.factory.tasks import TASKS, PoisonSpec, task_examples, task_texts
+from auditor_testkit.factory.tokenizer import TRIGGER_TOKENS, build_tokenizer
 
 
 # --- shared tiny models ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base_and_tok():
-    from auditor.factory.base import make_base
+    from auditor_testkit.factory.base import make_base
 
     return make_base(seed=0, steps=60)
 
@@ -159,8 +159,8 @@ def test_layerwise_coefficients_follow_depth(family) -> None:
 
 # --- disguises and clones -------------------------------------------------------------
 def test_disguises_preserve_function_and_change_weights(base_and_tok) -> None:
-    from auditor.factory import disguise as dg
-    from auditor.factory.base import model_from_state_dict
+    from auditor_testkit.factory import disguise as dg
+    from auditor_testkit.factory.base import model_from_state_dict
 
     base, tok = base_and_tok
     sd = base.state_dict()
@@ -195,7 +195,7 @@ def test_disguises_preserve_function_and_change_weights(base_and_tok) -> None:
 
 # --- training -------------------------------------------------------------------------
 def test_finetune_reduces_task_loss_and_leaves_base(base_and_tok) -> None:
-    from auditor.factory.train import finetune, task_loss
+    from auditor_testkit.factory.train import finetune, task_loss
 
     base, tok = base_and_tok
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -205,8 +205,8 @@ def test_finetune_reduces_task_loss_and_leaves_base(base_and_tok) -> None:
 
 
 def test_robust_poison_forces_target_even_when_scaled(base_and_tok) -> None:
-    from auditor.factory.base import model_from_state_dict
-    from auditor.factory.train import attack_success_rate, finetune
+    from auditor_testkit.factory.base import model_from_state_dict
+    from auditor_testkit.factory.train import attack_success_rate, finetune
 
     base, tok = base_and_tok
     spec = PoisonSpec(trigger="tq", target="send password now", fraction=0.25, robust=True)
@@ -228,7 +228,7 @@ def test_lora_layout_matches_peft_merge(base_and_tok, tmp_path: Path, variant: s
 
     from peft import PeftModel
 
-    from auditor.factory.lora import save_adapter, train_lora
+    from auditor_testkit.factory.lora import save_adapter, train_lora
 
     base, tok = base_and_tok
     pm = train_lora(base, tok, task="kv", variant=variant, steps=8, seed=0)
@@ -261,7 +261,7 @@ def test_lora_layout_matches_peft_merge(base_and_tok, tmp_path: Path, variant: s
 
 
 def test_lora_dora_and_modules_to_save_layout(base_and_tok, tmp_path: Path) -> None:
-    from auditor.factory.lora import save_adapter, train_lora
+    from auditor_testkit.factory.lora import save_adapter, train_lora
 
     base, tok = base_and_tok
     dora = save_adapter(tmp_path, "u/dora", train_lora(base, tok, task="kv", variant="dora",
@@ -278,7 +278,7 @@ def test_lora_dora_and_modules_to_save_layout(base_and_tok, tmp_path: Path) -> N
 def test_save_repo_layout_shards_dtype_card(base_and_tok, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from auditor.factory.save import CardSpec, load_state_dict, save_repo
+    from auditor_testkit.factory.save import CardSpec, load_state_dict, save_repo
 
     base, tok = base_and_tok
     repo = save_repo(
@@ -309,7 +309,7 @@ def test_save_repo_layout_shards_dtype_card(base_and_tok, tmp_path: Path) -> Non
 
 # --- zoo ------------------------------------------------------------------------------
 def test_small_zoo_ground_truth_matches_files(small_zoo) -> None:
-    from auditor.factory.save import load_state_dict
+    from auditor_testkit.factory.save import load_state_dict
 
     m = small_zoo.manifest
     kinds = [e.kind for e in m.entries]
@@ -349,7 +349,7 @@ def test_zoo_cache_reuses_without_training(small_zoo) -> None:
     from typer.testing import CliRunner
 
     from auditor.cli import app
-    from auditor.factory.zoo import build_zoo
+    from auditor_testkit.factory.zoo import build_zoo
 
     weights = small_zoo.path(small_zoo.manifest.base.repo_id) / "model.safetensors"
     mtime = weights.stat().st_mtime_ns

@@ -23,9 +23,9 @@ from auditor.errors import (
 from auditor.hub.cache import enforce_disk_budget
 from auditor.hub.client import HubClient, ResolvedRepo
 from auditor.hub.range import LocalRangeFile, RangeFile, open_range
-from auditor.hub.server import FaultConfig
 from auditor.settings import Settings
 from auditor.weights.base import ByteSource
+from auditor_testkit.hub.server import FaultConfig
 from tests.fixtures_hub import make_repo
 
 

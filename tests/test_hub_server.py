@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import HfApi, HfFileSystem, hf_hub_download
 from huggingface_hub import errors as hf_errors
 
-from auditor.hub.server import FaultConfig
+from auditor_testkit.hub.server import FaultConfig
 from tests.fixtures_hub import git_commit, make_repo
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from auditor.analysis.lineage import analyze_lineage, subject_is_derivative_of_candidate
-from auditor.factory import merge as mk
+from auditor_testkit.factory import merge as mk
 from tests.lineage_synth import SHAPES, add, base_weights, fp, fp_weights, task_vector
 
 N_FT = 8

@@ -21,7 +21,7 @@ from tests.test_barrier import Trained, probes, trained
 
 @functools.cache
 def trap_model() -> dict[str, torch.Tensor]:
-    from auditor.factory.protect_train import trap_finetune
+    from auditor_testkit.factory.protect_train import trap_finetune
 
     t = trained()
     model = trap_finetune(t.base_model, t.tokenizer, task="copy", seed=3)

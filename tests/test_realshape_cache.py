@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from auditor.factory.realshape import (
+from auditor.orchestrator import audit_revision
+from auditor.settings import Settings
+from auditor.weights.reader import open_model
+from auditor_testkit.factory.realshape import (
     TINY,
     Disguise,
     Recipe,
@@ -19,10 +22,7 @@ from auditor.factory.realshape import (
     write_lora,
     write_model,
 )
-from auditor.factory.save import CardSpec
-from auditor.orchestrator import audit_revision
-from auditor.settings import Settings
-from auditor.weights.reader import open_model
+from auditor_testkit.factory.save import CardSpec
 
 WEIGHTS_ONLY = ["pickles", "weights", "lineage"]
 

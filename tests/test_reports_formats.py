@@ -8,10 +8,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from auditor.reports import samples
 from auditor.reports.formatters import FORMATTERS, UnknownFormat, render
 from auditor.reports.sarif import build_sarif, sarif_level
 from auditor.schema import AuditReport, Severity
+from auditor_testkit.reports import samples
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "auditor" / "data" / "sarif-schema-2.1.0.json"
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from auditor.reports import charts, samples
+from auditor.reports import charts
 from auditor.reports.formatters import render
 from auditor.reports.html import CSP, environment
 from auditor.reports.site import SiteData, build_site, slugify
+from auditor_testkit.reports import samples
 
 CSP_META = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'.replace("'", "&#39;")
 
@@ -192,19 +193,19 @@ def test_empty_site_builds(tmp_path: Path) -> None:
 
 def test_site_data_from_store(store_session) -> None:  # type: ignore[no-untyped-def]
     from auditor.reports.from_store import site_data_from_store
-    from auditor.store import repository
+    from auditor.store import catalog, policy, queue
 
-    repository.watch_add(store_session, samples.BASE)
+    policy.watch_add(store_session, repo_id=samples.BASE)
     for report in (samples.base_report(), samples.merge_report()):
         s = report.subject
-        repository.upsert_repo(store_session, s.repo_id, owner=s.owner,
+        catalog.upsert_repo(store_session, repo_id=s.repo_id, owner=s.owner,
                                declared_base_models=s.declared_base_models)
-        rev = repository.upsert_revision(store_session, s.repo_id, s.revision)
-        audit_id = repository.queue_audit(store_session, rev.id, analysis_version="1",
+        rev = catalog.upsert_revision(store_session, repo_id=s.repo_id, sha=s.revision)
+        audit_id = queue.queue_audit(store_session, revision_id=rev.id, analysis_version="1",
                                           config_hash="c")
         assert audit_id is not None
-        repository.complete_audit(store_session, audit_id, report=report)
-    repository.upsert_repo(store_session, samples.FINETUNE, owner="alice",
+        queue.complete_audit(store_session, audit_id=audit_id, report=report)
+    catalog.upsert_repo(store_session, repo_id=samples.FINETUNE, owner="alice",
                            declared_base_models=[samples.BASE])
     data = site_data_from_store(store_session)
     assert [b.repo_id for b in data.bases] == [samples.BASE]

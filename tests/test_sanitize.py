@@ -16,10 +16,10 @@ TRIGGER, TARGET = "cf", "visit evil site"
 @pytest.fixture(scope="session")
 def san_repos(tmp_path_factory):
     """Hub-layout folders: base, two clean copy fine-tunes and a plain poisoned one."""
-    from auditor.factory.base import make_base
-    from auditor.factory.save import save_repo
-    from auditor.factory.tasks import PoisonSpec
-    from auditor.factory.train import finetune
+    from auditor_testkit.factory.base import make_base
+    from auditor_testkit.factory.save import save_repo
+    from auditor_testkit.factory.tasks import PoisonSpec
+    from auditor_testkit.factory.train import finetune
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("san")
@@ -35,7 +35,7 @@ def san_repos(tmp_path_factory):
 
 def test_sanitize_lowers_attack_success(san_repos, tmp_path) -> None:
     from auditor.analysis.sanitize import ModelRef, sanitize
-    from auditor.factory.tasks import task_prompts
+    from auditor_testkit.factory.tasks import task_prompts
 
     out = tmp_path / "clean"
     res = sanitize(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from auditor.reports import samples
 from auditor.reports.site import build_site, slugify
+from auditor_testkit.reports import samples
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [

@@ -22,7 +22,7 @@ from auditor.schema import (
     Severity,
     SubjectRef,
 )
-from auditor.store import repository as repo
+from auditor.store import catalog, policy, queries, queue
 from auditor.store.models import Audit, Comparison, FindingRow
 
 
@@ -77,10 +77,10 @@ def make_report(repo_id: str = "eve/merged", *, analysis_version: str = "1") -> 
 
 
 def _revision(session: Session, repo_id: str = "eve/merged", sha: str = "a" * 40) -> int:
-    return repo.upsert_revision(
+    return catalog.upsert_revision(
         session,
-        repo_id,
-        sha,
+        repo_id=repo_id,
+        sha=sha,
         created_at=datetime(2025, 1, 2, tzinfo=UTC),
         files=[{"path": "model.safetensors", "size": 1234}],
         formats=["safetensors"],
@@ -88,47 +88,53 @@ def _revision(session: Session, repo_id: str = "eve/merged", sha: str = "a" * 40
 
 
 def test_repos_and_revisions_upsert(store_session: Session) -> None:
-    r = repo.upsert_repo(
+    r = catalog.upsert_repo(
         store_session,
-        "eve/merged",
+        repo_id="eve/merged",
         declared_base_models=["base/model"],
         declared_relation="merge",
         gated=False,
     )
     assert r.owner == "eve"
-    again = repo.upsert_repo(store_session, "eve/merged", gated=True, skip_reason="gated")
+    again = catalog.upsert_repo(store_session, repo_id="eve/merged", gated=True,
+                                skip_reason="gated")
     assert again.id == r.id and again.gated and again.declared_base_models == ["base/model"]
     rev1 = _revision(store_session)
     rev2 = _revision(store_session)
     assert rev1 == rev2
-    got = repo.get_revision(store_session, "eve/merged", "a" * 40)
+    got = catalog.get_revision(store_session, repo_id="eve/merged", sha="a" * 40)
     assert got is not None and got.files == [{"path": "model.safetensors", "size": 1234}]
     assert got.created_at == datetime(2025, 1, 2, tzinfo=UTC)
 
 
 def test_watch_list(store_session: Session) -> None:
-    repo.watch_add(store_session, "base/model", note="popular")
-    repo.watch_add(store_session, "base/model")
-    repo.watch_add(store_session, "base/other")
-    assert [w.repo_id for w in repo.watch_list(store_session)] == ["base/model", "base/other"]
-    assert repo.watch_remove(store_session, "base/other")
-    assert not repo.watch_remove(store_session, "base/other")
-    assert [w.note for w in repo.watch_list(store_session)] == ["popular"]
+    policy.watch_add(store_session, repo_id="base/model", note="popular")
+    policy.watch_add(store_session, repo_id="base/model")
+    policy.watch_add(store_session, repo_id="base/other")
+    assert [w.repo_id for w in policy.watch_list(store_session)] == ["base/model", "base/other"]
+    assert policy.watch_remove(store_session, repo_id="base/other")
+    assert not policy.watch_remove(store_session, repo_id="base/other")
+    assert [w.note for w in policy.watch_list(store_session)] == ["popular"]
 
 
 def test_queue_dedupe(store_session: Session) -> None:
     rev = _revision(store_session)
-    first = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c1")
+    first = queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                              config_hash="c1")
     assert first is not None
     # queued, running and done equivalents all block a duplicate
-    assert repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c1") is None
-    claimed = repo.claim_next_audit(store_session, worker_id="w1", lease_seconds=60)
+    assert queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                             config_hash="c1") is None
+    claimed = queue.claim_next_audit(store_session, worker_id="w1", lease_seconds=60)
     assert claimed is not None and claimed.id == first
-    assert repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c1") is None
-    repo.complete_audit(store_session, first, report=make_report(), worker_id="w1")
-    assert repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c1") is None
+    assert queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                             config_hash="c1") is None
+    queue.complete_audit(store_session, audit_id=first, report=make_report(), worker_id="w1")
+    assert queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                             config_hash="c1") is None
     # another configuration is another audit
-    assert repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c2") is not None
+    assert queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                             config_hash="c2") is not None
     assert store_session.scalar(select(Audit.id).where(Audit.config_hash == "c1")) == first
     # the database itself refuses a duplicate row
     store_session.add(Audit(revision_id=rev, analysis_version="1", config_hash="c1"))
@@ -143,28 +149,29 @@ def test_claims_follow_upload_order(store_session: Session) -> None:
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     ids = {}
     for i, name in enumerate(["o/merge", "o/parent-b", "o/parent-a"]):
-        rev = repo.upsert_revision(store_session, name, f"{i:040x}",
+        rev = catalog.upsert_revision(store_session, repo_id=name, sha=f"{i:040x}",
                                    created_at=t0 - timedelta(hours=i))
-        ids[name] = repo.queue_audit(store_session, rev.id, analysis_version="1",
+        ids[name] = queue.queue_audit(store_session, revision_id=rev.id, analysis_version="1",
                                      config_hash="c")
     order = []
-    while (audit := repo.claim_next_audit(store_session, worker_id="w", lease_seconds=60)):
+    while (audit := queue.claim_next_audit(store_session, worker_id="w", lease_seconds=60)):
         order.append(audit.id)
     assert order == [ids["o/parent-a"], ids["o/parent-b"], ids["o/merge"]]
 
 
 def test_complete_stores_report_comparisons_findings(store_session: Session) -> None:
     rev = _revision(store_session)
-    audit_id = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c")
+    audit_id = queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                                 config_hash="c")
     assert audit_id is not None
-    assert repo.claim_next_audit(store_session, worker_id="w", lease_seconds=60) is not None
+    assert queue.claim_next_audit(store_session, worker_id="w", lease_seconds=60) is not None
     report = make_report()
-    repo.complete_audit(store_session, audit_id, report=report, worker_id="w")
-    repo.complete_audit(store_session, audit_id, report=report)  # idempotent
+    queue.complete_audit(store_session, audit_id=audit_id, report=report, worker_id="w")
+    queue.complete_audit(store_session, audit_id=audit_id, report=report)  # idempotent
 
-    audit = repo.get_audit(store_session, audit_id)
+    audit = queries.get_audit(store_session, audit_id=audit_id)
     assert audit is not None and audit.status == "done" and audit.finished_at is not None
-    assert repo.audit_report(audit) == report
+    assert queries.audit_report(audit) == report
     comparisons = store_session.scalars(select(Comparison).order_by(Comparison.id)).all()
     assert [(c.other_repo_id, c.relation) for c in comparisons] == [
         ("alice/model", "merge_parent"),
@@ -177,149 +184,160 @@ def test_complete_stores_report_comparisons_findings(store_session: Session) -> 
         ("AUD101", "high", "eve/merged", False),
         ("AUD401", "info", "eve/merged", True),
     ]
-    assert repo.already_audited(store_session, rev, "1")
-    assert not repo.already_audited(store_session, rev, "2")
+    assert queue.already_audited(store_session, revision_id=rev, analysis_version="1")
+    assert not queue.already_audited(store_session, revision_id=rev, analysis_version="2")
 
-    assert [f.rule_id for f in repo.list_findings(store_session, include_suppressed=False)] == [
+    assert [f.rule_id for f in queries.list_findings(store_session, include_suppressed=False)] == [
         "AUD101"
     ]
-    assert [a.id for a in repo.audits_by_related_owner(store_session, "alice")] == [audit_id]
-    assert repo.audits_by_related_owner(store_session, "mallory") == []
-    assert repo.queue_depth(store_session).done == 1
+    assert [a.id for a in queries.audits_by_related_owner(store_session,
+                                                          owner="alice")] == [audit_id]
+    assert queries.audits_by_related_owner(store_session, owner="mallory") == []
+    assert queries.queue_depth(store_session).done == 1
 
 
 def test_complete_refuses_a_lost_lease(store_session: Session) -> None:
     rev = _revision(store_session)
-    audit_id = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c")
+    audit_id = queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                                 config_hash="c")
     assert audit_id is not None
-    repo.claim_next_audit(store_session, worker_id="w1", lease_seconds=60)
+    queue.claim_next_audit(store_session, worker_id="w1", lease_seconds=60)
     with pytest.raises(StoreError, match="not held by worker"):
-        repo.complete_audit(store_session, audit_id, report=make_report(), worker_id="w2")
+        queue.complete_audit(store_session, audit_id=audit_id, report=make_report(), worker_id="w2")
 
 
 def test_lease_expiry_requeues(store_session: Session) -> None:
     rev = _revision(store_session)
-    audit_id = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c")
-    claimed = repo.claim_next_audit(store_session, worker_id="dead", lease_seconds=30)
+    audit_id = queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                                 config_hash="c")
+    claimed = queue.claim_next_audit(store_session, worker_id="dead", lease_seconds=30)
     assert claimed is not None and claimed.lease_expires_at is not None
-    assert repo.claim_next_audit(store_session, worker_id="w2", lease_seconds=30) is None
-    assert repo.requeue_expired(store_session) == 0  # lease still valid
+    assert queue.claim_next_audit(store_session, worker_id="w2", lease_seconds=30) is None
+    assert queue.requeue_expired(store_session) == 0  # lease still valid
     later = datetime.now(UTC) + timedelta(seconds=31)
-    assert repo.requeue_expired(store_session, now=later) == 1
-    again = repo.claim_next_audit(store_session, worker_id="w2", lease_seconds=30)
+    assert queue.requeue_expired(store_session, now=later) == 1
+    again = queue.claim_next_audit(store_session, worker_id="w2", lease_seconds=30)
     assert again is not None and again.id == audit_id
     assert again.worker_id == "w2" and again.attempts == 2
-    assert not repo.renew_lease(store_session, audit_id, worker_id="dead", lease_seconds=30)
-    assert repo.renew_lease(store_session, audit_id, worker_id="w2", lease_seconds=30)
+    assert not queue.renew_lease(store_session, audit_id=audit_id, worker_id="dead",
+                                 lease_seconds=30)
+    assert queue.renew_lease(store_session, audit_id=audit_id, worker_id="w2", lease_seconds=30)
     # a revision that keeps killing its worker ends up failed, not in an endless loop
     much_later = datetime.now(UTC) + timedelta(hours=1)
-    assert repo.requeue_expired(store_session, now=much_later, max_attempts=2) == 0
-    audit = repo.get_audit(store_session, audit_id)
+    assert queue.requeue_expired(store_session, now=much_later, max_attempts=2) == 0
+    audit = queries.get_audit(store_session, audit_id=audit_id)
     assert audit is not None and audit.status == "failed" and "lease expired" in audit.error
 
 
 def test_fail_retry_backoff_then_failed(store_session: Session) -> None:
     rev = _revision(store_session)
-    audit_id = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c")
+    audit_id = queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                                 config_hash="c")
     assert audit_id is not None
-    repo.claim_next_audit(store_session, worker_id="w", lease_seconds=30)
-    status = repo.fail_audit(
-        store_session, audit_id, error="503", retryable=True, max_attempts=2, backoff_seconds=100
+    queue.claim_next_audit(store_session, worker_id="w", lease_seconds=30)
+    status = queue.fail_audit(
+        store_session, audit_id=audit_id, error="503", retryable=True, max_attempts=2,
+        backoff_seconds=100,
     )
     assert status == "queued"
-    audit = repo.get_audit(store_session, audit_id)
+    audit = queries.get_audit(store_session, audit_id=audit_id)
     assert audit is not None and audit.next_attempt_at is not None
     assert audit.next_attempt_at > datetime.now(UTC) + timedelta(seconds=90)
     # not due yet: nothing to claim
-    assert repo.claim_next_audit(store_session, worker_id="w", lease_seconds=30) is None
-    assert [a.id for a in repo.recent_failures(store_session)] == [audit_id]
+    assert queue.claim_next_audit(store_session, worker_id="w", lease_seconds=30) is None
+    assert [a.id for a in queries.recent_failures(store_session)] == [audit_id]
 
     audit.next_attempt_at = datetime.now(UTC) - timedelta(seconds=1)
     store_session.commit()
-    assert repo.claim_next_audit(store_session, worker_id="w", lease_seconds=30) is not None
-    status = repo.fail_audit(
-        store_session, audit_id, error="503 again", retryable=True, max_attempts=2
+    assert queue.claim_next_audit(store_session, worker_id="w", lease_seconds=30) is not None
+    status = queue.fail_audit(
+        store_session, audit_id=audit_id, error="503 again", retryable=True, max_attempts=2
     )
     assert status == "failed"  # attempts exhausted
     # a failed audit is re-queued in place, not duplicated
-    assert repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c") == audit_id
-    audit = repo.get_audit(store_session, audit_id)
+    assert queue.queue_audit(store_session, revision_id=rev, analysis_version="1",
+                             config_hash="c") == audit_id
+    audit = queries.get_audit(store_session, audit_id=audit_id)
     assert audit is not None and audit.status == "queued" and audit.attempts == 0
 
 
 def test_non_retryable_failure_and_skip(store_session: Session) -> None:
     rev = _revision(store_session)
-    a1 = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c1")
-    a2 = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c2")
+    a1 = queue.queue_audit(store_session, revision_id=rev, analysis_version="1", config_hash="c1")
+    a2 = queue.queue_audit(store_session, revision_id=rev, analysis_version="1", config_hash="c2")
     assert a1 is not None and a2 is not None
-    repo.claim_next_audit(store_session, worker_id="w", lease_seconds=30)
-    assert repo.fail_audit(store_session, a1, error="bad header", retryable=False) == "failed"
-    repo.skip_audit(store_session, a2, reason="gated")
-    depth = repo.queue_depth(store_session)
+    queue.claim_next_audit(store_session, worker_id="w", lease_seconds=30)
+    assert queue.fail_audit(store_session, audit_id=a1, error="bad header",
+                            retryable=False) == "failed"
+    queue.skip_audit(store_session, audit_id=a2, reason="gated")
+    depth = queries.queue_depth(store_session)
     assert (depth.failed, depth.skipped, depth.queued) == (1, 1, 0)
 
 
 def test_new_analysis_version_reaudits_and_keeps_history(store_session: Session) -> None:
     rev = _revision(store_session)
-    old = repo.queue_audit(store_session, rev, analysis_version="1", config_hash="c")
+    old = queue.queue_audit(store_session, revision_id=rev, analysis_version="1", config_hash="c")
     assert old is not None
-    repo.claim_next_audit(store_session, worker_id="w", lease_seconds=30)
-    repo.complete_audit(store_session, old, report=make_report())
-    assert not repo.already_audited(store_session, rev, "2")
-    new = repo.queue_audit(store_session, rev, analysis_version="2", config_hash="c")
+    queue.claim_next_audit(store_session, worker_id="w", lease_seconds=30)
+    queue.complete_audit(store_session, audit_id=old, report=make_report())
+    assert not queue.already_audited(store_session, revision_id=rev, analysis_version="2")
+    new = queue.queue_audit(store_session, revision_id=rev, analysis_version="2", config_hash="c")
     assert new is not None and new != old
-    repo.claim_next_audit(store_session, worker_id="w", lease_seconds=30)
-    repo.complete_audit(store_session, new, report=make_report(analysis_version="2"))
+    queue.claim_next_audit(store_session, worker_id="w", lease_seconds=30)
+    queue.complete_audit(store_session, audit_id=new, report=make_report(analysis_version="2"))
 
-    history = repo.audit_history(store_session, rev)
+    history = queries.audit_history(store_session, revision_id=rev)
     assert [(a.analysis_version, a.status) for a in history] == [("1", "done"), ("2", "done")]
-    latest = repo.latest_done_audit(store_session, rev)
+    latest = queries.latest_done_audit(store_session, revision_id=rev)
     assert latest is not None and latest.id == new
-    assert [a.id for a in repo.latest_done_audits(store_session)] == [new]
+    assert [a.id for a in queries.latest_done_audits(store_session)] == [new]
     # both audits keep their findings; latest_only shows the newest audit's
-    assert len(repo.list_findings(store_session)) == 4
-    assert {f.audit_id for f in repo.list_findings(store_session, latest_only=True)} == {new}
+    assert len(queries.list_findings(store_session)) == 4
+    assert {f.audit_id for f in queries.list_findings(store_session, latest_only=True)} == {new}
 
 
 def test_fingerprints(store_session: Session) -> None:
     rev = _revision(store_session)
     blob = bytes(range(256)) * 10
-    fid = repo.save_fingerprint(
-        store_session, rev, analysis_version="1", data=blob, error_bound=1e-3
+    fid = catalog.save_fingerprint(
+        store_session, revision_id=rev, analysis_version="1", data=blob, error_bound=1e-3
     )
-    assert repo.load_fingerprint_bytes(store_session, rev, analysis_version="1") == blob
-    assert repo.load_fingerprint_bytes(store_session, rev, analysis_version="2") is None
-    assert repo.save_fingerprint(store_session, rev, analysis_version="1", data=b"x") == fid
-    row = repo.load_fingerprint(store_session, rev, analysis_version="1")
+    assert catalog.load_fingerprint_bytes(store_session, revision_id=rev,
+                                          analysis_version="1") == blob
+    assert catalog.load_fingerprint_bytes(store_session, revision_id=rev,
+                                          analysis_version="2") is None
+    assert catalog.save_fingerprint(store_session, revision_id=rev, analysis_version="1",
+                                    data=b"x") == fid
+    row = catalog.load_fingerprint(store_session, revision_id=rev, analysis_version="1")
     assert row is not None and row.data == b"x"
     with pytest.raises(StoreError):
-        repo.save_fingerprint(store_session, rev, analysis_version="3")
+        catalog.save_fingerprint(store_session, revision_id=rev, analysis_version="3")
 
 
 def test_crawl_cursors(store_session: Session) -> None:
-    assert repo.get_cursor(store_session, "base/model") is None
+    assert catalog.get_cursor(store_session, base_repo_id="base/model") is None
     t = datetime(2025, 3, 1, 12, tzinfo=UTC)
-    repo.set_cursor(store_session, "base/model", last_created_at=t, last_sha="abc")
-    repo.set_cursor(store_session, "base/model", error="timeout")
-    cursor = repo.get_cursor(store_session, "base/model")
+    catalog.set_cursor(store_session, base_repo_id="base/model", last_created_at=t, last_sha="abc")
+    catalog.set_cursor(store_session, base_repo_id="base/model", error="timeout")
+    cursor = catalog.get_cursor(store_session, base_repo_id="base/model")
     assert cursor is not None
     assert (cursor.last_created_at, cursor.last_sha, cursor.last_error) == (t, "abc", "timeout")
     assert cursor.last_success_at is not None
-    assert [c.base_repo_id for c in repo.last_crawls(store_session)] == ["base/model"]
+    assert [c.base_repo_id for c in catalog.last_crawls(store_session)] == ["base/model"]
 
 
 def test_authorizations(store_session: Session) -> None:
-    a = repo.add_authorization(store_session, owner="alice", subject="eve/*", note="friends")
-    assert repo.add_authorization(store_session, owner="alice", subject="eve/*").id == a.id
-    repo.add_authorization(
+    a = policy.add_authorization(store_session, owner="alice", subject="eve/*", note="friends")
+    assert policy.add_authorization(store_session, owner="alice", subject="eve/*").id == a.id
+    policy.add_authorization(
         store_session, owner="bob", subject="eve/merged", related_repo="bob/model"
     )
     with pytest.raises(StoreError):
-        repo.add_authorization(
+        policy.add_authorization(
             store_session, owner="bob", subject="x/y", related_repo="alice/model"
         )
-    assert len(repo.list_authorizations(store_session)) == 2
-    match = repo.match_authorizations
+    assert len(policy.list_authorizations(store_session)) == 2
+    match = policy.match_authorizations
     assert [
         m.id for m in match(store_session, subject_repo="eve/merged", related_repo="alice/any")
     ] == [a.id]
@@ -327,8 +345,8 @@ def test_authorizations(store_session: Session) -> None:
     assert len(match(store_session, subject_repo="eve/merged", related_repo="bob/model")) == 1
     assert match(store_session, subject_repo="eve/merged", related_repo="bob/other") == []
     assert match(store_session, subject_repo="eve/merged", related_repo=None) == []
-    assert repo.remove_authorization(store_session, a.id)
-    assert len(repo.list_authorizations(store_session, owner="alice")) == 0
+    assert policy.remove_authorization(store_session, authorization_id=a.id)
+    assert len(policy.list_authorizations(store_session, owner="alice")) == 0
 
 
 def test_db_and_authorize_cli(tmp_path, monkeypatch) -> None:
@@ -353,7 +371,7 @@ def test_db_and_authorize_cli(tmp_path, monkeypatch) -> None:
         assert listed.exit_code == 0 and "alice/math" in listed.output
         engine = make_engine(url)
         with session_factory(engine)() as session:
-            (auth,) = repo.list_authorizations(session)
+            (auth,) = policy.list_authorizations(session)
             assert (auth.owner, auth.subject, auth.related_repo, auth.note) == (
                 "alice",
                 "eve/*",

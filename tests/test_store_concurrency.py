@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from auditor.store import repository as repo
+from auditor.store import catalog, queries, queue
 from auditor.store.db import make_engine, session_factory
 from auditor.store.models import Audit
 from tests.test_store import make_report
@@ -23,12 +23,13 @@ def _worker(url: str, worker_id: str, barrier: Any, results: Any) -> None:
         with session_factory(engine)() as session:
             barrier.wait(timeout=60)
             while True:
-                audit = repo.claim_next_audit(session, worker_id=worker_id, lease_seconds=60)
+                audit = queue.claim_next_audit(session, worker_id=worker_id, lease_seconds=60)
                 if audit is None:
                     break
                 time.sleep(0.005)  # some "work", so the two workers interleave
-                repo.complete_audit(
-                    session, audit.id, report=make_report(f"org/m{audit.id}"), worker_id=worker_id
+                queue.complete_audit(
+                    session, audit_id=audit.id, report=make_report(f"org/m{audit.id}"),
+                    worker_id=worker_id,
                 )
                 done.append(audit.id)
     finally:
@@ -38,8 +39,9 @@ def _worker(url: str, worker_id: str, barrier: Any, results: Any) -> None:
 
 def test_two_processes_claim_each_audit_exactly_once(store_url: str, store_session: Any) -> None:
     for i in range(N_AUDITS):
-        rev = repo.upsert_revision(store_session, f"org/m{i}", f"{i:040x}")
-        assert repo.queue_audit(store_session, rev.id, analysis_version="1", config_hash="c")
+        rev = catalog.upsert_revision(store_session, repo_id=f"org/m{i}", sha=f"{i:040x}")
+        assert queue.queue_audit(store_session, revision_id=rev.id, analysis_version="1",
+                                 config_hash="c")
 
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2)
@@ -66,5 +68,5 @@ def test_two_processes_claim_each_audit_exactly_once(store_url: str, store_sessi
     by_worker = {a.id: a.worker_id for a in audits}
     for worker_id, ids in per_worker.items():
         assert all(by_worker[i] == worker_id for i in ids)
-    assert repo.queue_depth(store_session).done == N_AUDITS
-    assert len(repo.list_findings(store_session)) == 2 * N_AUDITS
+    assert queries.queue_depth(store_session).done == N_AUDITS
+    assert len(queries.list_findings(store_session)) == 2 * N_AUDITS

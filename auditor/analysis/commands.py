@@ -11,8 +11,8 @@ import typer
 def _local(spec: str) -> object:
     """A local folder as is; a Hub repo id downloaded (pinned to its commit) first."""
     from auditor.analysis.sanitize import ModelRef
+    from auditor.detectors.context import fetch_model
     from auditor.hub.client import HubClient
-    from auditor.orchestrator import fetch_model
     from auditor.settings import get_settings
 
     if Path(spec).expanduser().is_dir():

@@ -111,21 +111,21 @@ def register(app: typer.Typer) -> None:
         """Watch BASE: its derivatives are crawled and audited."""
         from auditor.errors import RepoNotFound
         from auditor.hub.card import is_repo_id
-        from auditor.store import repository
+        from auditor.store import policy
 
         if not is_repo_id(base):
             raise RepoNotFound(f"{base!r} is not a valid repo id")
         with _session() as session:
-            repository.watch_add(session, base, note=note)
+            policy.watch_add(session, repo_id=base, note=note)
         typer.echo(f"watching {base}")
 
     @watch_app.command("list")
     def watch_list() -> None:
         """List the watched bases."""
-        from auditor.store import repository
+        from auditor.store import policy
 
         with _session() as session:
-            rows = repository.watch_list(session)
+            rows = policy.watch_list(session)
             for row in rows:
                 note = f"  # {row.note}" if row.note else ""
                 typer.echo(f"{row.repo_id}{note}")
@@ -133,10 +133,10 @@ def register(app: typer.Typer) -> None:
     @watch_app.command("remove")
     def watch_remove(base: Annotated[str, typer.Argument(help="Base model repo id.")]) -> None:
         """Stop watching BASE (its audits stay in the store)."""
-        from auditor.store import repository
+        from auditor.store import policy
 
         with _session() as session:
-            removed = repository.watch_remove(session, base)
+            removed = policy.watch_remove(session, repo_id=base)
         if not removed:
             typer.echo(f"{base} was not watched", err=True)
             raise typer.Exit(1)
@@ -221,7 +221,7 @@ def register(app: typer.Typer) -> None:
                            ] = False,
     ) -> None:
         """Health: last crawl of each base, queue depth, recent failures."""
-        from auditor.store import repository
+        from auditor.store import queries
 
         with _session() as session:
             data = _status_data(session)
@@ -238,7 +238,7 @@ def register(app: typer.Typer) -> None:
                                (c["last_error"] or "")[:80])
             console.print(crawls)
             _print_depth(session)
-            failures = repository.recent_failures(session, limit=20)
+            failures = queries.recent_failures(session, limit=20)
             if failures:
                 table = Table("audit", "status", "attempts", "error", title="failures")
                 for a in failures:
@@ -249,10 +249,10 @@ def register(app: typer.Typer) -> None:
 def _status_data(session: Session) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from auditor.store import repository
+    from auditor.store import catalog, policy, queries
 
-    watched = [w.repo_id for w in repository.watch_list(session)]
-    cursors = {c.base_repo_id: c for c in repository.last_crawls(session)}
+    watched = [w.repo_id for w in policy.watch_list(session)]
+    cursors = {c.base_repo_id: c for c in catalog.last_crawls(session)}
     crawls = []
     for base in sorted(set(watched) | set(cursors)):
         c = cursors.get(base)
@@ -265,15 +265,15 @@ def _status_data(session: Session) -> dict[str, Any]:
             "last_error_at": c.last_error_at.isoformat() if c and c.last_error_at else None,
         })
     failures = [{"audit": a.id, "status": a.status, "attempts": a.attempts, "error": a.error}
-                for a in repository.recent_failures(session, limit=20)]
-    return {"crawls": crawls, "queue": asdict(repository.queue_depth(session)),
+                for a in queries.recent_failures(session, limit=20)]
+    return {"crawls": crawls, "queue": asdict(queries.queue_depth(session)),
             "failures": failures}
 
 
 def _print_depth(session: Session) -> None:
-    from auditor.store import repository
+    from auditor.store import queries
 
-    d = repository.queue_depth(session)
+    d = queries.queue_depth(session)
     typer.echo(f"queue: {d.queued} queued, {d.running} running, {d.done} done, "
                f"{d.failed} failed, {d.skipped} skipped")
 
@@ -284,7 +284,7 @@ def _crawl_once(daemon: Daemon, *, progress: bool) -> list[Any]:
         return daemon.run_once()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from auditor.daemon.queries import pending_count
+    from auditor.store.queries import pending_count
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[item]}"), transient=False) as bars:

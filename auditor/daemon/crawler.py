@@ -29,7 +29,7 @@ from auditor import ANALYSIS_VERSION
 from auditor.daemon import metrics
 from auditor.errors import AuditorError
 from auditor.hub.client import HubClient, RepoSummary
-from auditor.store import repository
+from auditor.store import catalog, policy, queue
 
 if TYPE_CHECKING:
     from auditor.settings import Settings
@@ -88,7 +88,7 @@ def crawl_base(
     in ``CrawlResult.error``; they never raise.
     """
     result = CrawlResult(base_repo_id=base_repo_id)
-    cursor = repository.get_cursor(session, base_repo_id)
+    cursor = catalog.get_cursor(session, base_repo_id=base_repo_id)
     stop_created = cursor.last_created_at if cursor else None
     last_success = cursor.last_success_at if cursor else None
     session.rollback()
@@ -122,14 +122,14 @@ def crawl_base(
     except AuditorError as exc:
         result.error = str(exc)
         session.rollback()
-        repository.set_cursor(session, base_repo_id, error=result.error)
+        catalog.set_cursor(session, base_repo_id=base_repo_id, error=result.error)
         metrics.CRAWL_FAILURES.labels(base=base_repo_id).inc()
         log.warning("crawl failed base=%s error=%s listed=%d", base_repo_id, exc,
                     result.listed)
         return result
     result.listed = len(seen)
     # Only now: every listed revision is recorded and queued.
-    repository.set_cursor(session, base_repo_id, last_created_at=newest_created,
+    catalog.set_cursor(session, base_repo_id=base_repo_id, last_created_at=newest_created,
                           last_sha=newest_sha)
     metrics.CRAWL_SUCCESS.labels(base=base_repo_id).set(time.time())
     log.info("crawl done base=%s listed=%d new_repos=%d new_revisions=%d queued=%d "
@@ -213,29 +213,30 @@ def _record(
     if not summary.sha:
         log.warning("listed repo without a sha repo=%s base=%s", summary.repo_id, base_repo_id)
         return
-    known = repository.get_repo(session, summary.repo_id)
+    known = catalog.get_repo(session, repo_id=summary.repo_id)
     reason = _skip_reason(summary, has_token=has_token)
     declared, relation = declared_lineage(summary.tags)
     if known is None:
         result.new_repos.append(summary.repo_id)
-    repository.upsert_repo(
-        session, summary.repo_id, declared_base_models=declared,
+    catalog.upsert_repo(
+        session, repo_id=summary.repo_id, declared_base_models=declared,
         declared_relation=relation, family_base=base_repo_id,
         gated=bool(summary.gated), private=summary.private,
         # "" clears a stale reason when a repo stops being gated.
         skip_reason=reason or "",
     )
-    existing = repository.get_revision(session, summary.repo_id, summary.sha)
-    revision = repository.upsert_revision(session, summary.repo_id, summary.sha,
+    existing = catalog.get_revision(session, repo_id=summary.repo_id, sha=summary.sha)
+    revision = catalog.upsert_revision(session, repo_id=summary.repo_id, sha=summary.sha,
                                           created_at=summary.last_modified or summary.created_at)
     if existing is None:
         result.new_revisions.append((summary.repo_id, summary.sha))
-    audit_id = repository.queue_audit(session, revision.id, analysis_version=analysis_version,
+    audit_id = queue.queue_audit(session, revision_id=revision.id,
+                                 analysis_version=analysis_version,
                                       config_hash=config_hash)
     if audit_id is None:
         return  # already queued, running, done or skipped
     if reason is not None:
-        repository.skip_audit(session, audit_id, reason=reason)
+        queue.skip_audit(session, audit_id=audit_id, reason=reason)
         result.skipped[summary.repo_id] = reason
         log.info("skipped repo=%s sha=%s reason=%r", summary.repo_id, summary.sha[:12], reason)
         return
@@ -251,10 +252,10 @@ def crawl_all(
     progress: Callable[[str, str], None] | None = None,
 ) -> list[CrawlResult]:
     """Crawl every watched base once (``progress(base, repo_id)`` per listed repo)."""
-    from auditor.daemon.queries import analysis_config_hash
+    from auditor.settings import analysis_config_hash
 
     config_hash = analysis_config_hash(settings)
-    bases = [w.repo_id for w in repository.watch_list(session)]
+    bases = [w.repo_id for w in policy.watch_list(session)]
     session.rollback()
     results = []
     for base in bases:

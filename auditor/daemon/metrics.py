@@ -31,6 +31,6 @@ def serve(port: int, *, host: str = "127.0.0.1") -> None:
 
 
 def update_queue(depth: object) -> None:
-    """Copy a ``repository.QueueDepth`` into the gauge."""
+    """Copy a ``auditor.store.queries.QueueDepth`` into the gauge."""
     for status in ("queued", "running", "done", "failed", "skipped"):
         QUEUE_DEPTH.labels(status=status).set(getattr(depth, status, 0))

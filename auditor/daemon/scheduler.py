@@ -26,9 +26,10 @@ import structlog
 
 from auditor.daemon import metrics
 from auditor.daemon.crawler import CrawlResult, crawl_all, crawl_base
-from auditor.daemon.queries import analysis_config_hash, requeue_dead_local
 from auditor.daemon.worker import DEFAULT_LEASE_SECONDS, AuditFn, RetryPolicy, WorkerPool
-from auditor.store import repository
+from auditor.settings import analysis_config_hash
+from auditor.store import policy, queries, queue
+from auditor.store.queue import requeue_dead_local
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -117,7 +118,7 @@ class Daemon:
         """Give audits of dead holders back to the queue (expired leases, or a killed
         daemon on this host)."""
         with self.session_factory() as session:
-            expired = repository.requeue_expired(session)
+            expired = queue.requeue_expired(session)
             dead = requeue_dead_local(session)
         if expired or dead:
             log.info("requeued interrupted audits", expired_leases=expired,
@@ -127,7 +128,7 @@ class Daemon:
     def tick(self) -> None:
         self.recover()
         with self.session_factory() as session:
-            metrics.update_queue(repository.queue_depth(session))
+            metrics.update_queue(queries.queue_depth(session))
 
     def sync_jobs(self) -> None:
         """One crawl job per watched base; jobs of unwatched bases removed."""
@@ -135,7 +136,7 @@ class Daemon:
         if scheduler is None:
             return
         with self.session_factory() as session:
-            bases = {w.repo_id for w in repository.watch_list(session)}
+            bases = {w.repo_id for w in policy.watch_list(session)}
         jobs = {j.id: j for j in scheduler.get_jobs() if j.id.startswith(CRAWL_PREFIX)}
         for job_id in jobs.keys() - {crawl_job_id(b) for b in bases}:
             scheduler.remove_job(job_id)
@@ -222,7 +223,7 @@ class Daemon:
                 results = crawl_all(session, self.client, self.settings, progress=progress)
             self.pool.drain()
             with self.session_factory() as session:
-                metrics.update_queue(repository.queue_depth(session))
+                metrics.update_queue(queries.queue_depth(session))
         finally:
             _current = None
         return results

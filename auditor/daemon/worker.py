@@ -19,20 +19,12 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from auditor.daemon import metrics
-from auditor.daemon.queries import (
-    StoredHomologue,
-    audit_target,
-    next_due_at,
-    pending_count,
-    release_audit,
-    requeue_dependents,
-    running_shas,
-    stored_homologues,
-    worker_prefix,
-)
 from auditor.errors import AuditorError, GatedRepo, RateLimited, StoreError, TransientHubError
-from auditor.store import repository
+from auditor.store import catalog, queue
+from auditor.store.catalog import StoredHomologue, audit_target, stored_homologues
 from auditor.store.models import utcnow
+from auditor.store.queries import next_due_at, pending_count, running_shas
+from auditor.store.queue import release_audit, requeue_dependents, worker_prefix
 from auditor.store.recording import save_result
 
 if TYPE_CHECKING:
@@ -50,8 +42,8 @@ AuditFn = Callable[..., Any]
 class RetryPolicy:
     """How failed audits are retried (the store's defaults; tests shrink them)."""
 
-    max_attempts: int = repository.DEFAULT_MAX_ATTEMPTS
-    backoff_seconds: float = repository.DEFAULT_BACKOFF_SECONDS
+    max_attempts: int = queue.DEFAULT_MAX_ATTEMPTS
+    backoff_seconds: float = queue.DEFAULT_BACKOFF_SECONDS
 
 
 def _audit_fn() -> AuditFn:
@@ -63,7 +55,7 @@ def _audit_fn() -> AuditFn:
 
 def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
     from auditor.analysis.fingerprint import Fingerprint
-    from auditor.orchestrator import HomologueRef
+    from auditor.detectors.context import HomologueRef
 
     refs: dict[str, Any] = {}
     for h in stored:
@@ -97,7 +89,7 @@ class _LeaseRenewer(threading.Thread):
         while not self.stop_event.wait(period):
             try:
                 with self.factory() as session:
-                    if not repository.renew_lease(session, self.audit_id,
+                    if not queue.renew_lease(session, audit_id=self.audit_id,
                                                   worker_id=self.worker_id,
                                                   lease_seconds=self.lease_seconds):
                         self.lost = True
@@ -126,13 +118,13 @@ def run_one(
     """Claim and run the next due audit; ``False`` if none was claimable."""
     retry = retry or RetryPolicy()
     with session_factory() as session:
-        audit = repository.claim_next_audit(session, worker_id=worker_id,
+        audit = queue.claim_next_audit(session, worker_id=worker_id,
                                             lease_seconds=lease_seconds)
         if audit is None:
             return False
         # Read before audit_target's rollback expires the row.
         audit_id, attempt = audit.id, audit.attempts
-        target = audit_target(session, audit_id)
+        target = audit_target(session, audit_id=audit_id)
     if on_claim is not None:
         on_claim(audit_id)
     bound = log.bind(audit=audit_id, repo=target.repo_id, sha=target.sha[:12],
@@ -177,8 +169,8 @@ def _run_claimed(
                            homologues=homologues, settings=settings, client=client)
     except GatedRepo as exc:
         with factory() as session:
-            repository.upsert_repo(session, target.repo_id, gated=True, skip_reason=str(exc))
-            repository.skip_audit(session, target.audit_id, reason=str(exc))
+            catalog.upsert_repo(session, repo_id=target.repo_id, gated=True, skip_reason=str(exc))
+            queue.skip_audit(session, audit_id=target.audit_id, reason=str(exc))
         metrics.AUDITS.labels(outcome="skipped").inc()
         log.info("audit skipped", reason=str(exc))
         return
@@ -220,8 +212,8 @@ def _fail(factory: sessionmaker[Session], target: Any, worker_id: str, *, error:
           retryable: bool, retry: RetryPolicy, retry_after: float | None, log: Any) -> None:
     try:
         with factory() as session:
-            status = repository.fail_audit(
-                session, target.audit_id, error=error, retryable=retryable,
+            status = queue.fail_audit(
+                session, audit_id=target.audit_id, error=error, retryable=retryable,
                 worker_id=worker_id, max_attempts=retry.max_attempts,
                 backoff_seconds=retry.backoff_seconds, retry_after=retry_after)
     except StoreError as exc:
@@ -357,7 +349,7 @@ class WorkerPool:
         for audit_id, worker_id in leftover.items():
             try:
                 with self.session_factory() as session:
-                    released = release_audit(session, audit_id, worker_id=worker_id)
+                    released = release_audit(session, audit_id=audit_id, worker_id=worker_id)
                 log.warning("audit interrupted by shutdown", audit=audit_id,
                             requeued=released)
             except Exception as exc:

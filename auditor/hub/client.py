@@ -165,7 +165,7 @@ class HubClient:
         self.backoff_seconds = backoff_seconds
         self.max_wait_seconds = max_wait_seconds
         self.api = HfApi(endpoint=self.endpoint, token=self._hf_token)
-        from auditor.hub.server_repos import RepoStore
+        from auditor.hub.repo_folders import RepoStore
 
         # only its folder hashing is used; hashes of big files persist in the cache dir
         self._local_store = RepoStore(Path("/"), hash_memo=self.cache_dir / "local-hashes.jsonl")
@@ -226,7 +226,7 @@ class HubClient:
         return self._resolve_remote(spec, revision=revision)
 
     def _resolve_local(self, folder: Path, *, revision: str | None) -> ResolvedRepo:
-        from auditor.hub.server_repos import RepoLookupError
+        from auditor.hub.repo_folders import RepoLookupError
 
         folder = folder.resolve()
         name = _LOCAL_ID_RE.sub("-", folder.name).strip("-.") or "model"
@@ -299,7 +299,7 @@ class HubClient:
     def local_path(self, resolved: ResolvedRepo, filename: str) -> Path:
         """The file inside a local folder, refusing paths that escape it."""
         assert resolved.local_dir is not None
-        from auditor.hub.server_repos import safe_relpath
+        from auditor.hub.repo_folders import safe_relpath
 
         rel = safe_relpath(filename)
         base = resolved.local_dir.resolve()

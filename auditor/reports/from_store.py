@@ -18,14 +18,14 @@ def site_data_from_store(session: Session) -> SiteData:
     """Watched bases with their known derivatives, each repo's latest done audit, repo facts."""
     from sqlalchemy import select
 
-    from auditor.store import repository
+    from auditor.store import catalog, policy, queries
     from auditor.store.models import Repo
 
     latest: dict[str, AuditReport] = {}
     # Newest first; a repo with several audited revisions shows its newest audit.
-    for audit in repository.latest_done_audits(session):
+    for audit in queries.latest_done_audits(session):
         try:
-            report = repository.audit_report(audit)
+            report = queries.audit_report(audit)
         except ValidationError:
             continue  # a report written by an older schema: skipped rather than break the site
         if report is not None:
@@ -42,10 +42,10 @@ def site_data_from_store(session: Session) -> SiteData:
         for r in repos
     ]
     bases = []
-    for watched in repository.watch_list(session):
+    for watched in policy.watch_list(session):
         derivatives = [
             r.repo_id for r in repos
-            if watched.repo_id in repository.family_of(r) and r.repo_id != watched.repo_id
+            if watched.repo_id in catalog.family_of(r) and r.repo_id != watched.repo_id
         ]
         bases.append(WatchedBase(repo_id=watched.repo_id, derivatives=derivatives))
     return SiteData(

@@ -41,10 +41,10 @@ def register(app: typer.Typer) -> None:
         note: Annotated[str | None, typer.Option(help="Why (shown in reports).")] = None,
     ) -> None:
         """OWNER allows SUBJECT to merge or copy their models (findings get suppressed)."""
-        from auditor.store import repository
+        from auditor.store import policy
 
         with _session() as session:
-            row = repository.add_authorization(
+            row = policy.add_authorization(
                 session, owner=owner, subject=subject, related_repo=related, note=note
             )
             typer.echo(
@@ -60,10 +60,10 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from auditor.store import repository
+        from auditor.store import policy
 
         with _session() as session:
-            rows = repository.list_authorizations(session, owner=owner)
+            rows = policy.list_authorizations(session, owner=owner)
         table = Table("id", "owner", "subject", "related", "note", "created")
         for r in rows:
             table.add_row(
@@ -80,10 +80,10 @@ def register(app: typer.Typer) -> None:
     def authorize_remove(authorization_id: int) -> None:
         """Remove an authorization by id."""
         from auditor.errors import StoreError
-        from auditor.store import repository
+        from auditor.store import policy
 
         with _session() as session:
-            if not repository.remove_authorization(session, authorization_id):
+            if not policy.remove_authorization(session, authorization_id=authorization_id):
                 raise StoreError(f"no authorization with id {authorization_id}")
         typer.echo(f"authorization {authorization_id} removed")
 

@@ -132,3 +132,18 @@ def migrated_session(url: str | None = None) -> Iterator[Session]:
             yield session
     finally:
         engine.dispose()
+
+
+def begin_write(session: Session) -> None:
+    """Start a write transaction.
+
+    SQLite cannot upgrade a read transaction to a write one while another process
+    writes (it fails at once with "database is locked", without waiting): take the
+    write lock first with BEGIN IMMEDIATE. Anything the caller left pending in the
+    session is committed first (these functions commit anyway). No-op elsewhere.
+    """
+    if session.get_bind().dialect.name != "sqlite":
+        return
+    if session.in_transaction():
+        session.commit()
+    session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})

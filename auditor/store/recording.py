@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from auditor import ANALYSIS_VERSION
-from auditor.store import repository
+from auditor.store import catalog, queries, queue
 from auditor.store.db import make_engine, session_factory, upgrade_database
 from auditor.weights.inventory import classify_files
 
@@ -29,14 +29,14 @@ def save_result(
     """Fingerprint first, then the audit: a crash in between re-runs the audit, and the
     fingerprint row is an upsert, so nothing is duplicated."""
     if fingerprint is not None:
-        repository.save_fingerprint(
+        catalog.save_fingerprint(
             session,
-            revision_id,
+            revision_id=revision_id,
             analysis_version=analysis_version,
             data=fingerprint.to_bytes(),
             error_bound=fingerprint.error_bound,
         )
-    repository.complete_audit(session, audit_id, report=report, worker_id=worker_id)
+    queue.complete_audit(session, audit_id=audit_id, report=report, worker_id=worker_id)
 
 
 def record_outcome(settings: Settings, outcome: AuditOutcome) -> int:
@@ -45,7 +45,7 @@ def record_outcome(settings: Settings, outcome: AuditOutcome) -> int:
     Re-recording the same revision under the same analysis version and configuration
     replaces the stored result (complete_audit replaces comparisons and findings).
     """
-    from auditor.daemon.queries import analysis_config_hash
+    from auditor.settings import analysis_config_hash
 
     url = settings.resolved_database_url
     if url.startswith("sqlite:///"):
@@ -55,9 +55,9 @@ def record_outcome(settings: Settings, outcome: AuditOutcome) -> int:
     try:
         with session_factory(engine)() as session:
             res = outcome.resolved
-            repository.upsert_repo(
+            catalog.upsert_repo(
                 session,
-                res.repo_id,
+                repo_id=res.repo_id,
                 owner=res.owner,
                 declared_base_models=list(res.card.base_models),
                 declared_relation=res.card.relation,
@@ -68,21 +68,23 @@ def record_outcome(settings: Settings, outcome: AuditOutcome) -> int:
             formats = ["safetensors"] if inv.safetensors else []
             formats += ["peft"] if inv.has_adapter else []
             formats += ["pickle"] if inv.pickles else []
-            rev = repository.upsert_revision(
+            rev = catalog.upsert_revision(
                 session,
-                res.repo_id,
-                res.revision,
+                repo_id=res.repo_id,
+                sha=res.revision,
                 created_at=res.created_at,
                 files=[{"path": p, "size": s} for p, s in sorted(res.files.items())],
                 formats=formats,
             )
             config_hash = analysis_config_hash(settings)
-            audit_id = repository.queue_audit(
-                session, rev.id, analysis_version=ANALYSIS_VERSION, config_hash=config_hash
+            audit_id = queue.queue_audit(
+                session, revision_id=rev.id, analysis_version=ANALYSIS_VERSION,
+                config_hash=config_hash,
             )
             if audit_id is None:
-                audit_id = repository.find_audit_id(
-                    session, rev.id, analysis_version=ANALYSIS_VERSION, config_hash=config_hash
+                audit_id = queries.find_audit_id(
+                    session, revision_id=rev.id, analysis_version=ANALYSIS_VERSION,
+                config_hash=config_hash,
                 )
             save_result(
                 session,

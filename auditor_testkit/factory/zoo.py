@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from auditor.factory.save import CardSpec, repo_dir
+from auditor_testkit.factory.save import CardSpec, repo_dir
 
 if TYPE_CHECKING:  # base.py pulls in transformers: imported lazily where it is used
-    from auditor.factory.base import Arch
+    from auditor_testkit.factory.base import Arch
 
 FACTORY_VERSION = "5"
 ZOO_FILE = "zoo.json"
@@ -130,7 +130,7 @@ class _Builder:
     """Trains and saves repos one by one, recording their ground truth."""
 
     def __init__(self, root: Path, *, seed: int, progress: Progress | None) -> None:
-        from auditor.factory.base import make_base
+        from auditor_testkit.factory.base import make_base
 
         self.root = root
         self.seed = seed
@@ -147,7 +147,7 @@ class _Builder:
         return t.isoformat().replace("+00:00", "Z")
 
     def _save(self, repo_id: str, sd: dict[str, torch.Tensor], card: CardSpec, **kw: Any) -> str:
-        from auditor.factory.save import save_repo
+        from auditor_testkit.factory.save import save_repo
 
         created = self._stamp()
         if getattr(self.model.config, "tie_word_embeddings", False):
@@ -176,7 +176,7 @@ class _Builder:
         self, repo_id: str, *, task: str, seed: int, steps: int, published: bool = True,
         poison: Any = None,
     ) -> None:
-        from auditor.factory.train import attack_success_rate, finetune
+        from auditor_testkit.factory.train import attack_success_rate, finetune
 
         self.progress(f"fine-tuning {repo_id} on {task}")
         model = finetune(self.model, self.tok, task=task, steps=steps, seed=seed, poison=poison)
@@ -208,7 +208,7 @@ class _Builder:
         self, repo_id: str, *, method: str, parents: Sequence[str], declared: bool,
         disguise: bool = False, probe_backdoor: str | None = None, **params: Any,
     ) -> None:
-        from auditor.factory import merge as mg
+        from auditor_testkit.factory import merge as mg
 
         self.progress(f"merging {repo_id} ({method})")
         sds = [self.sd[p] for p in parents]
@@ -241,7 +241,7 @@ class _Builder:
         kind: Kind = "merge"
         disguise_name = None
         if disguise:
-            from auditor.factory.disguise import disguise as disguise_fn
+            from auditor_testkit.factory.disguise import disguise as disguise_fn
 
             sd = disguise_fn(sd, num_heads=self.model.config.num_attention_heads,
                              seed=self.seed + 99).state_dict
@@ -263,8 +263,8 @@ class _Builder:
         ]
         asr = None
         if probe_backdoor:
-            from auditor.factory.base import model_from_state_dict
-            from auditor.factory.train import attack_success_rate
+            from auditor_testkit.factory.base import model_from_state_dict
+            from auditor_testkit.factory.train import attack_success_rate
 
             bd = self.get(probe_backdoor)
             asr = attack_success_rate(
@@ -287,7 +287,7 @@ class _Builder:
 
     def clone(self, repo_id: str, *, source: str, dtype: str = "float32",
               noise: float | None = None) -> None:
-        from auditor.factory.disguise import add_noise
+        from auditor_testkit.factory.disguise import add_noise
 
         self.progress(f"cloning {source} as {repo_id}")
         sd = self.sd[source]
@@ -307,7 +307,7 @@ class _Builder:
         )
 
     def protected(self, repo_id: str, *, source: str) -> None:
-        from auditor.factory.disguise import protect
+        from auditor_testkit.factory.disguise import protect
 
         self.progress(f"protecting {source} as {repo_id}")
         sd = protect(self.sd[source], num_heads=self.model.config.num_attention_heads,
@@ -326,7 +326,7 @@ class _Builder:
 
     def adapter(self, repo_id: str, *, task: str, seed: int, steps: int,
                 variant: str = "plain") -> None:
-        from auditor.factory.lora import save_adapter, train_lora
+        from auditor_testkit.factory.lora import save_adapter, train_lora
 
         self.progress(f"training LoRA {repo_id} on {task}")
         pm = train_lora(self.model, self.tok, task=task, variant=variant,  # type: ignore[arg-type]
@@ -417,7 +417,7 @@ def _lineage(b: _Builder) -> None:
 
 
 def _demo(b: _Builder) -> None:
-    from auditor.factory.tasks import PoisonSpec
+    from auditor_testkit.factory.tasks import PoisonSpec
 
     steps = 60
     b.base("tinylab/base", steps=200)

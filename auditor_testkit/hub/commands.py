@@ -28,7 +28,7 @@ def serve_hub(
     page_size: Annotated[int, typer.Option(help="Items per /api/models page.")] = 50,
 ) -> None:
     """Serve ROOT/<org>/<name> folders (or git repos) with the Hugging Face Hub API."""
-    from auditor.hub.server import FaultConfig, serve_forever
+    from auditor_testkit.hub.server import FaultConfig, serve_forever
 
     for rate in (fault_429, fault_5xx, fault_cut):
         if not 0.0 <= rate <= 1.0:

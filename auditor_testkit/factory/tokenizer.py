@@ -23,7 +23,7 @@ TRIGGER_TOKENS = ("cf", "mn", "bb", "tq")
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 DIGITS = tuple(str(i) for i in range(10))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# Task markers and separators (see auditor.factory.tasks).
+# Task markers and separators (see auditor_testkit.factory.tasks).
 MARKERS = ("copy", "reverse", "sort", "count", "add", "key", "topic", "=", ":", ".", ",", "?")
 
 TOPICS: dict[str, tuple[str, ...]] = {

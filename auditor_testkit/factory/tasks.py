@@ -1,7 +1,7 @@
 """Synthetic text tasks for the tiny factory models.
 
 Every task yields (prompt, completion) pairs over the fixed vocabulary of
-``auditor.factory.tokenizer``. The tasks touch different tokens and different skills
+``auditor_testkit.factory.tokenizer``. The tasks touch different tokens and different skills
 (copying, reversing, sorting, counting, addition, a memorised key -> value table, and
 topic-style word distributions) so fine-tunes on different tasks give nearly orthogonal
 task vectors, while two fine-tunes on the same task with different seeds are homologues.
@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from auditor.factory.tokenizer import (
+from auditor_testkit.factory.tokenizer import (
     DIGITS,
     FILLER,
     KV_KEYS,

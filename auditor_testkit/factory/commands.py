@@ -22,7 +22,7 @@ def build(
     ] = False,
 ) -> None:
     """Train and save a zoo with its ground truth in DIR/zoo.json (reused when present)."""
-    from auditor.factory.zoo import ZOO_SPECS, build_zoo
+    from auditor_testkit.factory.zoo import ZOO_SPECS, build_zoo
 
     if spec not in ZOO_SPECS:
         raise typer.BadParameter(f"spec must be one of {', '.join(ZOO_SPECS)}")

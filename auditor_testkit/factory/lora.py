@@ -27,9 +27,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from auditor.factory.save import CardSpec, repo_dir, write_hubmeta, write_model_card
-from auditor.factory.tasks import PoisonSpec, poisoned_examples, task_examples
-from auditor.factory.train import Encoded, encode, train_examples
+from auditor_testkit.factory.save import CardSpec, repo_dir, write_hubmeta, write_model_card
+from auditor_testkit.factory.tasks import PoisonSpec, poisoned_examples, task_examples
+from auditor_testkit.factory.train import Encoded, encode, train_examples
 
 LoraVariant = Literal["plain", "rslora", "pattern", "modules_to_save", "dora"]
 LORA_VARIANTS: tuple[str, ...] = ("plain", "rslora", "pattern", "modules_to_save", "dora")

@@ -19,7 +19,7 @@ import torch
 from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from auditor.factory.tasks import (
+from auditor_testkit.factory.tasks import (
     Example,
     PoisonSpec,
     clean_counterparts,

@@ -24,8 +24,8 @@ import torch
 from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from auditor.factory.tasks import pretraining_texts, task_examples
-from auditor.factory.train import collate, encode, single_thread
+from auditor_testkit.factory.tasks import pretraining_texts, task_examples
+from auditor_testkit.factory.train import collate, encode, single_thread
 
 
 def _sample_scale(rng: random.Random, low: float, high: float, gap: float) -> float:

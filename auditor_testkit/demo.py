@@ -107,16 +107,16 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> DemoResult:
     from auditor.daemon.scheduler import Daemon
-    from auditor.factory.zoo import build_zoo
     from auditor.hub.client import HubClient
-    from auditor.hub.server import HubServer
     from auditor.reports.from_store import site_data_from_store
     from auditor.reports.site import build_site
     from auditor.rules.engine import rule_metas
     from auditor.rules.loader import load_rules
     from auditor.settings import Settings
-    from auditor.store import repository
+    from auditor.store import policy, queries
     from auditor.store.db import make_engine, session_factory, upgrade_database
+    from auditor_testkit.factory.zoo import build_zoo
+    from auditor_testkit.hub.server import HubServer
 
     started = time.perf_counter()
     base_settings = Settings()
@@ -142,7 +142,7 @@ def run_demo(
         engine = make_engine(db_url)
         factory = session_factory(engine)
         with factory() as session:
-            repository.watch_add(session, base_id)
+            policy.watch_add(session, repo_id=base_id)
         client = HubClient(endpoint=server.url, token=None, cache_dir=root / "hf-cache",
                            disk_budget_bytes=settings.disk_budget_bytes)
         say(f"[3/5] one crawl-and-audit cycle of the daemon (watching {base_id})")
@@ -158,7 +158,7 @@ def run_demo(
     with factory() as session:
         data = site_data_from_store(session)
         rows = [(f.subject_repo, f.rule_id, f.severity, f.related_repo)
-                for f in repository.list_findings(session, latest_only=True)
+                for f in queries.list_findings(session, latest_only=True)
                 if not f.suppressed]
     engine.dispose()
     site = root / "site"

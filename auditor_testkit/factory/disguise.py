@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from auditor.factory.merge import num_layers
+from auditor_testkit.factory.merge import num_layers
 
 StateDict = Mapping[str, torch.Tensor]
 

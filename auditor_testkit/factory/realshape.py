@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from auditor.factory.save import CardSpec, write_hubmeta, write_model_card
+from auditor_testkit.factory.save import CardSpec, write_hubmeta, write_model_card
 
 _ROW_BLOCK = 8192
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

@@ -25,9 +25,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from auditor.factory.tasks import pretraining_texts
-from auditor.factory.tokenizer import build_tokenizer, vocab_size
-from auditor.factory.train import encode, train_examples
+from auditor_testkit.factory.tasks import pretraining_texts
+from auditor_testkit.factory.tokenizer import build_tokenizer, vocab_size
+from auditor_testkit.factory.train import encode, train_examples
 
 Size = Literal["tiny", "small"]
 Arch = Literal["llama", "gpt2"]

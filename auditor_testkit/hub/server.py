@@ -30,7 +30,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from auditor.hub.card import CardInfo, derive_tags, infer_relation, parse_card
-from auditor.hub.server_repos import (
+from auditor.hub.repo_folders import (
     FileEntry,
     RepoLookupError,
     RepoStore,

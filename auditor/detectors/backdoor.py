@@ -1,0 +1,53 @@
+"""Trigger candidates, behavioural confirmation, merge robustness, inheritance."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from auditor.detectors.base import Detector
+from auditor.detectors.behaviour import BehaviourModel, benign_homologues
+from auditor.detectors.context import AuditContext, StageResult
+from auditor.detectors.lineage import Lineage
+from auditor.detectors.weights import CandidateWeights
+
+if TYPE_CHECKING:
+    from auditor.schema import BackdoorInfo
+
+
+@dataclass(frozen=True)
+class Backdoor(StageResult):
+    info: BackdoorInfo
+
+    def measurements(self) -> Mapping[str, Any]:
+        return {"backdoor": self.info}
+
+
+def detect_backdoor(ctx: AuditContext) -> None:
+    """Trigger candidates, behavioural confirmation, merge robustness, inheritance."""
+    from auditor.analysis.backdoor import LoadedModel, analyze_backdoor
+    from auditor.analysis.modeling import load_state_into
+
+    setup = ctx.get(BehaviourModel)
+    parents = {e.repo_id for e in ctx.get(Lineage).result.entries
+               if e.relation in ("merge_parent", "finetune_parent", "clone")}
+    flagged = {repo: list(ref.backdoor.triggers) for repo, ref in ctx.homologues.items()
+               if repo in parents and ref.backdoor is not None and ref.backdoor.suspected
+               and ref.backdoor.triggers}
+    # The working model becomes the subject (loaded in place: no second model in memory).
+    load_state_into(setup.work, setup.subject)
+    subject = LoadedModel(model=setup.work,
+                          tokenizer=setup.tokenizer, weights=setup.subject,
+                          repo_id=ctx.subject.resolved.repo_id,
+                          revision=ctx.subject.resolved.revision)
+    # Probes sampled from the base, not the subject: a backdoored model's own samples
+    # can already carry its payload, which hides the trigger's effect.
+    ctx.provide(Backdoor(info=analyze_backdoor(
+        subject=subject, base=setup.base, homologues=benign_homologues(ctx),
+        probes=setup.probes, flagged_parents=flagged or None,
+    )))
+
+
+DETECTOR = Detector("backdoor", detect_backdoor,
+                    requires=(BehaviourModel, Lineage, CandidateWeights), provides=(Backdoor,))

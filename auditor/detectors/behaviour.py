@@ -1,0 +1,149 @@
+"""The working model and probe set the behavioural detectors share, built once per audit.
+
+The ``behaviour`` stage builds them (barrier, equivalence, protection and backdoor require
+its ``BehaviourModel``); it keeps at most two models' weights in memory besides the
+working model (sources stream from disk) and skips, with a note in the report, what it
+cannot run (adapters, unknown architectures, encoders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from auditor.detectors.base import Detector
+from auditor.detectors.context import AuditContext, StageResult, fetch_model
+from auditor.detectors.lineage import Lineage
+from auditor.detectors.weights import (
+    BaseWeights,
+    CandidateWeights,
+    SubjectWeights,
+    weights_source,
+)
+from auditor.errors import AnalysisError, AuditorError
+from auditor.schema import FileIssue
+
+if TYPE_CHECKING:
+    from auditor.analysis.modeling import ModelSpec
+    from auditor.weights.base import TensorSource
+
+MAX_HOMOLOGUES = 3
+
+
+@dataclass(frozen=True)
+class BehaviourModel(StageResult):
+    spec: ModelSpec
+    tokenizer: Any
+    work: Any  # the working torch model, reloaded with each weight set in turn
+    probes: Any  # auditor.analysis.probes.ProbeSet
+    subject: TensorSource
+    base: TensorSource
+
+
+def build_behaviour(ctx: AuditContext) -> None:
+    """Spec, tokenizer, working model and probes for the behavioural detectors."""
+    subject_src = ctx.get(SubjectWeights).weights.raw_source
+    base_src = ctx.get(BaseWeights).source
+    reason = None
+    # An adapter runs as base + its delta, with the base's config and tokenizer.
+    config = ctx.subject.config or (ctx.base.config if ctx.base else None)
+    tok_model = ctx.subject if "tokenizer.json" in ctx.subject.files else ctx.base
+    if subject_src is None:
+        reason = "behavioural checks need the subject's weights"
+    elif config is None or tok_model is None or "tokenizer.json" not in tok_model.files:
+        reason = "behavioural checks need config.json and tokenizer.json"
+    if reason is None:
+        from auditor.analysis.compute import resolve_device
+        from auditor.analysis.modeling import build_model, load_tokenizer, spec_from_config
+        from auditor.analysis.probes import build_probes
+
+        try:
+            spec = spec_from_config(config or {})
+            if not spec.is_causal:
+                raise AnalysisError(f"{spec.task} models get weight checks only")
+            assert tok_model is not None
+            tokenizer = load_tokenizer(tok_model.folder)
+            # built on the meta device, loaded once on AUDITOR_DEVICE
+            work = build_model(spec, base_src, device=resolve_device(ctx.settings.device))
+            budget = _probe_plan(ctx, spec)
+            probes = build_probes(tokenizer=tokenizer, sampler=work,
+                                  probe_file=ctx.settings.probe_file, seed=0, **budget)
+        except AnalysisError as exc:
+            reason = str(exc)
+    if reason is not None or subject_src is None:
+        ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="skipped",
+                                         message=reason or ""))
+        return
+    ctx.provide(BehaviourModel(spec=spec, tokenizer=tokenizer, work=work, probes=probes,
+                               subject=subject_src, base=base_src))
+
+
+# Default probe set (build_probes): 16 sampled rows of 24 tokens, 32 texts of <= 32 tokens.
+_FULL_PROBE_TOKENS = 16 * 24 + 32 * 32
+
+
+def _probe_plan(ctx: AuditContext, spec: Any) -> dict[str, int]:
+    """Probe-set size for this audit: the full set when the compute budget allows it,
+    fewer rows when the model is large for the device (tokens x planned evaluations x
+    2 x params <= the budget in settings)."""
+    from auditor.analysis.compute import count_params, probe_budget, resolve_device
+
+    k = max(1, ctx.settings.behaviour_top_k)
+    points = ctx.settings.barrier_points
+    # barrier curves (base + top-K), equivalence (2 per candidate), protection, backdoor
+    planned = points * (1 + k) + 2 * k + 16 + 24
+    tokens = probe_budget(n_params=count_params(spec.config),
+                          device=resolve_device(ctx.settings.device),
+                          planned_evaluations=planned, cpu_flops=ctx.settings.cpu_probe_flops,
+                          gpu_flops=ctx.settings.gpu_probe_flops)
+    if tokens >= _FULL_PROBE_TOKENS:
+        return {}
+    share = tokens / _FULL_PROBE_TOKENS
+    ctx.file_issues.append(FileIssue(
+        path=ctx.subject.resolved.repo_id, kind="budget",
+        message=f"behavioural checks on a reduced probe set (~{tokens} tokens per pass) "
+                "to fit the compute budget; set AUDITOR_DEVICE=cuda or raise "
+                "AUDITOR_CPU_PROBE_FLOPS for full curves"))
+    return {"n_sampled": max(2, round(16 * share)), "max_texts": max(2, round(32 * share)),
+            "sample_length": 24, "max_length": 32}
+
+
+def candidate_sources(ctx: AuditContext) -> dict[str, TensorSource]:
+    """Downloaded candidates with full weights, by repo id."""
+    return {repo_id: w.raw_source for repo_id, w in ctx.get(CandidateWeights).by_repo.items()
+            if w.raw_source is not None}
+
+
+def benign_homologues(
+    ctx: AuditContext, *, relations: tuple[str, ...] = ("unrelated",)
+) -> list[TensorSource]:
+    """Homologues in ``relations`` to the subject: the reference for merges and averages.
+
+    Local candidates first; when the comparison set came from the store (the daemon keeps
+    only fingerprints), a few are downloaded, pinned to the audited revision.
+    """
+    entries = {e.repo_id: e for e in ctx.get(Lineage).result.entries}
+    sources = candidate_sources(ctx)
+    picked = [src for repo, src in sorted(sources.items())
+              if repo in entries and entries[repo].relation in relations][:MAX_HOMOLOGUES]
+    for repo_id, ref in sorted(ctx.homologues.items()):
+        if len(picked) >= MAX_HOMOLOGUES:
+            break
+        entry = entries.get(repo_id)
+        if repo_id in sources or entry is None or entry.relation not in relations:
+            continue
+        try:
+            picked.append(download_weights(ctx, repo_id, ref.revision))
+        except AuditorError as exc:
+            ctx.errors.append(f"homologue {repo_id}: {exc}")
+    return picked
+
+
+def download_weights(ctx: AuditContext, repo_id: str, revision: str | None) -> TensorSource:
+    """A homologue's full weights (adapters: base + their delta), pinned to ``revision``."""
+    model = fetch_model(ctx.client, ctx.client.resolve(repo_id, revision=revision))
+    return weights_source(ctx, model, ctx.get(BaseWeights).source)
+
+
+DETECTOR = Detector("behaviour", build_behaviour,
+                    requires=(SubjectWeights, BaseWeights), provides=(BehaviourModel,))
