@@ -126,15 +126,27 @@ def benign_homologues(
     sources = candidate_sources(ctx)
     picked = [src for repo, src in sorted(sources.items())
               if repo in entries and entries[repo].relation in relations][:MAX_HOMOLOGUES]
+    # At most MAX_HOMOLOGUES download attempts per audit, shared by every stage that
+    # asks: with hundreds of stored homologues an unreachable Hub must not cost one
+    # timeout per homologue per stage.
+    tried: dict[str, TensorSource | None] = ctx.__dict__.setdefault("_homologue_downloads", {})
     for repo_id, ref in sorted(ctx.homologues.items()):
         if len(picked) >= MAX_HOMOLOGUES:
             break
         entry = entries.get(repo_id)
         if repo_id in sources or entry is None or entry.relation not in relations:
             continue
+        if repo_id in tried:
+            if tried[repo_id] is not None:
+                picked.append(tried[repo_id])  # type: ignore[arg-type]
+            continue
+        if len(tried) >= MAX_HOMOLOGUES:
+            break
         try:
-            picked.append(download_weights(ctx, repo_id, ref.revision))
+            tried[repo_id] = download_weights(ctx, repo_id, ref.revision)
+            picked.append(tried[repo_id])  # type: ignore[arg-type]
         except AuditorError as exc:
+            tried[repo_id] = None
             ctx.errors.append(f"homologue {repo_id}: {exc}")
     return picked
 

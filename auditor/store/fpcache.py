@@ -10,6 +10,7 @@ optimisation: when the database cannot be opened the audit runs without it and s
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # The base's own weights fingerprint is stored under this base key.
 WEIGHTS_KEY = ""
+
+_UPGRADE_LOCK = threading.Lock()
+_FACTORIES: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,15 @@ class FingerprintCache:
             try:
                 if url.startswith("sqlite:///"):
                     self._settings.data_dir.mkdir(parents=True, exist_ok=True)
-                upgrade_database(url)
-                self._factory = session_factory(make_engine(url))
-            except (SQLAlchemyError, OSError) as exc:
+                # Alembic's command API is not thread-safe (daemon workers are threads):
+                # one migration per database per process, under a lock.
+                with _UPGRADE_LOCK:
+                    if url not in _FACTORIES:
+                        upgrade_database(url)
+                        # one engine (and pool) per database per process, not per audit
+                        _FACTORIES[url] = session_factory(make_engine(url))
+                    self._factory = _FACTORIES[url]
+            except (SQLAlchemyError, OSError, KeyError) as exc:
                 self.disabled_reason = f"fingerprint cache unavailable: {exc}"
                 log.warning("%s", self.disabled_reason)
         return self._factory
