@@ -32,7 +32,7 @@ def detect_barriers(ctx: AuditContext) -> None:
     from auditor.analysis.barrier import loss_path
 
     setup = ctx.get(BehaviourModel)
-    points = ctx.settings.barrier_points
+    points = setup.points
     # curves to the top-K related candidates only (Settings.behaviour_top_k)
     top_k = max(1, ctx.settings.behaviour_top_k)
     curves = []

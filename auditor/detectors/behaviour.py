@@ -38,6 +38,9 @@ class BehaviourModel(StageResult):
     probes: Any  # auditor.analysis.probes.ProbeSet
     subject: TensorSource
     base: TensorSource
+    # barrier points for this audit: Settings.barrier_points, fewer when the compute
+    # budget cannot pay for them (a large model on the CPU)
+    points: int = 11
 
 
 def build_behaviour(ctx: AuditContext) -> None:
@@ -65,7 +68,7 @@ def build_behaviour(ctx: AuditContext) -> None:
             tokenizer = load_tokenizer(tok_model.folder)
             # built on the meta device, loaded once on AUDITOR_DEVICE
             work = build_model(spec, base_src, device=resolve_device(ctx.settings.device))
-            budget = _probe_plan(ctx, spec)
+            budget, points = _probe_plan(ctx, spec)
             probes = build_probes(tokenizer=tokenizer, sampler=work,
                                   probe_file=ctx.settings.probe_file, seed=0, **budget)
         except AnalysisError as exc:
@@ -75,37 +78,46 @@ def build_behaviour(ctx: AuditContext) -> None:
                                          message=reason or ""))
         return
     ctx.provide(BehaviourModel(spec=spec, tokenizer=tokenizer, work=work, probes=probes,
-                               subject=subject_src, base=base_src))
+                               subject=subject_src, base=base_src, points=points))
 
 
 # Default probe set (build_probes): 16 sampled rows of 24 tokens, 32 texts of <= 32 tokens.
 _FULL_PROBE_TOKENS = 16 * 24 + 32 * 32
 
 
-def _probe_plan(ctx: AuditContext, spec: Any) -> dict[str, int]:
-    """Probe-set size for this audit: the full set when the compute budget allows it,
-    fewer rows when the model is large for the device (tokens x planned evaluations x
+def _probe_plan(ctx: AuditContext, spec: Any) -> tuple[dict[str, int], int]:
+    """Probe-set size and barrier points for this audit: the full set and
+    ``barrier_points`` when the compute budget allows it; fewer points, then fewer probe
+    rows, when the model is large for the device (tokens x planned evaluations x
     2 x params <= the budget in settings)."""
     from auditor.analysis.compute import count_params, probe_budget, resolve_device
 
     k = max(1, ctx.settings.behaviour_top_k)
+    n_params = count_params(spec.config)
+    device = resolve_device(ctx.settings.device)
+    floor = 48
     points = ctx.settings.barrier_points
-    # barrier curves (base + top-K), equivalence (2 per candidate), protection, backdoor
-    planned = points * (1 + k) + 2 * k + 16 + 24
-    tokens = probe_budget(n_params=count_params(spec.config),
-                          device=resolve_device(ctx.settings.device),
-                          planned_evaluations=planned, cpu_flops=ctx.settings.cpu_probe_flops,
-                          gpu_flops=ctx.settings.gpu_probe_flops)
-    if tokens >= _FULL_PROBE_TOKENS:
-        return {}
-    share = tokens / _FULL_PROBE_TOKENS
+    tokens = 0
+    for points in sorted({ctx.settings.barrier_points, min(7, ctx.settings.barrier_points),
+                          min(5, ctx.settings.barrier_points)}, reverse=True):
+        # barrier curves (base + top-K), equivalence (2 per candidate), protection, backdoor
+        planned = points * (1 + k) + 2 * k + 16 + 24
+        tokens = probe_budget(n_params=n_params, device=device, planned_evaluations=planned,
+                              cpu_flops=ctx.settings.cpu_probe_flops,
+                              gpu_flops=ctx.settings.gpu_probe_flops, floor=1)
+        if tokens >= floor:
+            break
+    tokens = max(tokens, floor)
+    if tokens >= _FULL_PROBE_TOKENS and points == ctx.settings.barrier_points:
+        return {}, points
+    share = min(1.0, tokens / _FULL_PROBE_TOKENS)
     ctx.file_issues.append(FileIssue(
         path=ctx.subject.resolved.repo_id, kind="budget",
-        message=f"behavioural checks on a reduced probe set (~{tokens} tokens per pass) "
-                "to fit the compute budget; set AUDITOR_DEVICE=cuda or raise "
-                "AUDITOR_CPU_PROBE_FLOPS for full curves"))
-    return {"n_sampled": max(2, round(16 * share)), "max_texts": max(2, round(32 * share)),
-            "sample_length": 24, "max_length": 32}
+        message=f"behavioural checks on a reduced probe set (~{tokens} tokens per pass, "
+                f"{points} barrier points) to fit the compute budget; set "
+                "AUDITOR_DEVICE=cuda or raise AUDITOR_CPU_PROBE_FLOPS for full curves"))
+    return ({"n_sampled": max(2, round(16 * share)), "max_texts": max(2, round(32 * share)),
+             "sample_length": 24, "max_length": 32}, points)
 
 
 def candidate_sources(ctx: AuditContext) -> dict[str, TensorSource]:
