@@ -117,8 +117,14 @@ def audit_revision(
     client: HubClient | None = None,
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
+    previous: Mapping[str, Any] | None = None,
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
+
+    ``previous`` (the daemon's earlier report of this same revision) makes the audit an
+    incremental update: only the weight stages run (fingerprints come from the cache, so
+    no weight is read and nothing is re-aligned), lineage and the rules are re-evaluated
+    with the new comparison set, and the behavioural results are carried over.
 
     ``against`` are candidates to download and compare; ``homologues`` are candidates
     already fingerprinted (the daemon passes the store's). Raises ``AuditorError``
@@ -178,6 +184,8 @@ def audit_revision(
         if homologues is None and cache is not None and settings.compare_stored:
             _add_stored_homologues(ctx, cache, base_key, settings.max_stored_homologues)
 
+    if previous is not None and detectors is None:
+        detectors = INCREMENTAL_STAGES
     stages = select_stages(PIPELINE, list(detectors) if detectors is not None else None)
     try:
         run_stages(ctx, stages)
@@ -189,6 +197,8 @@ def audit_revision(
     for result in ctx.results():  # in run order: a later stage refines an earlier field
         measured.update(result.measurements())
     subject_weights = ctx.find(SubjectWeights)
+    if previous is not None:
+        measured = _carry_over(measured, previous)
 
     sub_ref = SubjectRef(
         repo_id=resolved.repo_id,
@@ -224,7 +234,9 @@ def audit_revision(
         file_issues=ctx.file_issues,
         errors=ctx.errors,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
-        coverage=_coverage(ctx, measurements.lineage, analysed=subject_weights is not None),
+        coverage=_coverage(ctx, measurements.lineage, analysed=subject_weights is not None)
+        | ({"incremental": 1} if previous is not None else {}),
+        function_equivalent_to=measurements.function_equivalent_to,
     )
     return AuditOutcome(
         report=report,
@@ -232,6 +244,33 @@ def audit_revision(
         resolved=resolved,
         exit_code=exit_code_for(report, scanned=inventory.has_weights or bool(inventory.pickles)),
     )
+
+
+# What an incremental update runs: the fingerprint (a cache hit), lineage and the rules.
+INCREMENTAL_STAGES = ("pickles", "weights", "lineage")
+
+
+def _carry_over(measured: dict[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The previous report's behavioural results where this run did not measure them;
+    barriers stay on the lineage entries of models compared before."""
+    from auditor.schema import AuditReport as _Report
+
+    try:
+        prev = _Report.model_validate(previous)
+    except ValueError:
+        return measured
+    out = dict(measured)
+    for name in ("backdoor", "protection", "barriers"):
+        if name not in out:
+            out[name] = getattr(prev, name)
+    if "function_equivalent_to" not in out and "function_equivalent_to" in previous:
+        out["function_equivalent_to"] = list(previous["function_equivalent_to"] or [])
+    old = {e.repo_id: e.barrier for e in prev.lineage if e.barrier is not None}
+    if "lineage" in out and old:
+        out["lineage"] = [e.model_copy(update={"barrier": old[e.repo_id]})
+                          if e.barrier is None and e.repo_id in old else e
+                          for e in out["lineage"]]
+    return out
 
 
 def _coverage(ctx: AuditContext, lineage: Sequence[Any], *, analysed: bool) -> dict[str, int]:

@@ -176,6 +176,9 @@ class AuditReport(Frozen):
     # What the audit compared against: candidates_compared (candidates + stored
     # homologues with a fingerprint), stored_homologues, fingerprints_cached (reused).
     coverage: dict[str, int] = Field(default_factory=dict)
+    # Candidates whose predictions the subject reproduces (kept so an incremental update
+    # can carry the behavioural result over).
+    function_equivalent_to: list[str] = Field(default_factory=list)
 
     @property
     def active_findings(self) -> list[Finding]:

@@ -25,6 +25,7 @@ Usage: .venv/bin/python benchmarks/bench_scale.py [--device cpu|cuda|auto] [--ke
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -134,18 +135,22 @@ def build(root: Path, *, tiny: bool, rng: random.Random) -> dict[str, Any]:
     t0 = time.perf_counter()
     paths[base] = write_model(root, base, Recipe(base_seed=base_seed), rs,
                               card=CardSpec()).path
+    from auditor.weights.reader import open_model
+
+    base_src = open_model(paths[base])
+    on_base = functools.partial(Recipe, base_source=base_src)
     for name, tau in zip(names, taus, strict=True):
-        paths[name] = write_model(root, name, Recipe(base_seed=base_seed, taus=(tau,),
+        paths[name] = write_model(root, name, on_base(base_seed=base_seed, taus=(tau,),
                                                      coefs=(1.0,)), rs,
                                   card=CardSpec(base_model=base)).path
         print(f"  built {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     ties = f"{org}/ties-{rng.randrange(1000)}"
-    paths[ties] = write_model(root, ties, Recipe(base_seed=base_seed, taus=(taus[2], taus[3]),
+    paths[ties] = write_model(root, ties, on_base(base_seed=base_seed, taus=(taus[2], taus[3]),
                                                  coefs=(1.0, 1.0), method="ties"), rs,
                               card=CardSpec(base_model=[names[2], names[3]],
                                             base_model_relation="merge")).path
     dare = f"{org}/dare-{rng.randrange(1000)}"
-    paths[dare] = write_model(root, dare, Recipe(base_seed=base_seed, taus=(taus[3], taus[4]),
+    paths[dare] = write_model(root, dare, on_base(base_seed=base_seed, taus=(taus[3], taus[4]),
                                                  coefs=(0.5, 0.5), method="dare",
                                                  mix_seed=rng.randrange(1000)), rs,
                               card=CardSpec(base_model=[names[3], names[4]],
@@ -159,7 +164,7 @@ def build(root: Path, *, tiny: bool, rng: random.Random) -> dict[str, Any]:
         round(rng.uniform(0.4, 1.0), 3), round(rng.uniform(0.4, 1.0), 3))
     subject = f"thief{rng.randrange(1000)}/merged-{rng.randrange(1000)}"
     paths[subject] = write_model(
-        root, subject, Recipe(base_seed=base_seed, taus=(taus[0], taus[1]), coefs=coefs,
+        root, subject, on_base(base_seed=base_seed, taus=(taus[0], taus[1]), coefs=coefs,
                               method=method, disguise=Disguise(seed=rng.randrange(1000))),
         rs, card=CardSpec(base_model=base)).path
     print(f"  built the family in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -133,3 +133,23 @@ def test_synthetic_fingerprint_matches_a_built_model(family: dict[str, Path]) ->
     # the same task vector (up to bf16 rounding and independent sampled noise)
     assert cosine_report(built, synth).cosine > 0.6
     assert abs(cosine_report(built, other).cosine) < 0.2
+
+
+def test_incremental_update_reads_no_weights_and_keeps_behaviour(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    full = audit_revision(str(family["ft3"]), base=str(family["base"]),
+                          against=[str(family["ft1"])], settings=settings,
+                          detectors=[*WEIGHTS_ONLY, "barrier"])
+    assert full.report.barriers and "behaviour" in full.report.timings
+    previous = full.report.model_dump(mode="json")
+    # a new homologue arrived: the earlier audit is updated, not redone
+    update = audit_revision(str(family["ft3"]), base=str(family["base"]),
+                            against=[str(family["ft1"]), str(family["ft2"])],
+                            settings=settings, previous=previous)
+    assert update.report.coverage["incremental"] == 1
+    assert "behaviour" not in update.report.timings  # no model built, no probe run
+    assert update.report.coverage["fingerprints_cached"] == 2  # subject + ft1, not ft2
+    assert update.report.barriers == full.report.barriers
+    assert {e.repo_id for e in update.report.lineage} == {"org/ft1", "org/ft2"}

@@ -221,9 +221,16 @@ class Recipe:
     drop: float = 0.5
     mix_seed: int = 0
     disguise: Disguise | None = None
+    # The base already written (a TensorSource): its rows are read back instead of drawn
+    # again, which halves the cost of building a family (bf16-rounded base, as on the Hub).
+    base_source: Any = field(default=None, compare=False)
 
     def rows(self, name: str, shape: tuple[int, ...], r0: int, r1: int) -> torch.Tensor:
-        out = base_rows(self.base_seed, name, shape, r0, r1)
+        if self.base_source is not None:
+            out = (self.base_source.get_rows(name, r0, r1) if len(shape) == 2
+                   else self.base_source.get(name)[r0:r1])
+        else:
+            out = base_rows(self.base_seed, name, shape, r0, r1)
         taus = [t.rows(name, shape, r0, r1) for t in self.taus]
         if not taus:
             return out
