@@ -113,7 +113,7 @@ def _run(args: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     raise SystemExit(f"stage {args['stage']} failed:\n{proc.stderr[-4000:]}")
 
 
-def build(root: Path, *, tiny: bool, rng: random.Random) -> dict[str, Any]:
+def build(root: Path, *, tiny: bool, rng: random.Random, small: bool = False) -> dict[str, Any]:
     from auditor_testkit.factory.realshape import (
         LLAMA_1B,
         TINY,
@@ -133,28 +133,40 @@ def build(root: Path, *, tiny: bool, rng: random.Random) -> dict[str, Any]:
     names = [f"{org}/ft-{rng.randrange(10**6)}" for _ in taus]
     paths: dict[str, Path] = {}
     t0 = time.perf_counter()
-    paths[base] = write_model(root, base, Recipe(base_seed=base_seed), rs,
-                              card=CardSpec()).path
+    if (root / base / "config.json").is_file():  # --keep DIR --seed S resumes
+        paths[base] = root / base
+    else:
+        paths[base] = write_model(root, base, Recipe(base_seed=base_seed), rs,
+                                  card=CardSpec()).path
     from auditor.weights.reader import open_model
 
     base_src = open_model(paths[base])
     on_base = functools.partial(Recipe, base_source=base_src)
+    skip = {names[2], names[3], names[4]} if small else set()
     for name, tau in zip(names, taus, strict=True):
+        if name in skip:
+            continue
+        if (root / name / "config.json").is_file():  # --keep DIR --seed S resumes
+            paths[name] = root / name
+            continue
         paths[name] = write_model(root, name, on_base(base_seed=base_seed, taus=(tau,),
                                                      coefs=(1.0,)), rs,
                                   card=CardSpec(base_model=base)).path
         print(f"  built {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     ties = f"{org}/ties-{rng.randrange(1000)}"
-    paths[ties] = write_model(root, ties, on_base(base_seed=base_seed, taus=(taus[2], taus[3]),
-                                                 coefs=(1.0, 1.0), method="ties"), rs,
-                              card=CardSpec(base_model=[names[2], names[3]],
-                                            base_model_relation="merge")).path
     dare = f"{org}/dare-{rng.randrange(1000)}"
-    paths[dare] = write_model(root, dare, on_base(base_seed=base_seed, taus=(taus[3], taus[4]),
-                                                 coefs=(0.5, 0.5), method="dare",
-                                                 mix_seed=rng.randrange(1000)), rs,
-                              card=CardSpec(base_model=[names[3], names[4]],
-                                            base_model_relation="merge")).path
+    dare_seed = rng.randrange(1000)
+    if not small:
+        paths[ties] = write_model(root, ties, on_base(base_seed=base_seed, taus=(taus[2], taus[3]),
+                                                 coefs=(1.0, 1.0), method="ties"), rs,
+                                  card=CardSpec(base_model=[names[2], names[3]],
+                                                base_model_relation="merge")).path
+        paths[dare] = write_model(root, dare, on_base(base_seed=base_seed,
+                                                      taus=(taus[3], taus[4]),
+                                                      coefs=(0.5, 0.5), method="dare",
+                                                      mix_seed=dare_seed), rs,
+                                  card=CardSpec(base_model=[names[3], names[4]],
+                                                base_model_relation="merge")).path
     lora = f"{org}/lora-{rng.randrange(1000)}"
     paths[lora] = write_lora(root, lora, base_repo=base, rs=rs,
                              seed=rng.randrange(1000)).path
@@ -170,7 +182,8 @@ def build(root: Path, *, tiny: bool, rng: random.Random) -> dict[str, Any]:
     print(f"  built the family in {time.perf_counter() - t0:.0f} s", flush=True)
     return {"rs": rs, "base": base, "paths": paths, "parents": names[:2], "coefs": coefs,
             "method": method, "subject": subject, "new_ft": names[5],
-            "candidates": [*names[:5], ties, dare, lora]}
+            "candidates": [names[0], names[1], lora] if small
+            else [*names[:5], ties, dare, lora]}
 
 
 def verdict(result: dict[str, Any], fam: dict[str, Any]) -> str:
@@ -202,6 +215,9 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--small", action="store_true",
+                    help="3 candidates (both parents and the LoRA adapter): a family of 5 "
+                    "full models instead of 10, for a busy machine")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
     rng = random.Random(seed)
@@ -217,7 +233,7 @@ def main() -> None:
     env = {**os.environ, "AUDITOR_DEVICE": args.device, "PYTHONPATH": str(ROOT),
            "AUDITOR_HUB_ENDPOINT": f"http://127.0.0.1:{closed}"}
     try:
-        fam = build(work / "hub", tiny=args.tiny, rng=rng)
+        fam = build(work / "hub", tiny=args.tiny, rng=rng, small=args.small)
         paths = fam["paths"]
         size_gb = sum(f.stat().st_size for f in paths[fam["subject"]].glob("*.safetensors")) / 1e9
         print(f"one model on disk: {size_gb:.2f} GB; 3x = {3 * size_gb:.2f} GB")
@@ -228,7 +244,8 @@ def main() -> None:
         results = {}
         for label, spec in (("a", stage_a), ("b", {**stage_a, "stage": "b"})):
             results[label] = r = _run(spec, env)
-            print(f"({label}) on-demand audit of the disguised merge against 8 candidates"
+            print(f"({label}) on-demand audit of the disguised merge against "
+                  f"{len(fam['candidates'])} candidates"
                   f"{' (fingerprints stored)' if label == 'b' else ' (cold)'}")
             print(f"    wall {r['wall_s']} s; peak RSS {r['peak_rss_mb']} MB; rchar "
                   f"{r['rchar_gb']} GB; read_bytes {r['read_bytes_gb']} GB")
