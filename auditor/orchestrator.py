@@ -118,6 +118,7 @@ def audit_revision(
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
     previous: Mapping[str, Any] | None = None,
+    authorizations: Sequence[Any] = (),
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
 
@@ -127,7 +128,9 @@ def audit_revision(
     with the new comparison set, and the behavioural results are carried over.
 
     ``against`` are candidates to download and compare; ``homologues`` are candidates
-    already fingerprinted (the daemon passes the store's). Raises ``AuditorError``
+    already fingerprinted (the daemon passes the store's). ``authorizations`` (owners'
+    grants, ``auditor.rules.authz.AuthorizationLike``) mark the findings they cover as
+    authorized; saving to the store re-applies the store's own. Raises ``AuditorError``
     subclasses for what makes an audit impossible (missing repo, gated, no base).
     """
     from auditor.rules.engine import evaluate
@@ -166,6 +169,15 @@ def audit_revision(
         cache = _open_cache(settings)
         ctx.fp_cache = cache
         base_key = ctx.base.resolved.revision
+        try:
+            ctx.base = fetch_model(client, client.resolve(base_spec))
+        except AuditorError as exc:
+            # Name the base, where it came from and the way out, not just the HTTP error.
+            source = "--base" if base else "the model card's base_model"
+            raise type(exc)(
+                f"base model {base_spec} (from {source}) could not be fetched from "
+                f"{client.endpoint}: {exc}; pass --base ORG/NAME (or a local folder)"
+            ) from exc
         for spec in against:
             if spec in (subject, base_spec):
                 continue
@@ -181,7 +193,7 @@ def audit_revision(
                     client, cand, weights=not cached or cand.local_dir is not None)
             except (WeightsError, AuditorError) as exc:
                 ctx.errors.append(f"candidate {spec}: {exc}")
-        if homologues is None and cache is not None and settings.compare_stored:
+        if not homologues and cache is not None and settings.compare_stored:
             _add_stored_homologues(ctx, cache, base_key, settings.max_stored_homologues)
 
     if previous is not None and detectors is None:
@@ -217,8 +229,15 @@ def audit_revision(
         declared_mergekit_config=resolved.mergekit_config,
         **measured,
     )
+    if measurements.weights_analyzed:
+        from auditor.analysis.mergekit_check import check_mergekit
+
+        # The declared recipe against the measured one: parents, method, weights.
+        measurements = measurements.model_copy(update={"mergekit": check_mergekit(
+            resolved.mergekit_config, lineage=measurements.lineage, merge=measurements.merge,
+            base_repo=sub_ref.base_repo_id)})
     rules = load_rules(settings.rules_dir)
-    findings = evaluate(rules, measurements)
+    findings = evaluate(rules, measurements, authorizations=authorizations)
     ctx.timings["total"] = time.perf_counter() - started
     report = AuditReport(
         tool_version=__version__,
@@ -230,6 +249,7 @@ def audit_revision(
         protection=measurements.protection,
         findings=findings,
         barriers=measurements.barriers,
+        provenance=measurements.provenance,
         pickles=measurements.pickles,
         file_issues=ctx.file_issues,
         errors=ctx.errors,
@@ -237,6 +257,7 @@ def audit_revision(
         coverage=_coverage(ctx, measurements.lineage, analysed=subject_weights is not None)
         | ({"incremental": 1} if previous is not None else {}),
         function_equivalent_to=measurements.function_equivalent_to,
+        mergekit=measurements.mergekit,
     )
     return AuditOutcome(
         report=report,

@@ -54,6 +54,8 @@ class LineageEntry(Frozen):
     barrier: float | None = None
     aligned: bool = False  # True when a permutation / head-scale alignment was applied first
     declared: bool = False  # the subject's card names this repo as a base
+    # A re-upload of another candidate (the oldest of its clone group speaks for it).
+    copy_of: str | None = None
     per_layer_cosine: dict[str, float] = Field(default_factory=dict)
     per_layer_coefficient: dict[str, float] = Field(default_factory=dict)
 
@@ -89,6 +91,55 @@ class ProtectionInfo(Frozen):
     scale_cliff: bool | None = None
     scale_curve: list[tuple[float, float]] = Field(default_factory=list)
     merged_loss_ratio: float | None = None
+
+
+MergekitStatus = Literal["confirmed", "weight_mismatch", "not_detected", "not_compared",
+                         "undeclared"]
+
+
+class MergekitParent(Frozen):
+    """One parent of the merge, as ``mergekit_config.yml`` declares it and as detected."""
+
+    repo_id: str  # as the config names it (or, for ``undeclared``, the detected repo)
+    matched_repo: str | None = None  # the compared repo it was matched to
+    declared_weight: float | None = None  # the config's weight (mean of a gradient)
+    expected_coefficient: float | None = None  # what the weight means for the task vector
+    detected_coefficient: float | None = None
+    detected_relation: str | None = None
+    status: MergekitStatus
+
+
+class MergekitCheck(Frozen):
+    """``mergekit_config.yml`` compared with the weights: parents, method and weights."""
+
+    declared_method: str | None = None
+    detected_method: str | None = None
+    method_status: Literal["confirmed", "mismatch", "unknown"] = "unknown"
+    parents: list[MergekitParent] = Field(default_factory=list)
+    # |declared - detected| allowed: max(abs_tolerance, rel_tolerance * |declared|).
+    abs_tolerance: float
+    rel_tolerance: float
+    weight_mismatches: list[str] = Field(default_factory=list)
+    parent_mismatches: list[str] = Field(default_factory=list)
+    confirmed: bool = False  # every declared parent, weight and the method match
+class ProvenanceInfo(Frozen):
+    """What the card claims about the subject's origin against what its weights show.
+
+    ``derived_from_base`` comes from a sampled weight probe against the audited base
+    (None: not probed); ``declared_in_family``: a base the card names is the audited base or
+    one of its known derivatives (None: could not tell)."""
+
+    base_repo_id: str | None = None
+    found_by: list[str] = Field(default_factory=list)
+    card_present: bool | None = None
+    declared_bases: list[str] = Field(default_factory=list)
+    declared_relation: str | None = None
+    derived_from_base: bool | None = None
+    base_distance: float | None = None
+    base_z: float | None = None
+    declared_in_family: bool | None = None
+    detected_parents: list[str] = Field(default_factory=list)
+    declared_not_detected: list[str] = Field(default_factory=list)
 
 
 class BarrierCurve(Frozen):
@@ -156,6 +207,8 @@ class Measurements(Frozen):
     weights_analyzed: bool = True
     function_equivalent_to: list[str] = Field(default_factory=list)
     declared_mergekit_config: dict[str, Any] | None = None
+    mergekit: MergekitCheck | None = None
+    provenance: ProvenanceInfo = ProvenanceInfo()
 
 
 class AuditReport(Frozen):
@@ -179,6 +232,8 @@ class AuditReport(Frozen):
     # Candidates whose predictions the subject reproduces (kept so an incremental update
     # can carry the behavioural result over).
     function_equivalent_to: list[str] = Field(default_factory=list)
+    mergekit: MergekitCheck | None = None
+    provenance: ProvenanceInfo = ProvenanceInfo()
 
     @property
     def active_findings(self) -> list[Finding]:

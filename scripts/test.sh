@@ -12,4 +12,6 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     || echo "warning: could not install chromium; browser tests will be skipped" >&2
 fi
 .venv/bin/ruff check .
+# The wheel, installed (not editable) in a clean venv, must work from outside the checkout.
+bash scripts/wheel_check.sh
 exec .venv/bin/python -m pytest "$@"

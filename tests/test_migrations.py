@@ -25,6 +25,8 @@ TABLES = {
     "findings",
     "crawl_cursors",
     "authorizations",
+    "provenance",
+    "discovery_state",
 }
 
 

@@ -137,7 +137,9 @@ def benign_homologues(
     entries = {e.repo_id: e for e in ctx.get(Lineage).result.entries}
     sources = candidate_sources(ctx)
     picked = [src for repo, src in sorted(sources.items())
-              if repo in entries and entries[repo].relation in relations][:MAX_HOMOLOGUES]
+              if repo in entries and entries[repo].relation in relations
+              # a re-upload would count the same model twice in the reference
+              and not entries[repo].copy_of][:MAX_HOMOLOGUES]
     # At most MAX_HOMOLOGUES download attempts per audit, shared by every stage that
     # asks: with hundreds of stored homologues an unreachable Hub must not cost one
     # timeout per homologue per stage.
@@ -146,7 +148,8 @@ def benign_homologues(
         if len(picked) >= MAX_HOMOLOGUES:
             break
         entry = entries.get(repo_id)
-        if repo_id in sources or entry is None or entry.relation not in relations:
+        if repo_id in sources or entry is None or entry.relation not in relations \
+                or entry.copy_of:
             continue
         if repo_id in tried:
             if tried[repo_id] is not None:
