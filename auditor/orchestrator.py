@@ -165,10 +165,6 @@ def audit_revision(
                 f"{resolved.repo_id}: no --base given and the model card declares no base_model"
             )
         say(f"downloading base {base_spec}")
-        ctx.base = fetch_model(client, client.resolve(base_spec))
-        cache = _open_cache(settings)
-        ctx.fp_cache = cache
-        base_key = ctx.base.resolved.revision
         try:
             ctx.base = fetch_model(client, client.resolve(base_spec))
         except AuditorError as exc:
@@ -178,6 +174,9 @@ def audit_revision(
                 f"base model {base_spec} (from {source}) could not be fetched from "
                 f"{client.endpoint}: {exc}; pass --base ORG/NAME (or a local folder)"
             ) from exc
+        cache = _open_cache(settings)
+        ctx.fp_cache = cache
+        base_key = ctx.base.resolved.revision
         for spec in against:
             if spec in (subject, base_spec):
                 continue
