@@ -134,7 +134,7 @@ def audit_revision(
                 say(f"downloading candidate {cand.repo_id}")
                 ctx.candidates[cand.repo_id] = fetch_model(client, cand)
             except (WeightsError, AuditorError) as exc:
-                ctx.errors.append(f"candidate {spec}: {exc}")
+                ctx.add_error(f"candidate {spec}: {exc}", kind=type(exc).__name__)
 
     stages = select_stages(PIPELINE, list(detectors) if detectors is not None else None)
     try:
@@ -181,6 +181,7 @@ def audit_revision(
         pickles=measurements.pickles,
         file_issues=ctx.file_issues,
         errors=ctx.errors,
+        skipped=ctx.skipped,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
     )
     return AuditOutcome(

@@ -12,4 +12,6 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     || echo "warning: could not install chromium; browser tests will be skipped" >&2
 fi
 .venv/bin/ruff check .
+# The layers, the product/test-kit split and acyclic packages ([tool.importlinter]).
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

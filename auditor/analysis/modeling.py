@@ -24,7 +24,7 @@ import torch
 
 from auditor.errors import AnalysisError
 from auditor.weights.base import DeltaSource, TensorSource
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 Task = Literal["causal_lm", "masked_lm", "sequence_classification", "encoder"]
 

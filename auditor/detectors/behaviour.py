@@ -21,7 +21,6 @@ from auditor.detectors.weights import (
     open_weights,
 )
 from auditor.errors import AnalysisError, AuditorError
-from auditor.schema import FileIssue
 
 if TYPE_CHECKING:
     from auditor.analysis.modeling import ModelSpec
@@ -64,8 +63,7 @@ def build_behaviour(ctx: AuditContext) -> None:
         except AnalysisError as exc:
             reason = str(exc)
     if reason is not None or subject_src is None:
-        ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="skipped",
-                                         message=reason or ""))
+        ctx.skip(reason or "no full weights")
         return
     ctx.provide(BehaviourModel(spec=spec, tokenizer=tokenizer, work=work, probes=probes,
                                subject=subject_src, base=base_src))
@@ -98,7 +96,7 @@ def benign_homologues(
         try:
             picked.append(download_weights(ctx, repo_id, ref.revision))
         except AuditorError as exc:
-            ctx.errors.append(f"homologue {repo_id}: {exc}")
+            ctx.add_error(f"homologue {repo_id}: {exc}", kind=type(exc).__name__)
     return picked
 
 

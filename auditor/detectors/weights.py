@@ -108,6 +108,7 @@ def detect_weights(ctx: AuditContext) -> None:
     from auditor.analysis.fingerprint import fingerprint_weights
 
     if ctx.base is None or not ctx.subject.files:
+        ctx.skip("no safetensors or adapter weights")
         return
     try:
         base_src = open_weights(ctx.base)
@@ -120,7 +121,7 @@ def detect_weights(ctx: AuditContext) -> None:
         # The weights could not be analysed: never "clean" (exit code 2 unless a finding).
         ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="weights",
                                          message=str(exc)))
-        ctx.errors.append(f"weights: {exc}")
+        ctx.add_error(str(exc), kind=type(exc).__name__)
         return
     ctx.provide(SubjectWeights(weights=subject))
     ctx.provide(BaseWeights(source=base_src, fingerprint=fingerprint_weights(base_src)))
@@ -129,7 +130,7 @@ def detect_weights(ctx: AuditContext) -> None:
         try:
             candidates[repo_id] = _fingerprint(ctx, cand, base_src, role=repo_id)
         except AuditorError as exc:
-            ctx.errors.append(f"candidate {repo_id}: {exc}")
+            ctx.add_error(f"candidate {repo_id}: {exc}", kind=type(exc).__name__)
     ctx.provide(CandidateWeights(by_repo=candidates))
 
 

@@ -32,7 +32,8 @@ def verdict(report: AuditReport) -> Verdict:
         detail = f"and {more} more finding{'s' if more != 1 else ''}" if more else ""
         return Verdict(f"{top.title} ({top.severity.value})", top.severity, detail)
     if report.errors:
-        return Verdict("Incomplete audit", None, "; ".join(report.errors[:3]))
+        return Verdict("Incomplete audit", None,
+                       "; ".join(f"{e.detector}: {e.message}" for e in report.errors[:3]))
     plural = "s" if authorized != 1 else ""
     detail = f"{authorized} authorized finding{plural}" if authorized else ""
     return Verdict("Clean", None, detail)

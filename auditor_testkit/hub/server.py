@@ -12,22 +12,18 @@ import asyncio
 import base64
 import json
 import logging
-import random
 import re
 import threading
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from auditor.hub.card import CardInfo, derive_tags, infer_relation, parse_card
 from auditor.hub.repo_folders import (
@@ -38,6 +34,7 @@ from auditor.hub.repo_folders import (
     iso,
     safe_relpath,
 )
+from auditor_testkit.hub.faults import CutResponse, FaultConfig, FaultInjector, error_response
 
 log = logging.getLogger(__name__)
 
@@ -48,91 +45,6 @@ _STATUS_FOR_CODE = {"RepoNotFound": 404, "RevisionNotFound": 404, "EntryNotFound
                     "GatedRepo": 401}
 
 
-@dataclass(frozen=True)
-class FaultConfig:
-    """Injected failures. ``paths`` names the affected endpoints: ``resolve-get``,
-    ``resolve-head``, ``api`` (models/tree/paths-info). ``max_faults`` caps how many are
-    injected in total (None: unlimited), which makes "fail once, then succeed" tests exact."""
-
-    rate_429: float = 0.0
-    retry_after: float = 1.0
-    rate_5xx: float = 0.0
-    rate_cut: float = 0.0
-    seed: int = 0
-    paths: frozenset[str] = frozenset({"resolve-get"})
-    max_faults: int | None = None
-
-
-class _FaultInjector:
-    def __init__(self, config: FaultConfig | None) -> None:
-        self.config = config
-        self._rng = random.Random(config.seed if config else 0)
-        self._lock = threading.Lock()
-        self.injected = 0
-
-    def pick(self, endpoint: str) -> str | None:
-        """'429', '5xx', 'cut' or None for this request."""
-        cfg = self.config
-        if cfg is None or endpoint not in cfg.paths:
-            return None
-        with self._lock:
-            if cfg.max_faults is not None and self.injected >= cfg.max_faults:
-                return None
-            roll = self._rng.random()
-            kind = None
-            if roll < cfg.rate_429:
-                kind = "429"
-            elif roll < cfg.rate_429 + cfg.rate_5xx:
-                kind = "5xx"
-            elif roll < cfg.rate_429 + cfg.rate_5xx + cfg.rate_cut:
-                kind = "cut" if endpoint == "resolve-get" else "5xx"
-            if kind is not None:
-                self.injected += 1
-            return kind
-
-    def response(self, kind: str) -> Response:
-        assert self.config is not None
-        if kind == "429":
-            retry = max(0, round(self.config.retry_after))
-            return _error(429, None, "rate limited (injected)", {"Retry-After": str(retry)})
-        status = 503 if self._rng.random() < 0.5 else 500
-        return _error(status, None, "server error (injected)")
-
-
-class _CutResponse(Response):
-    """Sends headers with the full Content-Length, part of the body, then drops the connection."""
-
-    def __init__(self, chunks: Iterator[bytes], total: int, send_bytes: int,
-                 headers: dict[str, str], status_code: int) -> None:
-        super().__init__(status_code=status_code, headers=headers)
-        self._chunks = chunks
-        self._send_bytes = send_bytes
-        self.headers["content-length"] = str(total)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        sent = 0
-        async for chunk in iterate_in_threadpool(self._chunks):
-            part = chunk[: self._send_bytes - sent]
-            if part:
-                await send({"type": "http.response.body", "body": part, "more_body": True})
-                sent += len(part)
-            if sent >= self._send_bytes:
-                break
-        await asyncio.sleep(0.01)  # let the partial body reach the socket before the cut
-        raise ConnectionAbortedError("connection cut (injected fault)")
-
-
-def _error(status: int, code: str | None, message: str,
-           headers: dict[str, str] | None = None) -> Response:
-    hdrs = dict(headers or {})
-    if code:
-        hdrs["X-Error-Code"] = code
-    hdrs["X-Error-Message"] = message
-    return JSONResponse({"error": message}, status_code=status, headers=hdrs)
-
-
 class HubApp:
     """The Starlette application and the state it serves."""
 
@@ -140,7 +52,7 @@ class HubApp:
                  faults: FaultConfig | None = None, page_size: int = DEFAULT_PAGE_SIZE) -> None:
         self.store = RepoStore(Path(root))
         self.tokens = frozenset(tokens)
-        self.faults = _FaultInjector(faults)
+        self.faults = FaultInjector(faults)
         self.page_size = max(1, min(page_size, MAX_PAGE_SIZE))
         self._cards: dict[tuple[str, str], CardInfo] = {}
         routes = [
@@ -158,7 +70,7 @@ class HubApp:
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         # Unknown routes (including /api/agent-harnesses) get a plain 404.
-        return _error(404, None, "not found")
+        return error_response(404, None, "not found")
 
     # ----- helpers ---------------------------------------------------------------
     def _authorized(self, request: Request) -> bool:
@@ -289,7 +201,7 @@ class HubApp:
         try:
             return handler(fault == "cut")
         except RepoLookupError as exc:
-            return _error(_STATUS_FOR_CODE.get(exc.code, 404), exc.code, str(exc))
+            return error_response(_STATUS_FOR_CODE.get(exc.code, 404), exc.code, str(exc))
 
     # ----- endpoints -------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
@@ -309,7 +221,7 @@ class HubApp:
             limit = int(q.get("limit") or self.page_size)
             offset = int(base64.urlsafe_b64decode(q.get("cursor", "") + "==").decode() or 0)
         except ValueError:
-            return _error(400, None, "bad limit or cursor")
+            return error_response(400, None, "bad limit or cursor")
         page = max(1, min(limit, self.page_size))
         authorized = self._authorized(request)
         rows: list[dict[str, Any]] = []
@@ -442,7 +354,7 @@ class HubApp:
             match = _RANGE_RE.match(range_header.strip().replace(" ", ""))
             parsed = _parse_range(match, size) if match else None
             if parsed is None:
-                return _error(416, None, "range not satisfiable",
+                return error_response(416, None, "range not satisfiable",
                               {"Content-Range": f"bytes */{size}"})
             start, end = parsed
             status = 206
@@ -453,7 +365,7 @@ class HubApp:
             return Response(status_code=200, headers=headers)
         chunks = self.store.iter_bytes(snap, entry, start, length)
         if cut and length > 0:
-            return _CutResponse(chunks, length, max(1, length // 2), headers, status)
+            return CutResponse(chunks, length, max(1, length // 2), headers, status)
         headers["Content-Length"] = str(length)
         return StreamingResponse(chunks, status_code=status, headers=headers)
 
