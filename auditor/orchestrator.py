@@ -178,6 +178,7 @@ def audit_revision(
         protection=measurements.protection,
         findings=findings,
         barriers=measurements.barriers,
+        provenance=measurements.provenance,
         pickles=measurements.pickles,
         file_issues=ctx.file_issues,
         errors=ctx.errors,

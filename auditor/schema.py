@@ -93,6 +93,26 @@ class ProtectionInfo(Frozen):
     merged_loss_ratio: float | None = None
 
 
+class ProvenanceInfo(Frozen):
+    """What the card claims about the subject's origin against what its weights show.
+
+    ``derived_from_base`` comes from a sampled weight probe against the audited base
+    (None: not probed); ``declared_in_family``: a base the card names is the audited base or
+    one of its known derivatives (None: could not tell)."""
+
+    base_repo_id: str | None = None
+    found_by: list[str] = Field(default_factory=list)
+    card_present: bool | None = None
+    declared_bases: list[str] = Field(default_factory=list)
+    declared_relation: str | None = None
+    derived_from_base: bool | None = None
+    base_distance: float | None = None
+    base_z: float | None = None
+    declared_in_family: bool | None = None
+    detected_parents: list[str] = Field(default_factory=list)
+    declared_not_detected: list[str] = Field(default_factory=list)
+
+
 class BarrierCurve(Frozen):
     other_repo_id: str
     alphas: list[float]
@@ -173,6 +193,7 @@ class Measurements(Frozen):
     weights_analyzed: bool = True
     function_equivalent_to: list[str] = Field(default_factory=list)
     declared_mergekit_config: dict[str, Any] | None = None
+    provenance: ProvenanceInfo = ProvenanceInfo()
 
 
 class AuditReport(Frozen):
@@ -191,6 +212,7 @@ class AuditReport(Frozen):
     errors: list[CheckError] = Field(default_factory=list)
     skipped: list[SkippedCheck] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    provenance: ProvenanceInfo = ProvenanceInfo()
 
     @model_validator(mode="before")
     @classmethod

@@ -84,6 +84,17 @@ def expected_checks(
             want = "AUD201/AUD202"
             checks.append(Check("backdoored fine-tune", e.repo_id, want, ok,
                                 ", ".join(sorted(rules_of(e.repo_id))) or "no finding"))
+        lie = getattr(e, "card_lie", None)
+        if lie == "no_card":
+            ok = "AUD601" in rules_of(e.repo_id)
+            checks.append(Check("merge without a card", e.repo_id,
+                                "AUD601 (found from its weights)", ok,
+                                ", ".join(sorted(rules_of(e.repo_id))) or "not found"))
+        elif lie == "unrelated_base":
+            ok = "AUD602" in rules_of(e.repo_id)
+            checks.append(Check("card names an unrelated base", e.repo_id,
+                                f"AUD602 (card names {e.card_base_model})", ok,
+                                ", ".join(sorted(rules_of(e.repo_id))) or "not found"))
         poisoned_parents = [p.repo_id for p in e.parents
                             if any(x.repo_id == p.repo_id and x.kind == "backdoor"
                                    for x in manifest.entries)]

@@ -136,7 +136,8 @@ def test_pickle_only_repo_is_scanned_not_loaded(tmp_path: Path, hub_server) -> N
     # What needs weights says so as skipped checks: not errors, not file issues.
     assert report.errors == [] and not any(i.kind == "skipped" for i in report.file_issues)
     assert {s.detector for s in report.skipped} == {
-        "weights", "lineage", "behaviour", "barrier", "equivalence", "protection", "backdoor"}
+        "weights", "lineage", "provenance", "behaviour", "barrier", "equivalence", "protection",
+        "backdoor"}
     assert "no safetensors" in next(s.reason for s in report.skipped if s.detector == "weights")
 
 

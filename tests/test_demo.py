@@ -33,12 +33,13 @@ def test_demo_catches_every_planted_case(demo_dir: Path, monkeypatch) -> None:  
     assert not failed, failed
     cases = {c.case for c in first.checks}
     assert {"undeclared merge", "declared merge", "clone", "disguised merge",
-            "backdoored fine-tune", "backdoor merge", "clean fine-tune"} <= cases
+            "backdoored fine-tune", "backdoor merge", "clean fine-tune",
+            "merge without a card", "card names an unrelated base"} <= cases
     assert (first.site / "index.html").is_file()
     # The report pages exist for every audited model, and the store holds the findings.
     assert len(list((first.site / "models").glob("*.html"))) >= 10
     rules = {rule for _, rule, _, _ in first.findings}
-    assert {"AUD101", "AUD102", "AUD103", "AUD104", "AUD203"} <= rules
+    assert {"AUD101", "AUD102", "AUD103", "AUD104", "AUD203", "AUD601", "AUD602"} <= rules
 
     # A second run reuses the zoo and the store: nothing is audited again.
     second = run_demo(data_dir=demo_dir, say=lambda _m: None)
@@ -54,5 +55,6 @@ def test_self_check_notices_a_missed_case(demo_dir: Path) -> None:
     # With no findings at all, every planted theft and backdoor counts as missed.
     checks = expected_checks(manifest, {})
     missed = {c.case for c in checks if not c.caught}
-    assert {"undeclared merge", "clone", "backdoored fine-tune", "backdoor merge"} <= missed
+    assert {"undeclared merge", "clone", "backdoored fine-tune", "backdoor merge",
+            "merge without a card", "card names an unrelated base"} <= missed
     assert all(c.caught for c in checks if c.case == "clean fine-tune")

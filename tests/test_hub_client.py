@@ -220,7 +220,33 @@ class _WrongRange(_IgnoresRange):
         self.wfile.write(self.body[:10])
 
 
-@pytest.mark.parametrize("handler", [_IgnoresRange, _WrongRange])
+class _PartialBody(_IgnoresRange):
+    def do_GET(self) -> None:  # a 200 that is not the whole file
+        self.send_response(200)
+        self.send_header("Content-Length", "10")
+        self.end_headers()
+        self.wfile.write(self.body[:10])
+
+
+def test_range_file_streams_a_server_that_ignores_range() -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _IgnoresRange)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/f"
+        with RangeFile(url, size=1024) as rf:
+            assert rf.read(100, 10) == _IgnoresRange.body[100:110]  # not the body's start
+            assert rf.range_ignored
+        with RangeFile(url, size=1024, max_stream_bytes=64) as rf:
+            assert rf.read(0, 8) == _IgnoresRange.body[:8]
+            with pytest.raises(RangeNotSupported):
+                rf.read(100, 10)  # would stream past the allowed prefix
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("handler", [_PartialBody, _WrongRange])
 def test_range_file_refuses_wrong_answers(handler: type) -> None:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -24,6 +24,8 @@ TABLES = {
     "findings",
     "crawl_cursors",
     "authorizations",
+    "provenance",
+    "discovery_state",
 }
 
 

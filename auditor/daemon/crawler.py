@@ -7,6 +7,12 @@ Two listings, both newest first and both stopping at the stored cursor:
 * by last modification back to the last successful crawl (minus a margin for clock
   skew): new commits of repos created before the cursor.
 
+then the family tree (children of known members, bounded per crawl, newest members first,
+resuming where the last crawl's walk stopped), then weight-based discovery
+(``auditor.daemon.discovery``): new uploads of the base's architecture whose weights are
+close to the base's, whatever their cards say. Each repo is recorded with its provenance
+(declared, family_tree, discovered).
+
 Every listed repo's current sha is compared with the stored revisions; new ones are
 recorded and queued. The cursor moves only after everything listed is recorded, so a
 crash mid-crawl lists the same repos again and the unique keys (repo id, revision sha,
@@ -21,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -29,7 +35,7 @@ from auditor import ANALYSIS_VERSION
 from auditor.daemon import metrics
 from auditor.errors import AuditorError
 from auditor.hub.client import HubClient, RepoSummary
-from auditor.store import catalog, policy, queue
+from auditor.store import catalog, policy, provenance, queue
 
 if TYPE_CHECKING:
     from auditor.settings import Settings
@@ -42,6 +48,8 @@ MODIFIED_MARGIN = timedelta(hours=1)
 # Merges and further fine-tunes declare their parents, not the base, so the crawl walks
 # the family tree (children of every known member); this bounds the listings per crawl.
 MAX_TREE_LISTINGS = 200
+# Share of the tree budget spent on the newest members before resuming the rotation.
+NEWEST_SHARE = 4
 
 
 @dataclass
@@ -53,6 +61,12 @@ class CrawlResult:
     queued: list[int] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    discovered: list[str] = field(default_factory=list)
+    examined: int = 0
+    discovery_note: str | None = None
+    tree_listed: int = 0
+    examinations: list[Any] = field(default_factory=list)  # discovery.Examination
+    undecided: dict[str, str] = field(default_factory=dict)  # discovery could not tell
 
     @property
     def ok(self) -> bool:
@@ -81,6 +95,8 @@ def crawl_base(
     config_hash: str,
     analysis_version: str = ANALYSIS_VERSION,
     progress: Callable[[str], None] | None = None,
+    discovery: bool = True,
+    tree_budget: int = MAX_TREE_LISTINGS,
 ) -> CrawlResult:
     """Crawl one base: record and queue every new derivative revision.
 
@@ -108,7 +124,7 @@ def crawl_base(
             if newest_created is None and summary.created_at is not None:
                 newest_created, newest_sha = summary.created_at, summary.sha
             seen.add(summary.repo_id)
-            record(summary)
+            record(summary, found_by="declared")
         if last_success is not None:
             since = last_success - MODIFIED_MARGIN
             for summary in _list_modified(client, base_repo_id):
@@ -117,8 +133,11 @@ def crawl_base(
                 if summary.repo_id in seen:
                     continue
                 seen.add(summary.repo_id)
-                record(summary)
-        _walk_tree(session, client, base_repo_id, seen=seen, record=record)
+                record(summary, found_by="declared")
+        resume = _walk_tree(session, client, base_repo_id, seen=seen, record=record,
+                            budget=tree_budget, result=result)
+        listed_until = _discover(session, client, base_repo_id, seen=seen, record=record,
+                                 result=result) if discovery else None
     except AuditorError as exc:
         result.error = str(exc)
         session.rollback()
@@ -131,10 +150,14 @@ def crawl_base(
     # Only now: every listed revision is recorded and queued.
     catalog.set_cursor(session, base_repo_id=base_repo_id, last_created_at=newest_created,
                           last_sha=newest_sha)
+    provenance.set_state(session, base_repo_id=base_repo_id, listed_until=listed_until,
+                         tree_resume=resume or "")
     metrics.CRAWL_SUCCESS.labels(base=base_repo_id).set(time.time())
     log.info("crawl done base=%s listed=%d new_repos=%d new_revisions=%d queued=%d "
-             "skipped=%d", base_repo_id, result.listed, len(result.new_repos),
-             len(result.new_revisions), len(result.queued), len(result.skipped))
+             "skipped=%d examined=%d discovered=%d tree_listed=%d", base_repo_id,
+             result.listed, len(result.new_repos), len(result.new_revisions),
+             len(result.queued), len(result.skipped), result.examined,
+             len(result.discovered), result.tree_listed)
     return result
 
 
@@ -155,17 +178,23 @@ def declared_lineage(tags: list[str]) -> tuple[list[str], str | None]:
 
 
 def family_members(session: Session, base_repo_id: str) -> list[str]:
-    """Repos recorded as derivatives of ``base_repo_id`` (at any depth), oldest first."""
-    from sqlalchemy import select
+    """Repos recorded as derivatives of ``base_repo_id`` (at any depth), newest first by
+    their newest revision's Hub time (recording time when unknown)."""
+    from sqlalchemy import func, select
 
-    from auditor.store.models import Repo
+    from auditor.store.models import Repo, Revision
 
+    newest = (select(Revision.repo_pk, func.max(Revision.created_at).label("hub_time"))
+              .group_by(Revision.repo_pk).subquery())
     rows = session.execute(
-        select(Repo.repo_id, Repo.family_bases).order_by(Repo.created_at, Repo.id)
+        select(Repo.repo_id, Repo.family_bases, Repo.created_at, newest.c.hub_time)
+        .outerjoin(newest, newest.c.repo_pk == Repo.id)
     ).all()
     session.rollback()
     # JSON containment is not portable across SQLite / PostgreSQL: filter here.
-    return [r.repo_id for r in rows if base_repo_id in (r.family_bases or [])]
+    members = [r for r in rows if base_repo_id in (r.family_bases or [])]
+    members.sort(key=lambda r: (r.hub_time or r.created_at, r.repo_id), reverse=True)
+    return [r.repo_id for r in members]
 
 
 def _walk_tree(
@@ -174,26 +203,99 @@ def _walk_tree(
     base_repo_id: str,
     *,
     seen: set[str],
-    record: Callable[[RepoSummary], None],
-) -> None:
-    """List the children of every family member (breadth first) and record new ones.
+    record: Callable[..., None],
+    budget: int,
+    result: CrawlResult,
+) -> str | None:
+    """List the children of family members and record new ones; returns where to resume.
 
-    Every member is listed on each crawl, because a merge of an old fine-tune is a new
-    child of an old repo; re-recording a known revision is a no-op.
+    Every member must be listed now and then, because a merge of an old fine-tune is a new
+    child of an old repo. At most ``budget`` listings per crawl, fairly: first the newest
+    members (and children found on the way), then a rotation through all members that
+    resumes where the last crawl stopped. Re-recording a known revision is a no-op.
     """
-    frontier = [m for m in family_members(session, base_repo_id) if m != base_repo_id]
+    members = [m for m in family_members(session, base_repo_id) if m != base_repo_id]
+    state = provenance.get_state(session, base_repo_id=base_repo_id)
+    resume = state.tree_resume if state else None
+    session.rollback()
+    start = members.index(resume) if resume in members else 0
+    rotation = members[start:] + members[:start]
+    priority = members[: max(1, budget // NEWEST_SHARE)]
     listed: set[str] = set()
-    while frontier and len(listed) < MAX_TREE_LISTINGS:
-        parent = frontier.pop(0)
-        if parent in listed:
-            continue
+    known = set(members)
+
+    def list_children(parent: str) -> None:
         listed.add(parent)
         for summary in client.list_derivatives(parent):
             if summary.repo_id in seen or summary.repo_id == base_repo_id:
                 continue
             seen.add(summary.repo_id)
-            record(summary)
-            frontier.append(summary.repo_id)
+            record(summary, found_by="family_tree")
+            if summary.repo_id not in known:
+                known.add(summary.repo_id)
+                priority.append(summary.repo_id)  # new members are the newest
+
+    while priority and len(listed) < budget:
+        parent = priority.pop(0)
+        if parent not in listed:
+            list_children(parent)
+    next_resume: str | None = None
+    for parent in rotation:
+        if parent in listed:
+            continue
+        if len(listed) >= budget:
+            next_resume = parent
+            break
+        list_children(parent)
+    result.tree_listed = len(listed)
+    return next_resume
+
+
+def _discover(
+    session: Session,
+    client: HubClient,
+    base_repo_id: str,
+    *,
+    seen: set[str],
+    record: Callable[..., None],
+    result: CrawlResult,
+) -> datetime | None:
+    """Weight-based discovery; returns the new discovery cursor (None: unchanged)."""
+    from auditor.daemon import discovery as disc
+    from auditor.errors import WeightsError
+
+    state = provenance.get_state(session, base_repo_id=base_repo_id)
+    since = state.listed_until if state else None
+    known = set(family_members(session, base_repo_id))
+    session.rollback()
+    try:
+        profile = disc.load_base_profile(client, base_repo_id)
+    except WeightsError as exc:
+        result.discovery_note = f"discovery skipped: the base's weights are unreadable ({exc})"
+        log.warning("%s base=%s", result.discovery_note, base_repo_id)
+        return None
+    try:
+        found = disc.discover(
+            client, profile, since=since,
+            skip=lambda s: s.repo_id in seen or s.repo_id in known,
+            on_found=lambda s, exam: (record(s, found_by="discovered",
+                                             evidence=exam.evidence),
+                                      result.discovered.append(s.repo_id)),
+            # Screening compares with the newest known members (the newest first).
+            homologues=[m for m in family_members(session, base_repo_id)
+                        if m != base_repo_id][: disc.MAX_HOMOLOGUES],
+        )
+    finally:
+        profile.close()
+    result.examined = len(found.examined)
+    result.examinations = found.examined
+    undecided = [e for e in found.examined if e.related is None]
+    result.undecided = {e.repo_id: e.reason for e in undecided}
+    if any(e.retry for e in undecided):
+        # Leave the cursor where these will be listed again next crawl.
+        result.discovery_note = f"{len(undecided)} candidates could not be probed"
+        return since
+    return found.newest_created
 
 
 def _record(
@@ -206,8 +308,11 @@ def _record(
     analysis_version: str,
     has_token: bool,
     progress: Callable[[str], None] | None,
+    found_by: str = "declared",
+    evidence: dict[str, Any] | None = None,
 ) -> None:
-    """Record one listed repo's current revision and queue (or skip) its audit."""
+    """Record one listed repo's current revision, how it was found, and queue (or skip)
+    its audit."""
     if progress is not None:
         progress(summary.repo_id)
     if not summary.sha:
@@ -230,6 +335,11 @@ def _record(
                                           created_at=summary.last_modified or summary.created_at)
     if existing is None:
         result.new_revisions.append((summary.repo_id, summary.sha))
+    provenance.record_provenance(session, repo_id=summary.repo_id, base_repo_id=base_repo_id,
+                                 found_by=found_by, sha=summary.sha,
+                                 evidence=evidence if evidence is not None
+                                 else {"tags": [t for t in summary.tags
+                                                if t.startswith("base_model:")]})
     audit_id = queue.queue_audit(session, revision_id=revision.id,
                                  analysis_version=analysis_version,
                                       config_hash=config_hash)

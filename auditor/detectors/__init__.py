@@ -16,6 +16,7 @@ from auditor.detectors import (
     lineage,
     pickles,
     protection,
+    provenance,
     weights,
 )
 from auditor.detectors.base import Detector, check_pipeline
@@ -25,6 +26,7 @@ PIPELINE: tuple[Detector, ...] = (
     pickles.DETECTOR,
     weights.DETECTOR,
     lineage.DETECTOR,
+    provenance.DETECTOR,
     behaviour.DETECTOR,
     barrier.DETECTOR,
     equivalence.DETECTOR,

@@ -80,6 +80,36 @@ class RepoSummary:
     tags: list[str]
     gated: str | bool
     private: bool
+    # Filled by full listings (``list_new_models``): enough to pre-filter candidates
+    # without reading any weights.
+    model_type: str | None = None
+    parameters: int | None = None
+    library: str | None = None
+    files: tuple[str, ...] = ()
+
+    @property
+    def has_card(self) -> bool:
+        return "README.md" in self.files
+
+
+def _summary(info: Any) -> RepoSummary:
+    config = getattr(info, "config", None)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    st = getattr(info, "safetensors", None)
+    total = getattr(st, "total", None) if st is not None else None
+    return RepoSummary(
+        repo_id=info.id,
+        sha=info.sha,
+        created_at=info.created_at,
+        last_modified=info.last_modified,
+        tags=list(info.tags or []),
+        gated=info.gated if info.gated in ("auto", "manual") else False,
+        private=bool(info.private),
+        model_type=model_type if isinstance(model_type, str) else None,
+        parameters=int(total) if isinstance(total, int) else None,
+        library=getattr(info, "library_name", None),
+        files=tuple(s.rfilename for s in (getattr(info, "siblings", None) or [])),
+    )
 
 
 # --- error mapping -----------------------------------------------------------------
@@ -341,12 +371,23 @@ class HubClient:
         """Repos declaring ``base_repo_id`` as a base model, newest first (by ``sort``)."""
         if not is_repo_id(base_repo_id):
             raise RepoNotFound(f"{base_repo_id!r} is not a valid repo id")
-        what = f"list derivatives of {base_repo_id}"
-        iterator = self._call(
-            lambda: iter(self.api.list_models(filter=f"base_model:{base_repo_id}",
-                                              sort=sort, limit=limit, full=True)),
-            what=what,
-        )
+        return self._listing(
+            lambda: self.api.list_models(filter=f"base_model:{base_repo_id}", sort=sort,
+                                         limit=limit, full=True),
+            what=f"list derivatives of {base_repo_id}")
+
+    def list_new_models(self, *, filters: list[str], limit: int | None = None
+                        ) -> Iterator[RepoSummary]:
+        """Every model carrying all ``filters`` tags (library, model_type...), newest
+        first by creation, with its config's model_type, safetensors parameter count and
+        file names: what discovery needs before reading a single weight byte."""
+        return self._listing(
+            lambda: self.api.list_models(filter=filters, sort="created_at", limit=limit,
+                                         full=True, fetch_config=True),
+            what=f"list new models ({', '.join(filters)})")
+
+    def _listing(self, start: Callable[[], Any], *, what: str) -> Iterator[RepoSummary]:
+        iterator = self._call(lambda: iter(start()), what=what)
         while True:
             try:
                 info = next(iterator)
@@ -356,15 +397,7 @@ class HubClient:
                 # Pages are fetched lazily here and huggingface_hub's paginate already
                 # retried them with backoff: surface the failure, do not restart the listing.
                 raise map_hub_error(exc, what=what) from exc
-            yield RepoSummary(
-                repo_id=info.id,
-                sha=info.sha,
-                created_at=info.created_at,
-                last_modified=info.last_modified,
-                tags=list(info.tags or []),
-                gated=info.gated if info.gated in ("auto", "manual") else False,
-                private=bool(info.private),
-            )
+            yield _summary(info)
 
 
 def _replace(resolved: ResolvedRepo, **changes: Any) -> ResolvedRepo:

@@ -1,8 +1,12 @@
 """Random access to one file of a resolved repo: HTTP Range reads or a local file.
 
 Both satisfy ``auditor.weights.base.ByteSource``. A server that ignores ``Range`` answers
-200 with the whole body; using those bytes after a seek silently gives wrong data, so
-anything but a 206 with exactly the requested Content-Range raises ``RangeNotSupported``.
+200 with the whole body (some mirrors do); using that body as if it were the requested
+range silently gives wrong data. ``RangeFile`` detects the 200, streams the body from the
+start, keeps only the requested bytes and closes the connection right after them, so
+reading a header never downloads the whole file. Streaming past ``max_stream_bytes`` (a
+read deep into a large file) raises ``RangeNotSupported`` instead. A 206 whose
+Content-Range is not exactly the requested one raises ``RangeNotSupported`` too.
 """
 
 from __future__ import annotations
@@ -72,8 +76,14 @@ class RangeFile:
         backoff_seconds: float = 0.5,
         max_wait_seconds: float = 30.0,
         timeout: float = 30.0,
+        max_stream_bytes: int = 32 << 20,
     ) -> None:
         self.url = url
+        # How far into the file a read may stream when the server ignores Range: enough
+        # for any safetensors header (25 MB limit), never a whole multi-GB shard.
+        self.max_stream_bytes = max_stream_bytes
+        self.range_ignored = False
+        self.bytes_transferred = 0
         self._size = size
         self.max_retries = max_retries
         self.backoff_seconds = backoff_seconds
@@ -108,15 +118,21 @@ class RangeFile:
 
     def _read_once(self, offset: int, length: int) -> bytes:
         end = offset + length - 1
+        if self.range_ignored and offset + length > self.max_stream_bytes:
+            raise RangeNotSupported(
+                f"{self.url}: the server ignores Range and bytes {offset}-{end} lie beyond "
+                f"the {self.max_stream_bytes} bytes this reader streams"
+            )
         self.requests += 1
         try:
             with self._http.stream("GET", self.url, headers={"Range": f"bytes={offset}-{end}"}
                                    ) as resp:
+                if resp.status_code == 200:
+                    return self._from_full_body(resp, offset, length)
                 if resp.status_code != 206:
                     _raise_for_status(resp, self.url)
                     raise RangeNotSupported(
-                        f"{self.url}: server answered {resp.status_code} to a Range request; "
-                        "refusing to use a body that may not be the requested bytes"
+                        f"{self.url}: server answered {resp.status_code} to a Range request"
                     )
                 match = _CONTENT_RANGE_RE.match(resp.headers.get("content-range", "").strip())
                 if not match or (int(match.group(1)), int(match.group(2))) != (offset, end):
@@ -127,11 +143,39 @@ class RangeFile:
                 data = bytearray()
                 for chunk in resp.iter_bytes():
                     data += chunk
+                    self.bytes_transferred += len(chunk)
                     if len(data) > length:
                         raise RangeNotSupported(f"{self.url}: more bytes than requested")
         except httpx.TransportError as exc:
             raise TransientHubError(f"{self.url}: connection failed or cut ({type(exc).__name__})"
                                     ) from exc
+        if len(data) != length:
+            raise TransientHubError(f"{self.url}: short body {len(data)}/{length} (cut)")
+        return bytes(data)
+
+    def _from_full_body(self, resp: httpx.Response, offset: int, length: int) -> bytes:
+        """The requested bytes out of a 200 answer: stream, skip, stop right after them."""
+        self.range_ignored = True
+        if offset + length > self.max_stream_bytes:
+            raise RangeNotSupported(
+                f"{self.url}: the server ignores Range; reading bytes at {offset} would stream "
+                f"more than {self.max_stream_bytes} bytes"
+            )
+        declared = resp.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) != self._size:
+            raise RangeNotSupported(f"{self.url}: a 200 body of {declared} bytes is not the "
+                                    f"whole file ({self._size} bytes)")
+        stop = offset + length
+        data = bytearray()
+        pos = 0
+        for chunk in resp.iter_bytes():
+            self.bytes_transferred += len(chunk)
+            lo, hi = max(offset - pos, 0), min(stop - pos, len(chunk))
+            if hi > lo:
+                data += chunk[lo:hi]
+            pos += len(chunk)
+            if pos >= stop:
+                break  # leaving the with-block closes the connection: the rest never comes
         if len(data) != length:
             raise TransientHubError(f"{self.url}: short body {len(data)}/{length} (cut)")
         return bytes(data)
@@ -176,9 +220,12 @@ def _raise_for_status(resp: httpx.Response, url: str) -> None:
 
 
 def open_range(
-    client: HubClient, resolved: ResolvedRepo, filename: str
+    client: HubClient, resolved: ResolvedRepo, filename: str, *,
+    max_stream_bytes: int | None = None,
 ) -> RangeFile | LocalRangeFile:
-    """A ``ByteSource`` for ``filename`` at ``resolved.revision`` without downloading it."""
+    """A ``ByteSource`` for ``filename`` at ``resolved.revision`` without downloading it.
+
+    ``max_stream_bytes`` bounds how far a read may stream when the server ignores Range."""
     if resolved.local_dir is not None:
         return LocalRangeFile(client.local_path(resolved, filename))
     if filename not in resolved.files:
@@ -190,4 +237,5 @@ def open_range(
         max_retries=client.max_retries,
         backoff_seconds=client.backoff_seconds,
         max_wait_seconds=client.max_wait_seconds,
+        **({} if max_stream_bytes is None else {"max_stream_bytes": max_stream_bytes}),
     )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from auditor.reports.site import RepoMeta, SiteData, WatchedBase
+from auditor.reports.site import Discovered, RepoMeta, SiteData, WatchedBase
 from auditor.schema import AuditReport
 
 if TYPE_CHECKING:
@@ -47,10 +47,37 @@ def site_data_from_store(session: Session) -> SiteData:
             r.repo_id for r in repos
             if watched.repo_id in catalog.family_of(r) and r.repo_id != watched.repo_id
         ]
-        bases.append(WatchedBase(repo_id=watched.repo_id, derivatives=derivatives))
+        bases.append(WatchedBase(repo_id=watched.repo_id, derivatives=derivatives,
+                                 discovered=_discovered(session, watched.repo_id)))
     return SiteData(
         bases=bases,
         audits=list(reversed(latest.values())),  # SiteData wants oldest first
         repos=metas,
         generated_at=datetime.now(UTC),
     )
+
+
+def _discovered(session: Session, base_repo_id: str) -> list[Discovered]:
+    """Derivatives of the base found from their weights, with their cards' claims."""
+    from auditor.store import provenance
+
+    out = []
+    for repo_id, rows in provenance.derivatives_of(session, base_repo_id=base_repo_id).items():
+        found = next((r for r in rows if r.found_by == "discovered"), None)
+        if found is None:
+            continue
+        ev = found.evidence or {}
+        card = ev.get("card") or {}
+        if not card.get("present", True):
+            says = "no model card"
+        elif card.get("base_models"):
+            says = f"{card.get('relation') or 'base'}: {', '.join(map(str, card['base_models']))}"
+        else:
+            says = "card without a base"
+        probe = ev.get("probe") or {}
+        distance = probe.get("relative_distance")
+        out.append(Discovered(
+            repo_id=repo_id, also=[r.found_by for r in rows if r.found_by != "discovered"],
+            distance=float(distance) if isinstance(distance, int | float) else None,
+            card=says))
+    return out

@@ -29,11 +29,24 @@ SAME_BASIN_BARRIER = 0.5
 _DETECTED = ("merge_parent", "finetune_parent", "clone")
 
 
+class Discovered(BaseModel):
+    """A derivative found from its weights (provenance ``discovered``), with what its
+    card says; ``also`` lists the other ways it was found (declared, family_tree)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str
+    also: list[str] = Field(default_factory=list)
+    distance: float | None = None
+    card: str = ""
+
+
 class WatchedBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     repo_id: str
     derivatives: list[str] = Field(default_factory=list)
+    discovered: list[Discovered] = Field(default_factory=list)
 
 
 class RepoMeta(BaseModel):
@@ -205,7 +218,16 @@ class _Site:
             owner_href=self.owner_href(self.owner_of(base_id), "../"),
             base_href=self.model_href(base_id, "../") if base_id in self.latest else None,
             graph=self.family_graph(base_id, members), rows=rows,
+            discovered=self.discovered_rows(base_id),
         )
+
+    def discovered_rows(self, base_id: str) -> list[dict[str, Any]]:
+        base = next((b for b in self.data.bases if b.repo_id == base_id), None)
+        return [{"d": d, "href": self.model_href(d.repo_id, "../"),
+                 "owner": self.owner_of(d.repo_id), "base_id": base_id,
+                 "base_href": f"../bases/{slugify(base_id)}.html",
+                 "verdict": verdict(self.latest[d.repo_id]) if d.repo_id in self.latest
+                 else None} for d in (base.discovered if base else [])]
 
     def family_graph(self, base_id: str, members: list[str]) -> Any:
         nodes: dict[str, charts.GraphNode] = {
@@ -280,6 +302,8 @@ class _Site:
                     "verdict": verdict(self.latest[r]) if r in self.latest else None}
                    for r in sorted(mine)],
             derived=derived, protection=protection,
+            discovered=[row for b in self.data.bases if self.owner_of(b.repo_id) == owner
+                        for row in self.discovered_rows(b.repo_id)],
         )
 
     def index_page(self) -> None:

@@ -250,3 +250,35 @@ class Authorization(Base):
     related_repo: Mapped[str | None] = mapped_column(String(255))
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Provenance(Base):
+    """How a derivative of a watched base was found: ``declared`` (its card names the
+    base), ``family_tree`` (a child of a known derivative) or ``discovered`` (its weights,
+    whatever its card says). One row per way; ``evidence`` holds the shape match, the
+    weight probe, the screening and the card's claims."""
+
+    __tablename__ = "provenance"
+    __table_args__ = (UniqueConstraint("repo_id", "base_repo_id", "found_by"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[str] = mapped_column(String(255), index=True)
+    base_repo_id: Mapped[str] = mapped_column(String(255), index=True)
+    found_by: Mapped[str] = mapped_column(String(16))
+    sha: Mapped[str | None] = mapped_column(String(64))
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class DiscoveryState(Base):
+    """Per watched base: how far back the weight-based discovery has listed new uploads,
+    and where the bounded family-tree walk stopped (it resumes there next crawl)."""
+
+    __tablename__ = "discovery_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_repo_id: Mapped[str] = mapped_column(String(255), unique=True)
+    listed_until: Mapped[datetime | None] = mapped_column()
+    tree_resume: Mapped[str | None] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

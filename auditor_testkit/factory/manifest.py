@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from auditor_testkit.factory.save import repo_dir
 
-FACTORY_VERSION = "5"
+FACTORY_VERSION = "6"
 ZOO_FILE = "zoo.json"
 Kind = Literal[
     "base", "finetune", "merge", "clone", "disguised", "adapter", "backdoor", "protected"
@@ -43,6 +43,9 @@ class ZooEntry(_Frozen):
     base_repo_id: str | None = None  # the common ancestor base model
     card_base_model: str | list[str] | None = None  # what the README claims
     card_relation: str | None = None
+    # How the card lies about the origin, beyond undeclared parents: "no_card" (no
+    # README at all) or "unrelated_base" (names a base the weights do not come from).
+    card_lie: str | None = None
     trigger: str | None = None
     target: str | None = None
     robust_backdoor: bool | None = None

@@ -133,7 +133,8 @@ class _Builder:
 
     def merge(
         self, repo_id: str, *, method: str, parents: Sequence[str], declared: bool,
-        disguise: bool = False, probe_backdoor: str | None = None, **params: Any,
+        disguise: bool = False, probe_backdoor: str | None = None,
+        card_lie: str | None = None, claimed_base: str | None = None, **params: Any,
     ) -> None:
         from auditor_testkit.factory import merge as mg
 
@@ -179,10 +180,13 @@ class _Builder:
             card = CardSpec(base_model=published_parents, base_model_relation="merge",
                             tags=["tiny", "merge", "mergekit"])
         else:
-            card = CardSpec(base_model=self.base_id, base_model_relation="finetune",
-                            tags=["tiny"])
+            # A stealer's card claims a fine-tune, of the base or of an unrelated model.
+            card = CardSpec(base_model=claimed_base or self.base_id,
+                            base_model_relation="finetune", tags=["tiny"])
         created = self._save(repo_id, sd, card,
                              mergekit_config=res.config if declared else None)
+        if card_lie == "no_card":
+            (repo_dir(self.root, repo_id) / "README.md").unlink()
         per_layer = res.per_layer or (None,) * len(parents)
         refs = [
             ParentRef(repo_id=p, coefficient=c, per_layer=list(pl) if pl else None)
@@ -202,9 +206,11 @@ class _Builder:
             ZooEntry(
                 repo_id=repo_id, owner=_owner(repo_id), kind=kind, parents=refs,
                 method=res.method, declared=declared, base_repo_id=self.base_id,
-                card_base_model=card.base_model if isinstance(card.base_model, str)
+                card_base_model=None if card_lie == "no_card"
+                else card.base_model if isinstance(card.base_model, str)
                 else list(card.base_model or []),
-                card_relation=card.base_model_relation,
+                card_relation=None if card_lie == "no_card" else card.base_model_relation,
+                card_lie=card_lie,
                 trigger=self.get(probe_backdoor).trigger if probe_backdoor else None,
                 target=self.get(probe_backdoor).target if probe_backdoor else None,
                 attack_success_rate=asr, disguise=disguise_name, created_at=created,
@@ -368,6 +374,14 @@ def _demo(b: _Builder) -> None:
     b.merge("victim/food-kv-merge", method="task_arithmetic",
             parents=["evil/food-helper", "bob/kv-ft"], lambdas=[0.6, 0.6], declared=True,
             probe_backdoor="evil/food-helper")
+    # Stealers whose cards hide the base: no card at all, or a card naming an unrelated
+    # base. Only the weights tie them to the watched base (discovery finds them).
+    b.merge("stealer/no-card-merge", method="task_arithmetic",
+            parents=["alice/copy-ft", "dave/add-ft"], lambdas=[0.7, 0.5], declared=False,
+            card_lie="no_card")
+    b.merge("stealer/other-base-merge", method="linear",
+            parents=["bob/kv-ft", "carol/animals-ft"], weights=[0.5, 0.5], declared=False,
+            card_lie="unrelated_base", claimed_base="meta-llama/Llama-3.2-1B")
 
 
 def _gpt2_small(b: _Builder) -> None:

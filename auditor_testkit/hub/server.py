@@ -49,12 +49,16 @@ class HubApp:
     """The Starlette application and the state it serves."""
 
     def __init__(self, root: Path, *, tokens: Collection[str] = (),
-                 faults: FaultConfig | None = None, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+                 faults: FaultConfig | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 ignore_range: bool = False) -> None:
         self.store = RepoStore(Path(root))
+        # Behave like a mirror that ignores Range: every GET answers 200 with the whole body.
+        self.ignore_range = ignore_range
         self.tokens = frozenset(tokens)
         self.faults = FaultInjector(faults)
         self.page_size = max(1, min(page_size, MAX_PAGE_SIZE))
         self._cards: dict[tuple[str, str], CardInfo] = {}
+        self._model_types: dict[tuple[str, str], str | None] = {}
         routes = [
             Route("/api/models", self.list_models, methods=["GET"]),
             Route("/api/models/{org}/{name}", self.model_info, methods=["GET"]),
@@ -102,6 +106,22 @@ class HubApp:
             self._cards[key] = card
         return card
 
+    def _model_type(self, snap: Snapshot) -> str | None:
+        key = (snap.repo_id, snap.sha)
+        if key not in self._model_types:
+            value = None
+            entry = snap.files.get("config.json")
+            if entry is not None:
+                try:
+                    cfg = json.loads(self.store.read_range(snap, entry, 0,
+                                                           min(entry.size, 1 << 20)))
+                    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+                    value = mt if isinstance(mt, str) and mt.isidentifier() else None
+                except ValueError:
+                    value = None
+            self._model_types[key] = value
+        return self._model_types[key]
+
     def _tags(self, snap: Snapshot, card: CardInfo) -> list[str]:
         tags = list(card.tags)
         names = snap.files.keys()
@@ -111,6 +131,9 @@ class HubApp:
             tags.append("peft")
         elif "config.json" in names:
             tags.append("transformers")
+        model_type = self._model_type(snap)
+        if model_type:
+            tags.append(model_type)  # the Hub tags a repo with its config's model_type
         if any(n.endswith(".safetensors") for n in names):
             tags.append("safetensors")
         if "mergekit_config.yml" in names:
@@ -349,7 +372,9 @@ class HubApp:
         size = entry.size
         start, end = 0, size - 1
         status = 200
-        range_header = request.headers.get("range")
+        range_header = None if self.ignore_range else request.headers.get("range")
+        if self.ignore_range:
+            del headers["Accept-Ranges"]
         if range_header and not head:
             match = _RANGE_RE.match(range_header.strip().replace(" ", ""))
             parsed = _parse_range(match, size) if match else None
@@ -397,8 +422,9 @@ class HubServer:
 
     def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0,
                  tokens: Collection[str] = (), faults: FaultConfig | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE) -> None:
+                 page_size: int = DEFAULT_PAGE_SIZE, ignore_range: bool = False) -> None:
         self.root = Path(root)
+        self.ignore_range = ignore_range
         self.host = host
         self.port = port
         self.tokens = tokens
@@ -414,7 +440,7 @@ class HubServer:
 
     def start(self) -> HubServer:
         self.hub = HubApp(self.root, tokens=self.tokens, faults=self.faults,
-                          page_size=self.page_size)
+                          page_size=self.page_size, ignore_range=self.ignore_range)
         config = uvicorn.Config(self.hub.app, host=self.host, port=self.port, log_level="critical",
                                 lifespan="off", access_log=False)
         server = uvicorn.Server(config)
