@@ -84,11 +84,14 @@ def audit_revision(
     client: HubClient | None = None,
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
+    authorizations: Sequence[Any] = (),
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
 
     ``against`` are candidates to download and compare; ``homologues`` are candidates
-    already fingerprinted (the daemon passes the store's). Raises ``AuditorError``
+    already fingerprinted (the daemon passes the store's). ``authorizations`` (owners'
+    grants, ``auditor.rules.authz.AuthorizationLike``) mark the findings they cover as
+    authorized; saving to the store re-applies the store's own. Raises ``AuditorError``
     subclasses for what makes an audit impossible (missing repo, gated, no base).
     """
     from auditor.rules.engine import evaluate
@@ -123,7 +126,15 @@ def audit_revision(
                 f"{resolved.repo_id}: no --base given and the model card declares no base_model"
             )
         say(f"downloading base {base_spec}")
-        ctx.base = fetch_model(client, client.resolve(base_spec))
+        try:
+            ctx.base = fetch_model(client, client.resolve(base_spec))
+        except AuditorError as exc:
+            # Name the base, where it came from and the way out, not just the HTTP error.
+            source = "--base" if base else "the model card's base_model"
+            raise type(exc)(
+                f"base model {base_spec} (from {source}) could not be fetched from "
+                f"{client.endpoint}: {exc}; pass --base ORG/NAME (or a local folder)"
+            ) from exc
         for spec in against:
             if spec in (subject, base_spec):
                 continue
@@ -165,8 +176,15 @@ def audit_revision(
         declared_mergekit_config=resolved.mergekit_config,
         **measured,
     )
+    if measurements.weights_analyzed:
+        from auditor.analysis.mergekit_check import check_mergekit
+
+        # The declared recipe against the measured one: parents, method, weights.
+        measurements = measurements.model_copy(update={"mergekit": check_mergekit(
+            resolved.mergekit_config, lineage=measurements.lineage, merge=measurements.merge,
+            base_repo=sub_ref.base_repo_id)})
     rules = load_rules(settings.rules_dir)
-    findings = evaluate(rules, measurements)
+    findings = evaluate(rules, measurements, authorizations=authorizations)
     ctx.timings["total"] = time.perf_counter() - started
     report = AuditReport(
         tool_version=__version__,
@@ -184,6 +202,7 @@ def audit_revision(
         errors=ctx.errors,
         skipped=ctx.skipped,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
+        mergekit=measurements.mergekit,
     )
     return AuditOutcome(
         report=report,

@@ -56,6 +56,8 @@ class LineageEntry(Frozen):
     barrier: float | None = None
     aligned: bool = False  # True when a permutation / head-scale alignment was applied first
     declared: bool = False  # the subject's card names this repo as a base
+    # A re-upload of another candidate (the oldest of its clone group speaks for it).
+    copy_of: str | None = None
     per_layer_cosine: dict[str, float] = Field(default_factory=dict)
     per_layer_coefficient: dict[str, float] = Field(default_factory=dict)
 
@@ -93,6 +95,35 @@ class ProtectionInfo(Frozen):
     merged_loss_ratio: float | None = None
 
 
+MergekitStatus = Literal["confirmed", "weight_mismatch", "not_detected", "not_compared",
+                         "undeclared"]
+
+
+class MergekitParent(Frozen):
+    """One parent of the merge, as ``mergekit_config.yml`` declares it and as detected."""
+
+    repo_id: str  # as the config names it (or, for ``undeclared``, the detected repo)
+    matched_repo: str | None = None  # the compared repo it was matched to
+    declared_weight: float | None = None  # the config's weight (mean of a gradient)
+    expected_coefficient: float | None = None  # what the weight means for the task vector
+    detected_coefficient: float | None = None
+    detected_relation: str | None = None
+    status: MergekitStatus
+
+
+class MergekitCheck(Frozen):
+    """``mergekit_config.yml`` compared with the weights: parents, method and weights."""
+
+    declared_method: str | None = None
+    detected_method: str | None = None
+    method_status: Literal["confirmed", "mismatch", "unknown"] = "unknown"
+    parents: list[MergekitParent] = Field(default_factory=list)
+    # |declared - detected| allowed: max(abs_tolerance, rel_tolerance * |declared|).
+    abs_tolerance: float
+    rel_tolerance: float
+    weight_mismatches: list[str] = Field(default_factory=list)
+    parent_mismatches: list[str] = Field(default_factory=list)
+    confirmed: bool = False  # every declared parent, weight and the method match
 class ProvenanceInfo(Frozen):
     """What the card claims about the subject's origin against what its weights show.
 
@@ -193,6 +224,7 @@ class Measurements(Frozen):
     weights_analyzed: bool = True
     function_equivalent_to: list[str] = Field(default_factory=list)
     declared_mergekit_config: dict[str, Any] | None = None
+    mergekit: MergekitCheck | None = None
     provenance: ProvenanceInfo = ProvenanceInfo()
 
 
@@ -212,6 +244,7 @@ class AuditReport(Frozen):
     errors: list[CheckError] = Field(default_factory=list)
     skipped: list[SkippedCheck] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    mergekit: MergekitCheck | None = None
     provenance: ProvenanceInfo = ProvenanceInfo()
 
     @model_validator(mode="before")

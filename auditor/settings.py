@@ -1,18 +1,68 @@
-"""One settings object for the whole product (``AUDITOR_*`` environment variables)."""
+"""One settings object for the whole product (``AUDITOR_*`` environment variables).
+
+Hugging Face conventions are honoured so the tool fits a machine already set up for the
+Hub: ``HF_ENDPOINT``, ``HF_TOKEN`` or the cached ``hf auth login`` token
+(``huggingface_hub.get_token``), and the standard Hub cache (``HF_HUB_CACHE``, else
+``HF_HOME/hub``) so models already downloaded are not downloaded again. An ``AUDITOR_*``
+variable (or an explicit argument) always wins; an explicit ``hub_token=None`` means "no
+token", never a fallback. The token stays a SecretStr: never logged, never stored.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def hf_hub_cache() -> Path:
+    """The standard Hub cache, as huggingface_hub resolves it (read now, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return _hf_home() / "hub"
+
+
+def _hf_home() -> Path:
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface"
+
+
+def hf_token() -> str | None:
+    """HF_TOKEN, else the token ``hf auth login`` cached (HF_TOKEN_PATH or HF_HOME/token),
+    else whatever ``huggingface_hub.get_token`` finds."""
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    # huggingface_hub reads these paths once at import; read them now so the
+    # environment of this call counts.
+    path = Path(os.environ.get("HF_TOKEN_PATH") or _hf_home() / "token").expanduser()
+    try:
+        cached = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        cached = ""
+    if cached:
+        return cached
+    try:
+        from huggingface_hub import get_token
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return None
+    try:
+        return get_token() or None
+    except Exception:  # an unreadable token file is "no token", not a crash
+        return None
 
 
 class Settings(BaseSettings):
-    """Configuration read from ``AUDITOR_*`` environment variables.
+    """Configuration read from ``AUDITOR_*`` environment variables (then ``HF_*``).
 
     ``database_url`` defaults to a SQLite file in ``data_dir``; alembic reads the same value.
     """
@@ -21,9 +71,10 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "auditor")
     database_url: str | None = None
-    hub_endpoint: str = "https://huggingface.co"
+    hub_endpoint: str = DEFAULT_ENDPOINT
     # Never logged, never stored: SecretStr keeps it out of reprs.
     hub_token: SecretStr | None = None
+    # None: the standard Hub cache (shared with transformers, hf download...).
     cache_dir: Path | None = None
     disk_budget_bytes: int = 20 * 1024**3
     workers: int = 2
@@ -31,8 +82,22 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     probe_file: Path | None = None
     barrier_points: int = 11
-    # Directory of rules/*.yaml; default: the rules/ folder next to the package.
+    # Directory of rules/*.yaml; default: the rules shipped with the package.
     rules_dir: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hf_conventions(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "hub_endpoint" not in data and os.environ.get("HF_ENDPOINT"):
+            data["hub_endpoint"] = os.environ["HF_ENDPOINT"]
+        if "hub_token" not in data:
+            token = hf_token()
+            if token:
+                data["hub_token"] = token
+        return data
 
     @property
     def resolved_database_url(self) -> str:
@@ -42,7 +107,23 @@ class Settings(BaseSettings):
 
     @property
     def resolved_cache_dir(self) -> Path:
-        return self.cache_dir or (self.data_dir / "hf-cache")
+        return self.cache_dir or hf_hub_cache()
+
+    @property
+    def shared_cache(self) -> bool:
+        """True when downloads go to the user's standard Hub cache."""
+        return self.cache_dir is None
+
+    @property
+    def effective_disk_budget(self) -> int | None:
+        """The budget to evict down to; None: never evict.
+
+        The standard Hub cache holds the user's other models too, so it is only trimmed
+        when a budget was set explicitly (AUDITOR_DISK_BUDGET_BYTES).
+        """
+        if self.shared_cache and "disk_budget_bytes" not in self.model_fields_set:
+            return None
+        return self.disk_budget_bytes
 
     def token_value(self) -> str | None:
         return self.hub_token.get_secret_value() if self.hub_token else None

@@ -117,6 +117,7 @@ def run_demo(
     fresh: bool = False,
     say: Callable[[str], None] = print,
 ) -> DemoResult:
+    from auditor.daemon.progress import AuditCounter, tick_line
     from auditor.daemon.scheduler import Daemon
     from auditor.hub.client import HubClient
     from auditor.reports.from_store import site_data_from_store
@@ -159,8 +160,8 @@ def run_demo(
         say(f"[3/5] one crawl-and-audit cycle of the daemon (watching {base_id})")
         daemon = Daemon(settings=settings, database_url=db_url, client=client,
                         workers=workers, interval_seconds=settings.crawl_interval_seconds)
-        done: list[int] = []
-        daemon.pool.on_done = lambda: (done.append(1), say(f"      audited {len(done)}"))
+        daemon.pool.on_done = AuditCounter(
+            daemon.session_factory, lambda tick: say(f"      {tick_line(tick)}"))
         try:
             daemon.run_once(progress=lambda base, repo: say(f"      found {repo}"))
         finally:
@@ -186,12 +187,15 @@ def _print(result: DemoResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from auditor.rules.loader import load_rules
+
+    titles = {r.id: r.spec.title for r in load_rules()}
     console = Console()
     table = Table(title="Findings")
-    for col in ("model", "rule", "severity", "related repo"):
+    for col in ("model", "rule", "finding", "severity", "related repo"):
         table.add_column(col)
     for repo, rule, sev, rel in result.findings:
-        table.add_row(repo, rule, sev, rel or "")
+        table.add_row(repo, rule, titles.get(rule, ""), sev, rel or "")
     console.print(table)
     checks = Table(title="Planted cases")
     for col in ("case", "model", "expected", "caught", "found"):

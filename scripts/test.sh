@@ -14,4 +14,6 @@ fi
 .venv/bin/ruff check .
 # The layers, the product/test-kit split and acyclic packages ([tool.importlinter]).
 .venv/bin/lint-imports
+# The wheel, installed (not editable) in a clean venv, must work from outside the checkout.
+bash scripts/wheel_check.sh
 exec .venv/bin/python -m pytest "$@"

@@ -211,8 +211,9 @@ def test_cli_watch_and_status(tmp_path: Path) -> None:
     env = {"AUDITOR_DATA_DIR": str(tmp_path / "data"),
            "AUDITOR_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}"}
     runner = CliRunner()
-    assert runner.invoke(app, ["watch", "add", BASE, "--note", "ours"], env=env).exit_code == 0
-    assert runner.invoke(app, ["watch", "add", "org/second"], env=env).exit_code == 0
+    assert runner.invoke(app, ["watch", "add", BASE, "--note", "ours", "--no-check"],
+                         env=env).exit_code == 0
+    assert runner.invoke(app, ["watch", "add", "org/second", "--no-check"], env=env).exit_code == 0
     listed = runner.invoke(app, ["watch", "list"], env=env)
     assert listed.exit_code == 0
     assert listed.output.splitlines() == ["org/second", f"{BASE}  # ours"]

@@ -291,7 +291,7 @@ def test_disk_budget_evicts_lru(repos: Path, hub_server, hf_cache: Path) -> None
 
 def test_from_settings(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, hub_endpoint="http://127.0.0.1:1", hub_token="t0k",
-                        disk_budget_bytes=123)
+                        disk_budget_bytes=123, cache_dir=tmp_path / "hf-cache")
     client = HubClient.from_settings(settings)
     assert client.endpoint == "http://127.0.0.1:1"
     assert client.cache_dir == tmp_path / "hf-cache"

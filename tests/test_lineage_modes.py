@@ -123,3 +123,19 @@ def test_protected_copy_realigned_through_vo_matrices(zoo: dict) -> None:
     del cands["ft2"]
     back = analyze_lineage(fp(tau), cands, base_fingerprint=zoo["base_fp"])
     assert back.entry("prot").relation == "clone"
+
+
+def test_identical_evidence_gives_identical_relation(zoo: dict) -> None:
+    # A re-upload of a candidate the subject does not use: both have the same cosine and
+    # p-value to the subject, so both get the same relation (was "related" vs "unrelated").
+    m, base = zoo["models"], zoo["base"]
+    copy = {n: m[5][n].to(torch.float16).float() for n in SHAPES}
+    cands = {"copy5": fp(_tv(zoo, copy)), **zoo["cands"]}
+    subject = fp(_tv(zoo, mk.task_arithmetic(base, [m[3], m[4]], lambdas=[0.7, 0.4]).state_dict))
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    res = analyze_lineage(subject, cands, base_fingerprint=zoo["base_fp"],
+                          created_at={"ft5": t0, "copy5": t0.replace(month=2)})
+    a, b = res.entry("ft5"), res.entry("copy5")
+    assert a.cosine == pytest.approx(b.cosine, abs=1e-3)
+    assert a.relation == b.relation == "unrelated"
+    assert b.copy_of == "ft5" and a.copy_of is None

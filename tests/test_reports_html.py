@@ -147,7 +147,7 @@ def test_site_pages_and_links(site: tuple[Path, list[Path]]) -> None:
     assert "index.html" in rel
     assert sum(r.startswith("models/") and r.endswith(".html") for r in rel) == 5
     assert sum(r.startswith("bases/") for r in rel) == 2
-    assert {r.split("/")[0] for r in rel} == {"index.html", "models", "bases", "owners"}
+    assert {r.split("/")[0] for r in rel} == {"index.html", "models", "bases", "owners", "feeds"}
     html_files = [p for p in written if p.suffix == ".html"]
     for page in html_files:
         html = page.read_text(encoding="utf-8")

@@ -102,3 +102,89 @@ def test_every_page_loads_clean_and_payloads_stay_inert(browser_page, tmp_path: 
     assert samples.SCRIPT_PAYLOAD in page.locator("h1").inner_text()
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert dialogs == []
+
+
+# --- the owner's journey, page by page (screenshots kept under AUDITOR_SCREENSHOT_DIR) ---
+INCOMPLETE = "carol/half-done"
+
+_EMPTY_COLUMNS_JS = """
+() => {
+  const bad = [];
+  for (const table of document.querySelectorAll('table:not(.evidence)')) {
+    const heads = [...table.querySelectorAll('thead th')].map(th => th.innerText.trim());
+    const rows = [...table.querySelectorAll('tbody tr')];
+    if (!heads.length || !rows.length) continue;
+    heads.forEach((h, i) => {
+      const cells = rows.map(r => (r.children[i] ? r.children[i].innerText.trim() : ''));
+      if (cells.every(c => c === '' || c === '—')) bad.push(h);
+    });
+  }
+  return bad;
+}
+"""
+
+
+def _journey_site(tmp_path: Path) -> Path:
+    from auditor.reports.site import SiteData
+    from auditor.schema import SubjectRef
+
+    data = samples.sample_site_data()
+    incomplete = samples.finetune_report().model_copy(update={
+        "subject": SubjectRef(repo_id=INCOMPLETE, revision="c0ffee0", owner="carol",
+                              base_repo_id=samples.BASE, declared_base_models=[samples.BASE]),
+        "errors": ["candidate bob/math-ft: Hub unreachable and file not cached"],
+        "protection": samples.base_report().protection,
+    })
+    data = SiteData.model_validate({**data.model_dump(), "audits": [
+        *[a.model_dump() for a in data.audits], incomplete.model_dump()]})
+    out = tmp_path / "journey"
+    build_site(out, data, rules=samples.RULES)
+    return out
+
+
+def test_journey_screenshots_key_texts_and_no_empty_columns(browser_page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    page = browser_page
+    site = _journey_site(tmp_path)
+    shots = Path(os.environ.get("AUDITOR_SCREENSHOT_DIR") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    pages = {
+        "index": (site / "index.html", ["Watched bases", "Latest findings", "Related model"]),
+        "base": (site / "bases" / f"{slugify(samples.BASE)}.html",
+                 ["Declared vs detected lineage", "merge of 2 parents", "Atom feed"]),
+        "owner": (site / "owners" / f"{slugify('bob')}.html",
+                  ["Models derived from yours", "What you can do", "auditor authorize bob",
+                   "p-value below"]),
+        "model-merge": (site / "models" / f"{slugify(samples.MERGE)}.html",
+                        ["Undeclared merge of bob/math-ft", "What you can do",
+                         "Reading the evidence", "authorized merges by mallory"]),
+        "model-backdoor": (site / "models" / f"{slugify(samples.BACKDOOR)}.html",
+                           ["Backdoor evidence", "Candidate triggers", samples.SCRIPT_PAYLOAD]),
+        "model-clean": (site / "models" / f"{slugify(samples.FINETUNE)}.html",
+                        ["Clean", "No active findings"]),
+        "model-incomplete": (site / "models" / f"{slugify(INCOMPLETE)}.html",
+                             ["Incomplete audit", "Hub unreachable"]),
+    }
+    for name, (path, texts) in pages.items():
+        page.goto(path.as_uri(), wait_until="load")
+        # innerText follows CSS (table headers are upper-cased): compare case-blind.
+        body = page.locator("body").inner_text().lower()
+        for text in texts:
+            assert text.lower() in body, (name, text)
+        assert page.evaluate(_EMPTY_COLUMNS_JS) == [], name
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        shot = page.screenshot(full_page=True)
+        assert _png_size(shot)[0] == 1200 and len(shot) > 20_000, name
+        (shots / f"{name}.png").write_bytes(shot)
+    for name, path in (("feed-owner", site / "feeds" / "owners" / f"{slugify('bob')}.xml"),
+                       ("feed-base", site / "feeds" / "bases" / f"{slugify(samples.BASE)}.xml")):
+        page.goto(path.as_uri(), wait_until="load")
+        text = page.locator("body").inner_text()
+        assert "Undeclared merge of bob/math-ft" in text or samples.CLONE in text, name
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        (shots / f"{name}.png").write_bytes(page.screenshot(full_page=True))
+    assert errors == []

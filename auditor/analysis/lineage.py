@@ -157,6 +157,7 @@ def analyze_lineage(
     copies = _clone_groups(stack, [n for n in names if n not in clones], cidx, ident,
                            clone_cosine, clone_norm_tolerance, usable, created_at)
     shadowed = {c for group in copies.values() for c in group}
+    copy_of = {c: rep for rep, group in copies.items() for c in group}
 
     eligible = [
         cidx[n]
@@ -257,14 +258,13 @@ def analyze_lineage(
         relation: Relation
         if n in clones:
             relation = "clone"
-        elif n in shadowed:
-            # a re-upload of another candidate: its original speaks for it
-            relation = "related"
         elif j in parents and not reversed_:
             relation = "finetune_parent" if single_ft else "merge_parent"
             coef = fit.coefficient_of(j)
             per_coef = {g: f.coefficient_of(j) for g, f in attribution.per_group.items()}
         elif r.p_value < p_threshold:
+            # A re-upload of another candidate (shadowed) lets its original speak for it,
+            # but is judged by the same p-value: identical evidence, identical relation.
             relation = "related"
         else:
             relation = "unrelated"
@@ -279,6 +279,7 @@ def analyze_lineage(
                 z_score=r.z_score,
                 aligned=subject_aligned,
                 declared=n in declared,
+                copy_of=copy_of.get(n),
                 per_layer_cosine=r.per_group_cosine,
                 per_layer_coefficient=per_coef,
             )

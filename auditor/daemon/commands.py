@@ -107,6 +107,10 @@ def register(app: typer.Typer) -> None:
     def watch_add(
         base: Annotated[str, typer.Argument(help="Base model repo id, e.g. org/name.")],
         note: Annotated[str | None, typer.Option(help="Why it is watched.")] = None,
+        check: Annotated[bool, typer.Option(
+            "--check/--no-check",
+            help="Check on the Hub that BASE exists and is a model (--no-check: offline).")
+        ] = True,
     ) -> None:
         """Watch BASE: its derivatives are crawled and audited."""
         from auditor.errors import RepoNotFound
@@ -114,7 +118,16 @@ def register(app: typer.Typer) -> None:
         from auditor.store import policy
 
         if not is_repo_id(base):
-            raise RepoNotFound(f"{base!r} is not a valid repo id")
+            raise RepoNotFound(f"{base!r} is not a valid repo id (expected ORG/NAME)")
+        if check:
+            from auditor.errors import AuditorError
+            from auditor.exitcodes import ExitCode
+
+            try:
+                _check_base(base)
+            except AuditorError as exc:
+                typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+                raise typer.Exit(ExitCode.ERROR) from None
         with _session() as session:
             policy.watch_add(session, repo_id=base, note=note)
         typer.echo(f"watching {base}")
@@ -246,6 +259,26 @@ def register(app: typer.Typer) -> None:
                 console.print(table)
 
 
+def _check_base(base: str) -> None:
+    """BASE must exist on the Hub as a model with weights or a config (not a dataset)."""
+    from auditor.errors import RepoNotFound
+    from auditor.hub.client import HubClient
+    from auditor.weights.inventory import classify_files
+
+    settings = _settings()
+    client = HubClient.from_settings(settings)
+    try:
+        resolved = client.resolve(base)
+    except RepoNotFound as exc:
+        raise RepoNotFound(f"{base}: no such model on {client.endpoint} ({exc}); check the "
+                           "id (datasets and spaces cannot be watched) or the endpoint "
+                           "(HF_ENDPOINT / AUDITOR_HUB_ENDPOINT)") from exc
+    inv = classify_files(resolved.files)
+    if not (inv.has_weights or "config.json" in resolved.files):
+        raise RepoNotFound(f"{base}: found on {client.endpoint} but it holds no model weights "
+                           "or config.json; is it a model?")
+
+
 def _status_data(session: Session) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -284,7 +317,7 @@ def _crawl_once(daemon: Daemon, *, progress: bool) -> list[Any]:
         return daemon.run_once()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from auditor.store.queries import pending_count
+    from auditor.daemon.progress import AuditCounter, AuditTick, tick_line
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[item]}"), transient=False) as bars:
@@ -294,12 +327,13 @@ def _crawl_once(daemon: Daemon, *, progress: bool) -> list[Any]:
         def on_listed(base: str, repo_id: str) -> None:
             bars.update(crawl_task, advance=1, item=f"{base} <- {repo_id}")
 
-        def on_done() -> None:
+        def on_tick(tick: AuditTick) -> None:
             if not audit_task:
-                with daemon.session_factory() as session:
-                    total = pending_count(session) + 1  # + the one just done
-                audit_task.append(bars.add_task("audits", total=total, item=""))
-            bars.update(audit_task[0], advance=1)
+                audit_task.append(bars.add_task("audits", total=tick.total, item=""))
+            # The total is re-read each time: re-queued merges and new finds grow it.
+            bars.update(audit_task[0], completed=tick.done, total=tick.total,
+                        item=tick_line(tick))
 
+        on_done = AuditCounter(daemon.session_factory, on_tick)
         daemon.pool.on_done = on_done
         return daemon.run_once(progress=on_listed)

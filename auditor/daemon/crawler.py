@@ -138,6 +138,9 @@ def crawl_base(
                             budget=tree_budget, result=result)
         listed_until = _discover(session, client, base_repo_id, seen=seen, record=record,
                                  result=result) if discovery else None
+        if not seen:
+            # An empty listing is also what a missing base gives: say which it is.
+            client.resolve(base_repo_id)
     except AuditorError as exc:
         result.error = str(exc)
         session.rollback()

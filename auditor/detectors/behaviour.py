@@ -86,12 +86,15 @@ def benign_homologues(
     entries = {e.repo_id: e for e in ctx.get(Lineage).result.entries}
     sources = candidate_sources(ctx)
     picked = [src for repo, src in sorted(sources.items())
-              if repo in entries and entries[repo].relation in relations][:MAX_HOMOLOGUES]
+              if repo in entries and entries[repo].relation in relations
+              # a re-upload would count the same model twice in the reference
+              and not entries[repo].copy_of][:MAX_HOMOLOGUES]
     for repo_id, ref in sorted(ctx.homologues.items()):
         if len(picked) >= MAX_HOMOLOGUES:
             break
         entry = entries.get(repo_id)
-        if repo_id in sources or entry is None or entry.relation not in relations:
+        if repo_id in sources or entry is None or entry.relation not in relations \
+                or entry.copy_of:
             continue
         try:
             picked.append(download_weights(ctx, repo_id, ref.revision))

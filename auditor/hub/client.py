@@ -195,6 +195,11 @@ class HubClient:
         self.backoff_seconds = backoff_seconds
         self.max_wait_seconds = max_wait_seconds
         self.api = HfApi(endpoint=self.endpoint, token=self._hf_token)
+        # huggingface_hub draws a tqdm bar per download on a terminal; from parallel
+        # workers they leave a blank line each. The commands draw their own progress.
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
         from auditor.hub.repo_folders import RepoStore
 
         self._local_store = RepoStore(Path("/"))  # only its folder hashing is used
@@ -208,7 +213,7 @@ class HubClient:
             endpoint=settings.hub_endpoint,
             token=settings.token_value(),
             cache_dir=settings.resolved_cache_dir,
-            disk_budget_bytes=settings.disk_budget_bytes,
+            disk_budget_bytes=settings.effective_disk_budget,
         )
 
     @property

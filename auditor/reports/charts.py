@@ -179,18 +179,27 @@ def similarity_heatmap(
                     f'<text x="{num(x + cell_w / 2)}" y="{num(y + cell_h / 2 + 4)}" '
                     f'font-size="10" text-anchor="middle" fill="{fg}">{escape(f"{v:.2f}")}</text>'
                 )
-    # Colour scale key, so a reader can tell 0.3 from 0.9 without hovering.
+    # Colour scale key, so a reader can tell 0.3 from 0.9 without hovering; it spans -1..1
+    # when any cell is negative, so red cells have a key too.
     ky = top + cell_h * len(names) + 14
-    for i in range(11):
+    values = [v for r in names for v in rows[r].values() if math.isfinite(v)]
+    lo = -1.0 if any(v < 0 for v in values) else 0.0
+    steps = 20 if lo < 0 else 10
+    for i in range(steps + 1):
         out.append(
-            f'<rect x="{num(label_w + i * 16)}" y="{num(ky)}" width="16" height="10" '
-            f'fill="{_heat_color(i / 10)}"/>'
+            f'<rect class="key" x="{num(label_w + i * 16)}" y="{num(ky)}" width="16" '
+            f'height="10" fill="{_heat_color(lo + (1.0 - lo) * i / steps)}"/>'
         )
+    end_x = label_w + (steps + 1) * 16 + 6
     out.append(
         f'<text x="{num(label_w - 8)}" y="{num(ky + 9)}" font-size="11" text-anchor="end" '
-        f'fill="{TEXT_COLOR}">cosine 0</text><text x="{num(label_w + 182)}" y="{num(ky + 9)}" '
-        f'font-size="11" fill="{TEXT_COLOR}">1</text>'
+        f'fill="{TEXT_COLOR}">cosine {fmt_label(lo)}</text><text x="{num(end_x)}" '
+        f'y="{num(ky + 9)}" font-size="11" fill="{TEXT_COLOR}">1</text>'
     )
+    if lo < 0:
+        mid = label_w + (steps / 2) * 16 + 8
+        out.append(f'<text x="{num(mid)}" y="{num(ky + 22)}" font-size="10" '
+                   f'text-anchor="middle" fill="{TEXT_COLOR}">0</text>')
     out.append("</svg>")
     return markup(out)
 
@@ -338,16 +347,27 @@ def lineage_graph(
     for n in nodes:
         columns.setdefault(depth[n.id], []).append(n)
     node_w, node_h, col_gap, row_gap = 230.0, 32.0, 90.0, 16.0
+    col_index = {col: ci for ci, col in enumerate(sorted(columns))}
+    # Edges that skip a column (base -> merge past the fine-tunes) run in a lane above or
+    # below every box instead of through the boxes in between.
+    long_edge = any(
+        e.source in depth and e.target in depth
+        and col_index[depth[e.target]] - col_index[depth[e.source]] > 1 for e in edges
+    )
+    lane = 18.0 if long_edge else 0.0
     max_rows = max(len(c) for c in columns.values())
     width = 16 + len(columns) * (node_w + col_gap) - col_gap + 16
-    legend_y = 24 + max_rows * (node_h + row_gap)
+    boxes_bottom = 16 + lane + max_rows * (node_h + row_gap) - row_gap
+    legend_y = boxes_bottom + lane + 8
     height = legend_y + 36
+    lanes = (16 + lane / 2 - 4, boxes_bottom + lane / 2 + 4)  # top, bottom
     pos: dict[str, tuple[float, float]] = {}
     for ci, col in enumerate(sorted(columns)):
         members = columns[col]
         offset = (max_rows - len(members)) * (node_h + row_gap) / 2
         for ri, n in enumerate(members):
-            pos[n.id] = (16 + ci * (node_w + col_gap), 16 + offset + ri * (node_h + row_gap))
+            pos[n.id] = (16 + ci * (node_w + col_gap),
+                         16 + lane + offset + ri * (node_h + row_gap))
 
     pid = escape(id_prefix)
     out = [svg_open(width, height, css_class="chart-lineage", title=title)]
@@ -370,8 +390,18 @@ def lineage_graph(
         if x2 <= x1:  # same column (e.g. a cut cycle): route around the right side
             x2, y2 = tx + node_w + 2, ty + node_h / 2
             c1, c2 = x1 + 60, x2 + 60
+            d = (f"M{num(x1)},{num(y1)} C{num(c1)},{num(y1)} {num(c2)},{num(y2)} "
+                 f"{num(x2)},{num(y2)}")
+        elif x2 - x1 > col_gap + 4:  # skips a column: via the nearer lane, around the boxes
+            ly = lanes[0] if (y1 + y2) / 2 <= (lanes[0] + lanes[1]) / 2 else lanes[1]
+            g1, g2 = x1 + col_gap / 2, x2 - col_gap / 2
+            d = (f"M{num(x1)},{num(y1)} C{num(g1)},{num(y1)} {num(g1)},{num(ly)} "
+                 f"{num(g1 + 12)},{num(ly)} L{num(g2 - 12)},{num(ly)} "
+                 f"C{num(g2)},{num(ly)} {num(g2)},{num(y2)} {num(x2)},{num(y2)}")
         else:
             c1 = c2 = (x1 + x2) / 2
+            d = (f"M{num(x1)},{num(y1)} C{num(c1)},{num(y1)} {num(c2)},{num(y2)} "
+                 f"{num(x2)},{num(y2)}")
         if e.undeclared:
             style = 'stroke="#dc2626" stroke-width="2.2" stroke-dasharray="6 4"'
             marker = f"{pid}-arrow-red"
@@ -386,8 +416,7 @@ def lineage_graph(
             kind = "declared"
         tip = f"{e.source} → {e.target}" + (f" ({e.label})" if e.label else "")
         out.append(
-            f'<path class="edge edge-{kind}" d="M{num(x1)},{num(y1)} C{num(c1)},{num(y1)} '
-            f'{num(c2)},{num(y2)} {num(x2)},{num(y2)}" fill="none" {style} '
+            f'<path class="edge edge-{kind}" d="{d}" fill="none" {style} '
             f'marker-end="url(#{marker})"><title>{escape(tip)}</title></path>'
         )
     fills = {

@@ -36,16 +36,21 @@ def register(app: typer.Typer) -> None:
 
     @report_app.command("build")
     def build(
-        out: Annotated[Path, typer.Option("--out", help="Directory to write the site into.")],
+        out: Annotated[Path, typer.Option("--output", "-o", "--out",
+                                          help="Directory to write the site into.")],
         rules: _RulesOpt = None,
+        site_url: Annotated[str | None, typer.Option(
+            help="The site's public URL, for absolute links in the Atom feeds.")] = None,
     ) -> None:
         """Build the static HTML site from the store (works offline, from file://)."""
         from auditor.reports.from_store import site_data_from_store
         from auditor.reports.site import build_site
+        from auditor.settings import Settings
         from auditor.store.db import migrated_session
 
         with migrated_session() as session:
-            data = site_data_from_store(session)
+            data = site_data_from_store(session, hub_url=Settings().hub_endpoint,
+                                        site_url=site_url)
         written = build_site(out, data, rules=_rule_metas(rules))
         typer.echo(f"wrote {len(written)} files to {out} (open {out / 'index.html'})")
 
@@ -53,7 +58,8 @@ def register(app: typer.Typer) -> None:
     def render_cmd(
         report_file: Annotated[Path, typer.Argument(help="An audit report in JSON.")],
         fmt: Annotated[str, typer.Option("--format", "-f", help="json, sarif or html.")] = "sarif",
-        out: Annotated[Path | None, typer.Option("--out", "-o", help="File (default stdout).")]
+        out: Annotated[Path | None, typer.Option("--output", "-o", "--out",
+                                                 help="File (default stdout).")]
         = None,
         rules: _RulesOpt = None,
     ) -> None:

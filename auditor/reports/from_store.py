@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 
-def site_data_from_store(session: Session) -> SiteData:
+def site_data_from_store(session: Session, *, hub_url: str = "https://huggingface.co",
+                         site_url: str | None = None) -> SiteData:
     """Watched bases with their known derivatives, each repo's latest done audit, repo facts."""
     from sqlalchemy import select
 
@@ -22,14 +23,17 @@ def site_data_from_store(session: Session) -> SiteData:
     from auditor.store.models import Repo
 
     latest: dict[str, AuditReport] = {}
+    audited_at: dict[str, datetime] = {}
     # Newest first; a repo with several audited revisions shows its newest audit.
     for audit in queries.latest_done_audits(session):
         try:
             report = queries.audit_report(audit)
         except ValidationError:
             continue  # a report written by an older schema: skipped rather than break the site
-        if report is not None:
-            latest.setdefault(report.subject.repo_id, report)
+        if report is not None and report.subject.repo_id not in latest:
+            latest[report.subject.repo_id] = report
+            if audit.finished_at is not None:
+                audited_at[report.subject.repo_id] = audit.finished_at
 
     repos = list(session.scalars(select(Repo).order_by(Repo.repo_id)))
     metas = [
@@ -54,6 +58,9 @@ def site_data_from_store(session: Session) -> SiteData:
         audits=list(reversed(latest.values())),  # SiteData wants oldest first
         repos=metas,
         generated_at=datetime.now(UTC),
+        audited_at=audited_at,
+        hub_url=hub_url,
+        site_url=site_url,
     )
 
 

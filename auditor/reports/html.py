@@ -13,16 +13,17 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from auditor.reports import charts
+from auditor.reports import charts, evidence
 from auditor.reports.summary import sorted_findings, verdict
+from auditor.resources import resource_path
 from auditor.schema import AuditReport, Finding, LineageEntry, RuleMeta
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATE_DIR = resource_path("templates")
 # No script source at all; styles only inline; images only data: URIs; no <base>, no forms.
 CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
@@ -85,6 +86,10 @@ def environment() -> Environment:
     env.filters["num"] = _num
     env.filters["pct"] = _pct
     env.filters["evidence"] = _evidence_value
+    env.filters["evidence_rows"] = evidence.evidence_rows
+    env.filters["pvalue"] = evidence.p_text
+    env.filters["urlpath"] = lambda repo: quote(str(repo), safe="/")
+    env.tests["needs_legend"] = evidence.needs_legend
     env.tests["http_url"] = _is_http
     return env
 
@@ -107,6 +112,17 @@ def _lineage_status(entry: LineageEntry) -> str:
         return "declared"
     return "undeclared" if entry.relation in ("merge_parent", "finetune_parent", "clone") \
         else "related"
+
+
+def _related_owners(report: AuditReport) -> list[dict[str, Any]]:
+    """Owners of the repos the findings point at: who can authorize or object."""
+    owners: dict[str, list[str]] = {}
+    for f in report.findings:
+        if f.related_repo and "/" in f.related_repo:
+            repos = owners.setdefault(f.related_repo.split("/", 1)[0], [])
+            if f.related_repo not in repos:
+                repos.append(f.related_repo)
+    return [{"owner": o, "repos": r} for o, r in sorted(owners.items())]
 
 
 def model_context(
@@ -140,9 +156,14 @@ def model_context(
         "lineage": [
             {"e": e, "href": link(e.repo_id), "status": _lineage_status(e)} for e in lineage
         ],
+        # Optional measurements get a column only when some row has them (no empty columns).
+        "lineage_cols": {k: any(getattr(e, k) is not None for e in lineage)
+                         for k in ("coefficient", "p_value", "z_score", "barrier")},
         "meta": {"owner": report.subject.owner, "owner_href": None, "created_at": None,
                  **(meta or {})},
         "link": link,
+        "hub_url": "https://huggingface.co",
+        "related_owners": _related_owners(report),
         "coefficient_chart": charts.coefficient_bars(coefficients) if coefficients else None,
         "heatmap_chart": charts.similarity_heatmap(cosines) if cosines else None,
         "barrier_chart": charts.line_chart(

@@ -16,17 +16,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.reports import charts, json_format, sarif
+from auditor.reports import site_facts as facts
+from auditor.reports.feeds import FeedEntry, atom_feed
 from auditor.reports.html import model_context, render_page
 from auditor.reports.summary import severity_counts, sorted_findings, verdict
 from auditor.schema import AuditReport, RuleMeta, Severity
 
 # Relative loss barrier up to which a model counts as in its base's basin (a fine-tune).
 SAME_BASIN_BARRIER = 0.5
-_DETECTED = ("merge_parent", "finetune_parent", "clone")
+_DETECTED = facts.DETECTED
 
 
 class Discovered(BaseModel):
@@ -69,6 +72,12 @@ class SiteData(BaseModel):
     audits: list[AuditReport] = Field(default_factory=list)
     repos: list[RepoMeta] = Field(default_factory=list)
     generated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # When each repo's shown audit finished (feed entry dates); generated_at if unknown.
+    audited_at: dict[str, datetime] = Field(default_factory=dict)
+    # Where the "discuss / report on the Hub" links point.
+    hub_url: str = "https://huggingface.co"
+    # The site's public URL, for absolute links in the Atom feeds (relative if unset).
+    site_url: str | None = None
 
 
 def slugify(repo_id: str) -> str:
@@ -173,6 +182,7 @@ class _Site:
             },
         )
         context["downloads"] = {"json": f"{slug}.json", "sarif": f"{slug}.sarif"}
+        context["hub_url"] = self.data.hub_url
         self.page(f"models/{slug}.html", "model.j2", **context)
 
     def base_page(self, base_id: str) -> None:
@@ -183,15 +193,14 @@ class _Site:
             cited = self.declared_bases(repo_id)
             # A merge's card names its parents; naming family members declares the base too.
             declared = base_id in cited or any(p in members for p in cited)
-            entry = next((e for e in report.lineage if e.repo_id == base_id), None) \
-                if report else None
             # The base is the reference the task vector is taken against, so it is not a
             # lineage candidate: a low loss barrier to it shows the weights come from it.
-            shares_basin = report is not None and any(
-                b.other_repo_id == base_id and b.relative_barrier <= SAME_BASIN_BARRIER
-                for b in report.barriers
-            )
-            detected = (entry is not None and entry.relation in _DETECTED) or shares_basin
+            barrier = facts.barrier_to(report, base_id) if report else None
+            shares_basin = barrier is not None and barrier <= SAME_BASIN_BARRIER
+            parents = facts.parents_text(report) if report else []
+            # Parents found in the weights are family members, so the weights come from
+            # the base too.
+            detected = report is not None and (bool(parents) or shares_basin)
             if report is None:
                 status, label = "info", "not audited"
             elif detected and declared:
@@ -202,24 +211,33 @@ class _Site:
                 status, label = "related", "declared, not detected"
             else:
                 status, label = "related", "related"
-            others = [e for e in report.lineage
-                      if e.repo_id != base_id and e.relation in _DETECTED] if report else []
+            link = facts.strongest_link(report) if report else None
             rows.append({
                 "repo_id": repo_id, "href": self.model_href(repo_id, "../"),
-                "owner": self.owner_of(repo_id), "entry": entry, "status": status,
-                "label": label, "verdict": verdict(report) if report else None,
+                "owner": self.owner_of(repo_id), "status": status, "label": label,
+                "verdict": verdict(report) if report else None,
                 "declared_relation": report.subject.declared_relation if report else None,
-                "others": [{"repo_id": e.repo_id, "href": self.model_href(e.repo_id, "../"),
-                            "declared": e.declared} for e in others],
+                "relation": facts.relation_to_base(report, base_id,
+                                                   basin_barrier=SAME_BASIN_BARRIER)
+                if report else "not audited",
+                "parents": [{**p, "href": self.model_href(p["repo_id"], "../")}
+                            for p in parents],
+                "link": link, "barrier": barrier,
             })
+        slug = slugify(base_id)
         self.page(
-            f"bases/{slugify(base_id)}.html", "base_family.j2",
+            f"bases/{slug}.html", "base_family.j2",
             base_id=base_id, owner=self.owner_of(base_id),
             owner_href=self.owner_href(self.owner_of(base_id), "../"),
             base_href=self.model_href(base_id, "../") if base_id in self.latest else None,
             graph=self.family_graph(base_id, members), rows=rows,
+            feed_href=f"../feeds/bases/{slug}.xml",
             discovered=self.discovered_rows(base_id),
         )
+        self.feed(f"feeds/bases/{slug}.xml", key=f"base:{base_id}",
+                  title=f"Findings in the family of {base_id}",
+                  subtitle=f"New findings on derivatives of {base_id}",
+                  page=f"bases/{slug}.html", repos=members)
 
     def discovered_rows(self, base_id: str) -> list[dict[str, Any]]:
         base = next((b for b in self.data.bases if b.repo_id == base_id), None)
@@ -274,12 +292,18 @@ class _Site:
             if repo_id in mine:
                 continue
             for e in report.lineage:
-                if e.repo_id in mine and e.relation != "unrelated":
+                # Only what the weights show (a parent or a copy), never a mere similarity.
+                if e.repo_id in mine and e.relation in _DETECTED:
+                    finding = next((f for f in report.findings
+                                    if f.related_repo == e.repo_id), None)
                     derived.append({
                         "repo_id": repo_id, "href": self.model_href(repo_id, "../"),
                         "yours": e.repo_id, "yours_href": self.model_href(e.repo_id, "../"),
                         "entry": e, "verdict": verdict(report),
                         "owner": self.owner_of(repo_id),
+                        "authorized": finding.suppressed_reason
+                        if finding is not None and finding.suppressed else None,
+                        "hub_href": self.hub_href(repo_id, "discussions"),
                     })
         protection = []
         for repo_id in sorted(mine):
@@ -296,23 +320,63 @@ class _Site:
             protection.append({"repo_id": repo_id, "href": self.model_href(repo_id, "../"),
                                "p": p, "status": status, "text": text,
                                "derived": sum(1 for d in derived if d["yours"] == repo_id)})
+        slug = slugify(owner)
         self.page(
-            f"owners/{slugify(owner)}.html", "owner.j2", owner=owner,
+            f"owners/{slug}.html", "owner.j2", owner=owner,
             repos=[{"repo_id": r, "href": self.model_href(r, "../"),
                     "verdict": verdict(self.latest[r]) if r in self.latest else None}
                    for r in sorted(mine)],
-            derived=derived, protection=protection,
+            derived=derived, protection=protection, thresholds=facts.lineage_thresholds(),
+            feed_href=f"../feeds/owners/{slug}.xml", hub_url=self.data.hub_url,
             discovered=[row for b in self.data.bases if self.owner_of(b.repo_id) == owner
                         for row in self.discovered_rows(b.repo_id)],
         )
+        involved = set(mine) | {d["repo_id"] for d in derived}
+        self.feed(f"feeds/owners/{slug}.xml", key=f"owner:{owner}",
+                  title=f"Findings about the models of {owner}",
+                  subtitle=f"New findings on models of {owner} and on models derived "
+                           "from them", page=f"owners/{slug}.html", repos=sorted(involved))
+
+    # --- feeds ---------------------------------------------------------------------------------
+    def hub_href(self, repo_id: str, *tail: str) -> str:
+        path = "/".join([quote(repo_id, safe="/"), *tail])
+        return f"{self.data.hub_url.rstrip('/')}/{path}"
+
+    def feed(self, rel: str, *, key: str, title: str, subtitle: str, page: str,
+             repos: Iterable[str]) -> None:
+        entries = []
+        for repo_id in repos:
+            report = self.latest.get(repo_id)
+            if report is None:
+                continue
+            when = self.data.audited_at.get(repo_id, self.data.generated_at)
+            for f in report.active_findings:
+                related = f" ({f.related_repo})" if f.related_repo else ""
+                entries.append(FeedEntry(
+                    key=f"{repo_id}@{report.subject.revision}/{f.rule_id}/{f.related_repo}",
+                    title=f"[{f.severity.value}] {repo_id}: {f.title}{related}",
+                    href=f"models/{slugify(repo_id)}.html", updated=when, summary=f.message,
+                    author=self.owner_of(repo_id) or "unknown"))
+        self.write(rel, atom_feed(key=key, title=title, subtitle=subtitle, feed_path=rel,
+                                  page_path=page, entries=entries,
+                                  generated=self.data.generated_at,
+                                  site_url=self.data.site_url))
 
     def index_page(self) -> None:
         reports = list(self.latest.values())
         latest_findings = []
+        seen: set[tuple[str, str, str | None]] = set()
         for report in reversed(reports):  # newest audit first
             for f in sorted_findings(report.active_findings):
+                row_key = (report.subject.repo_id, f.rule_id, f.related_repo)
+                if row_key in seen:  # one row per model, rule and related repo
+                    continue
+                seen.add(row_key)
                 latest_findings.append({"f": f, "repo_id": report.subject.repo_id,
-                                        "href": self.model_href(report.subject.repo_id, "")})
+                                        "href": self.model_href(report.subject.repo_id, ""),
+                                        "related": f.related_repo,
+                                        "related_href": self.model_href(f.related_repo, "")
+                                        if f.related_repo else None})
         latest_findings.sort(key=lambda row: -row["f"].severity.rank)
         bases = []
         for base_id in self.bases:

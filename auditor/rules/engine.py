@@ -16,7 +16,7 @@ import celpy
 import jinja2
 
 from auditor.errors import RuleError
-from auditor.rules.authz import AuthorizationLike, authorization_matches, owner_of
+from auditor.rules.authz import AuthorizationLike, apply_authorizations, owner_of
 from auditor.rules.loader import Rule, example_measurements
 from auditor.schema import Finding, Measurements, RuleMeta
 
@@ -103,21 +103,6 @@ def _finding(rule: Rule, m: dict[str, Any], item: dict[str, Any] | None) -> Find
     )
 
 
-def _suppress(
-    finding: Finding, subject_repo: str, authorizations: Sequence[AuthorizationLike]
-) -> Finding:
-    for auth in authorizations:
-        if authorization_matches(
-            auth, subject_repo=subject_repo, related_repo=finding.related_repo
-        ):
-            scope = auth.related_repo or f"models of {auth.owner}"
-            reason = f"{auth.owner} authorized {auth.subject} to use {scope}"
-            if auth.note:
-                reason += f": {auth.note}"
-            return finding.model_copy(update={"suppressed": True, "suppressed_reason": reason})
-    return finding
-
-
 def evaluate(
     rules: Sequence[Rule],
     measurements: Measurements,
@@ -136,8 +121,8 @@ def evaluate(
             activation = {**base, "item": celpy.json_to_cel(item)}
             if _condition(rule, activation):
                 findings.append(_finding(rule, m, item))
-    subject_repo = measurements.subject.repo_id
-    findings = [_suppress(f, subject_repo, authorizations) for f in findings]
+    findings = apply_authorizations(findings, subject_repo=measurements.subject.repo_id,
+                                    authorizations=authorizations)
     findings.sort(key=lambda f: (-f.severity.rank, f.rule_id, f.related_repo or ""))
     return findings
 

@@ -21,8 +21,8 @@ import yaml
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-import auditor
 from auditor.errors import RuleError
+from auditor.resources import resource_path, source_root
 from auditor.schema import Measurements, Severity
 from auditor.settings import get_settings
 
@@ -113,11 +113,11 @@ def _display(path: Path) -> str:
 
 
 def _repo_root() -> Path:
-    return Path(auditor.__file__).resolve().parent.parent
+    return source_root()
 
 
 def default_rules_dir() -> Path:
-    return get_settings().rules_dir or (_repo_root() / "rules")
+    return get_settings().rules_dir or resource_path("rules")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

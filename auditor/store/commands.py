@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--related", help="Only this repo of the owner.")
         ] = None,
         note: Annotated[str | None, typer.Option(help="Why (shown in reports).")] = None,
+        reevaluate: _ReevalOpt = True,
     ) -> None:
         """OWNER allows SUBJECT to merge or copy their models (findings get suppressed)."""
         from auditor.store import policy
@@ -51,6 +52,8 @@ def register(app: typer.Typer) -> None:
                 f"authorization {row.id}: {owner} -> {subject}"
                 + (f" (only {related})" if related else "")
             )
+            if reevaluate:
+                _report_reevaluation(session)
 
     @app.command("authorizations")
     def authorize_list(
@@ -77,7 +80,7 @@ def register(app: typer.Typer) -> None:
         Console().print(table)
 
     @app.command("unauthorize")
-    def authorize_remove(authorization_id: int) -> None:
+    def authorize_remove(authorization_id: int, reevaluate: _ReevalOpt = True) -> None:
         """Remove an authorization by id."""
         from auditor.errors import StoreError
         from auditor.store import policy
@@ -85,9 +88,30 @@ def register(app: typer.Typer) -> None:
         with _session() as session:
             if not policy.remove_authorization(session, authorization_id=authorization_id):
                 raise StoreError(f"no authorization with id {authorization_id}")
-        typer.echo(f"authorization {authorization_id} removed")
+            typer.echo(f"authorization {authorization_id} removed")
+            if reevaluate:
+                _report_reevaluation(session)
+
+    @app.command("reevaluate")
+    def reevaluate_cmd() -> None:
+        """Apply the current authorizations to every stored finding (none is deleted)."""
+        with _session() as session:
+            _report_reevaluation(session)
 
     app.add_typer(db_app, name="db")
+
+
+_ReevalOpt = Annotated[bool, typer.Option(
+    "--reevaluate/--no-reevaluate",
+    help="Re-apply the authorizations to the stored findings now (`auditor reevaluate`).")]
+
+
+def _report_reevaluation(session) -> None:  # type: ignore[no-untyped-def]
+    from auditor.store.authorizations import reevaluate_stored
+
+    r = reevaluate_stored(session)
+    typer.echo(f"re-evaluated {r.audits} audits: {r.changed} changed; findings now "
+               f"{r.active} active, {r.suppressed} authorized (kept, not deleted)")
 
 
 def _session():  # type: ignore[no-untyped-def]

@@ -12,13 +12,13 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-import auditor
 from auditor.errors import StoreError
+from auditor.resources import resource_path
 from auditor.settings import Settings
 
-# The Alembic scripts live next to the package (repo root), not inside it.
-ALEMBIC_DIR = Path(auditor.__file__).resolve().parent.parent / "alembic"
-ALEMBIC_INI = ALEMBIC_DIR.parent / "alembic.ini"
+# The Alembic scripts live at the repo top in a checkout, in auditor/_shipped/ when installed.
+ALEMBIC_DIR = resource_path("alembic")
+ALEMBIC_INI = resource_path("alembic.ini")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 

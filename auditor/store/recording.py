@@ -36,6 +36,10 @@ def save_result(
             data=fingerprint.to_bytes(),
             error_bound=fingerprint.error_bound,
         )
+    # The owners' current grants apply to every stored result, whoever ran the audit.
+    from auditor.store.authorizations import authorize_report
+
+    report = authorize_report(session, report)
     queue.complete_audit(session, audit_id=audit_id, report=report, worker_id=worker_id)
 
 
