@@ -89,7 +89,8 @@ def test_bad_against_fails_before_any_download(env: dict[str, str], tmp_path: Pa
     assert "--against ghost/missing" in r.stderr
     assert not list(Path(env["AUDITOR_CACHE_DIR"]).rglob("*.safetensors"))
     report = AuditReport.model_validate_json(out.read_text())
-    assert report.findings == [] and "ghost/missing" in report.errors[0]
+    assert report.findings == [] and "ghost/missing" in report.errors[0].message
+    assert report.errors[0].detector == "audit" and report.errors[0].kind == "RepoNotFound"
 
 
 def test_unreachable_card_base_names_endpoint_and_base_option(

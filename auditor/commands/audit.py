@@ -112,7 +112,8 @@ def _run_audit(subject: str, *, revision: str | None, base: str | None, against:
                                          endpoint=client.endpoint)
         if step != subject:
             message = f"{step}: {message}"
-        report = terminal.error_report(subject=subject, revision=revision, message=message)
+        report = terminal.error_report(subject=subject, revision=revision, message=message,
+                                       kind=type(exc).__name__)
         _emit(report, fmt="json" if fmt == "text" else fmt, output=output, quiet=quiet,
               to_stdout=False)
         typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
