@@ -476,7 +476,8 @@ class HubServer:
 
 def serve_forever(root: Path, *, host: str = "127.0.0.1", port: int = 8000,
                   tokens: Collection[str] = (), faults: FaultConfig | None = None,
-                  page_size: int = DEFAULT_PAGE_SIZE) -> None:
+                  page_size: int = DEFAULT_PAGE_SIZE, ignore_range: bool = False) -> None:
     """Run in the foreground until interrupted (the CLI entry point)."""
-    app = create_app(root, tokens=tokens, faults=faults, page_size=page_size)
+    app = HubApp(root, tokens=tokens, faults=faults, page_size=page_size,
+                 ignore_range=ignore_range).app
     uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
