@@ -130,3 +130,13 @@ def test_report_commands_take_output_and_keep_old_spellings(
         r = _run(["report", "build", flag, str(site)], env)
         assert r.exit_code == 0, r.output
         assert (site / "index.html").exists()
+
+
+def test_on_demand_audit_compares_with_what_the_store_knows(env: dict[str, str]) -> None:
+    # Parents audited earlier (--store) are candidates later without --against.
+    for parent in ("bob/tiny-kv", "carol/tiny-animals"):
+        r = _run(["audit", parent, "--store", "-q", "--output", "/dev/null"], env)
+        assert r.exit_code in (ExitCode.CLEAN, ExitCode.FINDINGS), r.output
+    r = _run(["audit", BLEND, "--format", "text"], env)
+    assert "0 downloaded with --against, 2 known from the store" in r.stdout, r.stdout
+    assert "bob/tiny-kv (owner bob" in r.stdout and r.exit_code == ExitCode.FINDINGS

@@ -20,6 +20,7 @@ TABLES = {
     "revisions",
     "fingerprints",
     "audits",
+    "worker_heartbeats",
     "comparisons",
     "findings",
     "crawl_cursors",

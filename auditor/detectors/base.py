@@ -89,7 +89,10 @@ def run_stages(ctx: AuditContext, stages: Sequence[Detector]) -> None:
         except AuditorError as exc:
             ctx.add_error(str(exc), kind=type(exc).__name__, detector=det.name)
         except Exception as exc:  # a detector bug must not lose the other results
-            log.error("detector %s crashed: %s", det.name, traceback.format_exc())
+            # One line; the traceback only at debug level (``auditor --debug``).
+            log.error("detector %s crashed: %s: %s", det.name, type(exc).__name__,
+                      (str(exc).splitlines() or [""])[0][:300])
+            log.debug("detector %s traceback:\n%s", det.name, traceback.format_exc())
             ctx.add_error(f"{type(exc).__name__}: {exc}", kind="internal", detector=det.name)
         finally:
             ctx.timings[det.name] = time.perf_counter() - t0
