@@ -6,16 +6,46 @@ A field whose analysis did not run is ``None``, never a made-up value.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 SCHEMA_VERSION = 1
 
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _finite(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        # Serialised in python mode, tuples stay tuples: keep them (schema types use them).
+        return {k: finite_json(v) for k, v in out.items()} if isinstance(out, dict) else out
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN / infinity replaced by None (JSON has no such numbers).
+
+    Applied whenever a schema object is serialised, so no report, SARIF log, database row or
+    site page can carry one, whatever a detector measured on hostile weights.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(finite_json(v) for v in value)
+    return value
 
 
 class Severity(StrEnum):
@@ -207,6 +237,10 @@ class Measurements(Frozen):
     weights_analyzed: bool = True
     function_equivalent_to: list[str] = Field(default_factory=list)
     declared_mergekit_config: dict[str, Any] | None = None
+    # Tensors holding NaN / infinity (subject's; excluded from fingerprints and fits).
+    nonfinite_tensors: list[str] = Field(default_factory=list)
+    # The card names the repo itself, or a base whose card names the subject: [A, ..., A].
+    declared_cycle: list[str] = Field(default_factory=list)
     mergekit: MergekitCheck | None = None
     provenance: ProvenanceInfo = ProvenanceInfo()
 

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     barrier_points: int = 11
     # Directory of rules/*.yaml; default: the rules shipped with the package.
     rules_dir: Path | None = None
+    # Limits on every file an uploader writes (auditor.bounded): breaking one is a file
+    # issue of that file, never a crash. Real tokenizer.json files reach ~35 MB, tokenizer
+    # configs hold 31-digit ints (model_max_length=1e30), headers of sharded giants hold
+    # tens of thousands of tensors: the defaults leave a wide margin above all of those.
+    max_json_bytes: int = 64 * 1024**2
+    max_yaml_bytes: int = 1_000_000
+    max_nesting_depth: int = 64
+    max_int_digits: int = 64
+    max_tensors: int = 200_000
     # Celery backend (``auditor daemon --backend celery`` + ``auditor worker``).
     broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672//")
     # Queue names are ``<prefix>.cpu`` and ``<prefix>.gpu`` (tests use a random prefix).

@@ -165,7 +165,7 @@ def _sources_for(client: HubClient, resolved: ResolvedRepo, *, max_stream_bytes:
 
 
 def _read_config(client: HubClient, resolved: ResolvedRepo) -> dict[str, Any]:
-    import json
+    from auditor.bounded import loads_json
 
     if "config.json" not in resolved.files:
         return {}
@@ -173,7 +173,7 @@ def _read_config(client: HubClient, resolved: ResolvedRepo) -> dict[str, Any]:
         with open_range(client, resolved, "config.json") as src:
             if src.size > 1 << 20:
                 return {}
-            data = json.loads(src.read(0, src.size))
+            data = loads_json(src.read(0, src.size), name="config.json")
     except (AuditorError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("auditor.daemon.worker")
 
 DEFAULT_LEASE_SECONDS = 300.0
+SAVE_ATTEMPTS = 3
+SAVE_BACKOFF_SECONDS = 0.5
 
 AuditFn = Callable[..., Any]
 
@@ -54,7 +56,7 @@ def _audit_fn() -> AuditFn:
 
 
 def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
-    from auditor.analysis.fingerprint import Fingerprint
+    from auditor.analysis.fingerprint import Fingerprint, is_finite
     from auditor.detectors.context import HomologueRef
 
     refs: dict[str, Any] = {}
@@ -64,6 +66,9 @@ def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
         except AuditorError as exc:
             # A bad stored fingerprint only removes that repo from the comparison set.
             log.warning("bad stored fingerprint", repo=h.repo_id, error=str(exc))
+            continue
+        if not is_finite(fp):
+            log.warning("stored fingerprint holds non-finite values: left out", repo=h.repo_id)
             continue
         refs[h.repo_id] = HomologueRef(repo_id=h.repo_id, revision=h.revision,
                                        fingerprint=fp, backdoor=h.backdoor,
@@ -187,8 +192,11 @@ def _run_claimed(
                                            analysis_version=target.analysis_version)
             homologues = _homologue_refs(stored) if stored else {}
         log.info("audit started", base=target.base_repo_id, homologues=len(homologues))
+        # local=False: a crawled repo id is a Hub id, even when a folder of that name
+        # exists in the daemon's working directory.
         outcome = audit_fn(target.repo_id, revision=target.sha, base=target.base_repo_id,
-                           homologues=homologues, settings=settings, client=client)
+                           homologues=homologues, settings=settings, client=client,
+                           local=False)
     except GatedRepo as exc:
         with factory() as session:
             catalog.upsert_repo(session, repo_id=target.repo_id, gated=True, skip_reason=str(exc))
@@ -207,25 +215,40 @@ def _run_claimed(
         return
     except Exception as exc:
         # A bug must not kill the worker nor leave the audit running until its lease ends.
-        log.exception("audit crashed")
+        log.error("audit crashed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        log.debug("audit crash traceback", exc_info=True)
         _fail(factory, target, worker_id, error=f"internal error: {type(exc).__name__}: {exc}",
               retryable=False, retry=retry, retry_after=None, log=log)
         return
-    try:
-        with factory() as session:
-            fingerprint = getattr(outcome, "fingerprint", None)
-            save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
-                        report=outcome.report, fingerprint=fingerprint,
-                        analysis_version=target.analysis_version, worker_id=worker_id)
-            requeued = (
-                requeue_dependents(session, revision_id=target.revision_id,
-                                   analysis_version=target.analysis_version)
-                if fingerprint is not None else []
-            )
-    except StoreError as exc:
-        # Lost the lease (someone else re-ran it): their result stands.
-        log.warning("audit result dropped", error=str(exc))
-        return
+    fingerprint = getattr(outcome, "fingerprint", None)
+    requeued: list[Any] = []
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            with factory() as session:
+                save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
+                            report=outcome.report, fingerprint=fingerprint,
+                            analysis_version=target.analysis_version, worker_id=worker_id)
+                requeued = (
+                    requeue_dependents(session, revision_id=target.revision_id,
+                                       analysis_version=target.analysis_version)
+                    if fingerprint is not None else []
+                )
+            break
+        except StoreError as exc:
+            # Lost the lease (someone else re-ran it): their result stands.
+            log.warning("audit result dropped", error=str(exc))
+            return
+        except Exception as exc:
+            # The database refused the result (a value it cannot hold, a lock, a lost
+            # connection): retry a few times, then fail this audit with the reason, so it
+            # never stays "running" and a crawl --once still ends.
+            reason = f"could not save the result: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("save failed", attempt=attempt, error=reason)
+            if attempt == SAVE_ATTEMPTS:
+                _fail(factory, target, worker_id, error=reason, retryable=False,
+                      retry=retry, retry_after=None, log=log)
+                return
+            time.sleep(SAVE_BACKOFF_SECONDS * attempt)
     metrics.AUDITS.labels(outcome="done").inc()
     log.info("audit done", findings=len(outcome.report.findings), requeued=requeued)
 
@@ -333,6 +356,10 @@ class WorkerPool:
             wait = self.poll_seconds
             if until_empty:
                 with self.session_factory() as session:
+                    # Leases that expired while draining (a worker that died or could not
+                    # record its failure) go back to the queue here: drain always ends.
+                    queue.requeue_expired(session)
+                with self.session_factory() as session:
                     if pending_count(session) == 0:
                         return
                     due = next_due_at(session)
@@ -342,6 +369,9 @@ class WorkerPool:
 
     def drain(self) -> None:
         """Run until no audit is queued or running (retries included), then return."""
+        from auditor.preload import preload
+
+        preload()  # heavy, lazily-bound imports before the threads race for them
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="audit") as pool:
             futures = [pool.submit(self._loop, until_empty=True) for _ in range(self.workers)]
             for f in futures:
@@ -349,6 +379,9 @@ class WorkerPool:
 
     def start(self) -> None:
         """Run in the background until ``stop``."""
+        from auditor.preload import preload
+
+        preload()
         self._executor = ThreadPoolExecutor(max_workers=self.workers,
                                             thread_name_prefix="audit")
         self._futures = [self._executor.submit(self._loop, until_empty=False)

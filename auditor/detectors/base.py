@@ -84,7 +84,10 @@ def run_stages(ctx: AuditContext, stages: Sequence[Detector]) -> None:
         except AuditorError as exc:
             ctx.errors.append(f"{det.name}: {exc}")
         except Exception as exc:  # a detector bug must not lose the other results
-            log.error("detector %s crashed: %s", det.name, traceback.format_exc())
+            # One line; the traceback only at debug level (``auditor --debug``).
+            log.error("detector %s crashed: %s: %s", det.name, type(exc).__name__,
+                      (str(exc).splitlines() or [""])[0][:300])
+            log.debug("detector %s traceback:\n%s", det.name, traceback.format_exc())
             ctx.errors.append(f"{det.name}: internal error: {type(exc).__name__}: {exc}")
         finally:
             ctx.timings[det.name] = time.perf_counter() - t0

@@ -17,6 +17,7 @@ from auditor.detectors.lineage import Lineage
 from auditor.detectors.weights import (
     BaseWeights,
     CandidateWeights,
+    NonFiniteTensors,
     SubjectWeights,
     open_weights,
 )
@@ -44,6 +45,13 @@ def build_behaviour(ctx: AuditContext) -> None:
     """Spec, tokenizer, working model and probes for the behavioural detectors."""
     subject_src = ctx.get(SubjectWeights).weights.raw_source
     base_src = ctx.get(BaseWeights).source
+    nonfinite = ctx.find(NonFiniteTensors)
+    if nonfinite is not None:
+        # Running a model with NaN / inf weights measures nothing: the behavioural checks
+        # say they could not run (the audit is incomplete; AUD501 says why).
+        ctx.errors.append("behaviour: not run: the subject holds non-finite weights "
+                          "(barrier, equivalence, protection and backdoor checks skipped)")
+        return
     reason = None
     if subject_src is None:
         reason = "behavioural checks need full weights (adapters are compared by weights only)"

@@ -8,7 +8,6 @@ what a detector needs is in its signature, not in string keys.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from auditor.bounded import load_json_file
+from auditor.errors import AuditorError
 from auditor.hub.client import HubClient, ResolvedRepo
 from auditor.schema import BackdoorInfo, FileIssue
 from auditor.settings import Settings
@@ -63,6 +64,7 @@ class OpenModel:
     inventory: FileInventory
     files: dict[str, Path]
     config: dict[str, Any] | None
+    issues: list[FileIssue] = field(default_factory=list)  # side files refused (bounded)
 
     @property
     def folder(self) -> Path:
@@ -147,11 +149,28 @@ def fetch_model(client: HubClient, resolved: ResolvedRepo, *, weights: bool = Tr
             wanted += [inv.adapter_config or "", inv.adapter_weights or ""]
     wanted += [f for f in _WEIGHT_SIDE_FILES if f in resolved.files]
     files = {name: client.fetch(resolved, name) for name in dict.fromkeys(wanted) if name}
+    issues: list[FileIssue] = []
+    # Index and adapter config are checked by their own strict readers (weights errors).
+    side = {n: p for n, p in files.items() if n in _WEIGHT_SIDE_FILES}
+    _checked_side_files(side, issues)
+    files = {n: p for n, p in files.items() if n not in _WEIGHT_SIDE_FILES or n in side}
     config = None
     if "config.json" in files:
         try:
-            loaded = json.loads(files["config.json"].read_text(encoding="utf-8"))
+            loaded = load_json_file(files["config.json"], name="config.json")
             config = loaded if isinstance(loaded, dict) else None
-        except (OSError, ValueError, UnicodeDecodeError):
+        except AuditorError:
             config = None
-    return OpenModel(resolved=resolved, inventory=inv, files=files, config=config)
+    return OpenModel(resolved=resolved, inventory=inv, files=files, config=config,
+                     issues=issues)
+
+
+def _checked_side_files(files: dict[str, Path], issues: list[FileIssue]) -> None:
+    """Parse each JSON side file within the bounded parser's limits; a file that breaks one
+    is dropped (no later reader, transformers included, ever sees it) with a file issue."""
+    for name in [n for n in files if n.endswith(".json")]:
+        try:
+            load_json_file(files[name], name=name)
+        except AuditorError as exc:
+            issues.append(FileIssue(path=name, kind="malformed", message=str(exc)))
+            del files[name]

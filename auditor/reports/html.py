@@ -19,7 +19,7 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.reports import charts, evidence
-from auditor.reports.summary import sorted_findings, verdict
+from auditor.reports.summary import public_text, sorted_findings, verdict
 from auditor.resources import resource_path
 from auditor.schema import AuditReport, Finding, LineageEntry, RuleMeta
 
@@ -85,6 +85,7 @@ def environment() -> Environment:
     )
     env.globals["CSP"] = CSP
     env.filters["num"] = _num
+    env.filters["public"] = public_text
     env.filters["pct"] = _pct
     env.filters["evidence"] = _evidence_value
     env.filters["evidence_rows"] = evidence.evidence_rows

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import random
 import re
@@ -19,7 +18,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import uvicorn
 from starlette.applications import Starlette
@@ -29,6 +28,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from auditor.bounded import loads_json
+from auditor.errors import AuditorError
 from auditor.hub.card import CardInfo, derive_tags, infer_relation, parse_card
 from auditor.hub.repo_folders import (
     FileEntry,
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_MAX_RANGE_DIGITS = 19
+MAX_FORM_BYTES = 1_000_000
 _STATUS_FOR_CODE = {"RepoNotFound": 404, "RevisionNotFound": 404, "EntryNotFound": 404,
                     "GatedRepo": 401}
 
@@ -201,11 +204,12 @@ class HubApp:
             entry = snap.files.get("config.json")
             if entry is not None:
                 try:
-                    cfg = json.loads(self.store.read_range(snap, entry, 0,
-                                                           min(entry.size, 1 << 20)))
+                    cfg = loads_json(self.store.read_range(snap, entry, 0,
+                                                           min(entry.size, 1 << 20)),
+                                     name="config.json")
                     mt = cfg.get("model_type") if isinstance(cfg, dict) else None
                     value = mt if isinstance(mt, str) and mt.isidentifier() else None
-                except ValueError:
+                except (AuditorError, ValueError):
                     value = None
             self._model_types[key] = value
         return self._model_types[key]
@@ -276,9 +280,10 @@ class HubApp:
         if config and "config.json" in names:
             entry = snap.files["config.json"]
             try:
-                cfg = json.loads(self.store.read_range(snap, entry, 0, min(entry.size, 1 << 20)))
+                cfg = loads_json(self.store.read_range(snap, entry, 0, min(entry.size, 1 << 20)),
+                                 name="config.json")
                 info["config"] = cfg if isinstance(cfg, dict) else {}
-            except ValueError:
+            except (AuditorError, ValueError):
                 info["config"] = {}
         return info
 
@@ -313,6 +318,12 @@ class HubApp:
             return handler(fault == "cut")
         except RepoLookupError as exc:
             return _error(_STATUS_FOR_CODE.get(exc.code, 404), exc.code, str(exc))
+        except (ValueError, RecursionError, OSError) as exc:
+            # A repo whose files break the server answers an error of its own (422: not
+            # retried as a transient 5xx would be); other repos are unaffected.
+            log.warning("%s: cannot serve: %s: %s", endpoint, type(exc).__name__,
+                        str(exc)[:200])
+            return _error(422, None, "repository content cannot be served")
 
     # ----- endpoints -------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
@@ -347,8 +358,14 @@ class HubApp:
                 continue
             if snap.meta.get("private") and not authorized:
                 continue
-            info = self._info(snap, full=full or bool(expand), card_data=card_data,
-                              config=config)
+            try:
+                info = self._info(snap, full=full or bool(expand), card_data=card_data,
+                                  config=config)
+            except Exception as exc:
+                # One hostile repo must not take the listing (and every crawl) down with it.
+                log.warning("listing skips %s: %s: %s", repo_id, type(exc).__name__,
+                            str(exc)[:200])
+                continue
             if any(f not in info["tags"] and f != repo_id for f in filters):
                 continue
             rows.append(info)
@@ -422,8 +439,14 @@ class HubApp:
         return await asyncio.to_thread(self._guard, "api", handler)
 
     async def paths_info(self, request: Request) -> Response:
-        form = await request.form()
-        paths = [str(p) for p in form.getlist("paths")]
+        # huggingface_hub posts an urlencoded form; parsed here (bounded) rather than with
+        # Starlette's form parser, which needs python-multipart.
+        body = await request.body()
+        if len(body) > MAX_FORM_BYTES:
+            return _error(413, None, "request body too large")
+        fields = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True,
+                           max_num_fields=10_000) if body else []
+        paths = [v for k, v in fields if k == "paths"]
 
         def handler(_cut: bool) -> Response:
             snap = self._snapshot(request, request.path_params["rev"])
@@ -488,12 +511,16 @@ def _parse_range(match: re.Match[str], size: int) -> tuple[int, int] | None:
     if not first and not last:
         return None
     if not first:  # suffix range: the last N bytes
-        n = int(last)
+        n = int(last) if len(last) <= _MAX_RANGE_DIGITS else size
         if n == 0 or size == 0:
             return None
         return max(0, size - n), size - 1
+    # More digits than any file size: the start is past the end (416), an end is "to EOF".
+    # Checked before int(): a 5,000-digit number would raise (int max str digits).
+    if len(first) > _MAX_RANGE_DIGITS:
+        return None
     start = int(first)
-    end = int(last) if last else size - 1
+    end = int(last) if last and len(last) <= _MAX_RANGE_DIGITS else size - 1
     if start >= size or end < start:
         return None
     return start, min(end, size - 1)
