@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import re
 import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -36,13 +35,12 @@ from auditor.hub.repo_folders import (
     safe_relpath,
 )
 from auditor_testkit.hub.faults import CutResponse, FaultConfig, FaultInjector, error_response
+from auditor_testkit.hub.ranges import RANGE_RE, parse_range
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_MAX_RANGE_DIGITS = 19
 MAX_FORM_BYTES = 1_000_000
 _STATUS_FOR_CODE = {"RepoNotFound": 404, "RevisionNotFound": 404, "EntryNotFound": 404,
                     "GatedRepo": 401}
@@ -399,8 +397,8 @@ class HubApp:
         if self.ignore_range:
             del headers["Accept-Ranges"]
         if range_header and not head:
-            match = _RANGE_RE.match(range_header.strip().replace(" ", ""))
-            parsed = _parse_range(match, size) if match else None
+            match = RANGE_RE.match(range_header.strip().replace(" ", ""))
+            parsed = parse_range(match, size) if match else None
             if parsed is None:
                 return error_response(416, None, "range not satisfiable",
                               {"Content-Range": f"bytes */{size}"})
@@ -416,26 +414,6 @@ class HubApp:
             return CutResponse(chunks, length, max(1, length // 2), headers, status)
         headers["Content-Length"] = str(length)
         return StreamingResponse(chunks, status_code=status, headers=headers)
-
-
-def _parse_range(match: re.Match[str], size: int) -> tuple[int, int] | None:
-    first, last = match.group(1), match.group(2)
-    if not first and not last:
-        return None
-    if not first:  # suffix range: the last N bytes
-        n = int(last) if len(last) <= _MAX_RANGE_DIGITS else size
-        if n == 0 or size == 0:
-            return None
-        return max(0, size - n), size - 1
-    # More digits than any file size: the start is past the end (416), an end is "to EOF".
-    # Checked before int(): a 5,000-digit number would raise (int max str digits).
-    if len(first) > _MAX_RANGE_DIGITS:
-        return None
-    start = int(first)
-    end = int(last) if last and len(last) <= _MAX_RANGE_DIGITS else size - 1
-    if start >= size or end < start:
-        return None
-    return start, min(end, size - 1)
 
 
 def create_app(root: Path, *, tokens: Collection[str] = (), faults: FaultConfig | None = None,
