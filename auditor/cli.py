@@ -29,10 +29,11 @@ app = typer.Typer(
 _COMMAND_MODULES = (
     "auditor.rules.commands",
     "auditor.store.commands",
-    "auditor.audit_commands",
+    "auditor.commands.audit",
     "auditor.daemon.commands",
+    "auditor.daemon.celery_commands",
     "auditor.reports.commands",
-    "auditor.analysis.commands",
+    "auditor.commands.sanitize",
 )
 # Entry points whose object is a ``register(app)`` function (see pyproject.toml).
 COMMAND_GROUP = "auditor.commands"
@@ -52,9 +53,24 @@ def _register_all() -> None:
         ep.load()(app)
 
 
+_DEBUG = {"on": False}
+
+
+def debug_enabled() -> bool:
+    """``auditor --debug ...``: tracebacks on stderr (crashes, detector failures)."""
+    return _DEBUG["on"]
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(
+        False, "--debug", help="show tracebacks of internal errors (default: one line)"
+    ),
+) -> None:
     """Audit Hugging Face Hub models for merge theft and backdoored merges."""
+    _DEBUG["on"] = debug
+    if debug:
+        logging.getLogger("auditor").setLevel(logging.DEBUG)
 
 
 @app.command()
@@ -74,6 +90,16 @@ def main() -> None:
         app()
     except AuditorError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(ExitCode.ERROR)
+    except Exception as exc:
+        # A bug is an error (2), never "findings" (1): one line, the traceback on --debug.
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exc()
+        first = (str(exc).splitlines() or [""])[0][:300]
+        typer.secho(f"error: internal error: {type(exc).__name__}: {first} "
+                    "(run with --debug for the traceback)", err=True, fg=typer.colors.RED)
         sys.exit(ExitCode.ERROR)
 
 

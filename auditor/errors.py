@@ -42,6 +42,15 @@ class TransientHubError(HubError):
     """5xx, cut connection, timeout: worth retrying with backoff."""
 
 
+# --- any file the auditor reads -----------------------------------------------
+class MalformedFile(AuditorError):
+    """A side file (card, config, tokenizer, index...) is not valid JSON/YAML."""
+
+
+class InputLimitExceeded(MalformedFile):
+    """A file breaks a size, depth, count or integer-size limit (``auditor.bounded``)."""
+
+
 # --- weights ---------------------------------------------------------------
 class WeightsError(AuditorError):
     """A weights file could not be read safely."""
@@ -53,6 +62,14 @@ class NoWeights(WeightsError):
 
 class MalformedSafetensors(WeightsError):
     """Truncated file, bad header, offsets out of range or overlapping, unknown dtype."""
+
+
+class NonFiniteWeights(WeightsError):
+    """Every tensor of a model holds NaN or infinity: nothing finite is left to compare."""
+
+    def __init__(self, message: str, *, tensors: list[str]) -> None:
+        super().__init__(message)
+        self.tensors = tensors
 
 
 class ShapeMismatch(WeightsError):

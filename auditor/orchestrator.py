@@ -27,10 +27,17 @@ from auditor.detectors.context import (
     fetch_model,
 )
 from auditor.detectors.weights import SubjectWeights
-from auditor.errors import AuditorError, MissingBase, WeightsError
+from auditor.errors import (
+    AuditorError,
+    GatedRepo,
+    MissingBase,
+    RateLimited,
+    TransientHubError,
+    WeightsError,
+)
 from auditor.exitcodes import ExitCode
 from auditor.hub.client import HubClient, ResolvedRepo
-from auditor.schema import AuditReport, Measurements, SubjectRef
+from auditor.schema import AuditReport, FileIssue, Measurements, SubjectRef
 from auditor.settings import Settings, get_settings
 from auditor.weights.inventory import classify_files
 
@@ -45,6 +52,9 @@ class AuditOutcome:
     exit_code: ExitCode
 
 
+MAX_PARENTS_RESOLVED = 8
+
+
 def _choose_base(
     client: HubClient, subject: ResolvedRepo, base: str | None
 ) -> tuple[str | None, list[str]]:
@@ -52,7 +62,8 @@ def _choose_base(
 
     A merge card lists its parents in ``base_model``; their own common base is the base.
     """
-    declared = list(subject.card.base_models)
+    # A card naming the repo itself is never audited against itself (see declared_cycle).
+    declared = [d for d in subject.card.base_models if d != subject.repo_id]
     if base:
         return base, [d for d in declared if d != base]
     if not declared:
@@ -60,14 +71,16 @@ def _choose_base(
     if len(declared) == 1 and subject.card.relation != "merge":
         return declared[0], []
     counts: dict[str, int] = {}
-    for parent in declared:
+    # Each parent costs a Hub call: a card listing 64 "parents" must not cost 64 of them.
+    for parent in declared[:MAX_PARENTS_RESOLVED]:
         try:
-            parent_card = client.resolve(parent).card
+            parent_card = client.resolve_related(parent, near=subject).card
         except AuditorError as exc:
             log.warning("declared parent %s not resolvable: %s", parent, exc)
             continue
         for b in parent_card.base_models[:1] or [parent]:
-            counts[b] = counts.get(b, 0) + 1
+            if b != subject.repo_id:  # a parent declaring the subject: a cycle, not a base
+                counts[b] = counts.get(b, 0) + 1
     if not counts:
         return declared[0], declared[1:]
     chosen = max(counts, key=lambda k: counts[k])
@@ -118,6 +131,7 @@ def audit_revision(
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
     previous: Mapping[str, Any] | None = None,
+    local: bool | None = None,
     authorizations: Sequence[Any] = (),
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
@@ -132,6 +146,8 @@ def audit_revision(
     grants, ``auditor.rules.authz.AuthorizationLike``) mark the findings they cover as
     authorized; saving to the store re-applies the store's own. Raises ``AuditorError``
     subclasses for what makes an audit impossible (missing repo, gated, no base).
+    ``local``: None reads a path-like spec (``./x``, absolute) as a folder; the daemon passes
+    False so a crawled repo id is never resolved on local disk.
     """
     from auditor.rules.engine import evaluate
     from auditor.rules.loader import load_rules
@@ -142,10 +158,11 @@ def audit_revision(
     started = time.perf_counter()
 
     say(f"resolving {subject}")
-    resolved = client.resolve(subject, revision=revision)
+    resolved = client.resolve(subject, revision=revision, local=local)
     inventory = classify_files(resolved.files)
     subject_model = OpenModel(resolved=resolved, inventory=inventory, files={}, config=None)
     base_spec, declared_parents = _choose_base(client, resolved, base)
+    cycle = declared_cycle(resolved)
 
     ctx = AuditContext(
         settings=settings,
@@ -157,31 +174,44 @@ def audit_revision(
         declared_parents=declared_parents,
         progress=say,
     )
+    ctx.file_issues += [FileIssue(path=p, kind="malformed", message=m)
+                        for p, m in resolved.file_issues]
     if inventory.has_weights:
+        from auditor.preload import preload
+
+        preload()  # before any lazy transformers name is touched, whatever thread we are
         say(f"downloading {resolved.repo_id}@{resolved.revision[:10]}")
         ctx.subject = fetch_model(client, resolved)
+        ctx.file_issues += ctx.subject.issues
         if base_spec is None:
-            raise MissingBase(
-                f"{resolved.repo_id}: no --base given and the model card declares no base_model"
-            )
-        say(f"downloading base {base_spec}")
-        try:
-            ctx.base = fetch_model(client, client.resolve(base_spec))
-        except AuditorError as exc:
-            # Name the base, where it came from and the way out, not just the HTTP error.
-            source = "--base" if base else "the model card's base_model"
-            raise type(exc)(
-                f"base model {base_spec} (from {source}) could not be fetched from "
-                f"{client.endpoint}: {exc}; pass --base ORG/NAME (or a local folder)"
-            ) from exc
-        cache = _open_cache(settings)
+            why = (" (it names only itself)" if cycle else "")
+            _no_base(ctx, inventory.pickles, MissingBase(
+                f"{resolved.repo_id}: no --base given and the model card declares no "
+                f"base_model{why}"
+            ))
+        else:
+            say(f"downloading base {base_spec}")
+            try:
+                ctx.base = fetch_model(client, client.resolve_related(base_spec, near=resolved))
+            except (GatedRepo, RateLimited, TransientHubError):
+                raise  # the daemon skips or retries the whole audit
+            except AuditorError as exc:
+                # Name the base, where it came from and the way out, not just the HTTP error.
+                source = "--base" if base else "the model card's base_model"
+                _no_base(ctx, inventory.pickles, type(exc)(
+                    f"base model {base_spec} (from {source}) could not be fetched from "
+                    f"{client.endpoint}: {exc}; pass --base ORG/NAME (or a local folder)"
+                ))
+        if ctx.base is not None and resolved.repo_id in ctx.base.resolved.card.base_models:
+            cycle = cycle or [resolved.repo_id, ctx.base.resolved.repo_id, resolved.repo_id]
+        cache = _open_cache(settings) if ctx.base is not None else None
         ctx.fp_cache = cache
-        base_key = ctx.base.resolved.revision
-        for spec in against:
-            if spec in (subject, base_spec):
+        base_key = ctx.base.resolved.revision if ctx.base is not None else ""
+        for spec in against if ctx.base is not None else ():
+            if spec in (subject, base_spec) or ctx.base is None:
                 continue
             try:
-                cand = client.resolve(spec)
+                cand = client.resolve_related(spec, near=resolved)
                 if cand.repo_id in (resolved.repo_id, ctx.base.resolved.repo_id):
                     continue
                 # a candidate whose fingerprint is cached is not downloaded again (local
@@ -191,9 +221,11 @@ def audit_revision(
                 ctx.candidates[cand.repo_id] = fetch_model(
                     client, cand, weights=not cached or cand.local_dir is not None)
             except (WeightsError, AuditorError) as exc:
-                ctx.errors.append(f"candidate {spec}: {exc}")
-        if not homologues and cache is not None and settings.compare_stored:
-            _add_stored_homologues(ctx, cache, base_key, settings.max_stored_homologues)
+                ctx.add_error(f"candidate {spec}: {exc}", kind=type(exc).__name__)
+        if (not homologues and ctx.base is not None and ctx.fp_cache is not None
+                and settings.compare_stored):
+            _add_stored_homologues(ctx, ctx.fp_cache, ctx.base.resolved.revision,
+                                   settings.max_stored_homologues)
 
     if previous is not None and detectors is None:
         detectors = INCREMENTAL_STAGES
@@ -226,6 +258,7 @@ def audit_revision(
         has_safetensors=bool(inventory.safetensors) or inventory.has_adapter,
         weights_analyzed=subject_weights is not None,
         declared_mergekit_config=resolved.mergekit_config,
+        declared_cycle=cycle,
         **measured,
     )
     if measurements.weights_analyzed:
@@ -236,7 +269,11 @@ def audit_revision(
             resolved.mergekit_config, lineage=measurements.lineage, merge=measurements.merge,
             base_repo=sub_ref.base_repo_id)})
     rules = load_rules(settings.rules_dir)
-    findings = evaluate(rules, measurements, authorizations=authorizations)
+    rule_errors: list[str] = []
+    findings = evaluate(rules, measurements, authorizations=authorizations,
+                        errors=rule_errors)
+    for message in rule_errors:  # a rule that failed to evaluate: the audit is incomplete
+        ctx.add_error(message, kind="RuleError", detector="rules")
     ctx.timings["total"] = time.perf_counter() - started
     report = AuditReport(
         tool_version=__version__,
@@ -252,6 +289,7 @@ def audit_revision(
         pickles=measurements.pickles,
         file_issues=ctx.file_issues,
         errors=ctx.errors,
+        skipped=ctx.skipped,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
         coverage=_coverage(ctx, measurements.lineage, analysed=subject_weights is not None)
         | ({"incremental": 1} if previous is not None else {}),
@@ -299,6 +337,22 @@ def _coverage(ctx: AuditContext, lineage: Sequence[Any], *, analysed: bool) -> d
     return {"candidates_compared": len({e.repo_id for e in lineage}),
             "stored_homologues": len(ctx.homologues),
             "fingerprints_cached": ctx.cache_hits}
+
+
+def _no_base(ctx: AuditContext, pickles: Sequence[str], error: AuditorError) -> None:
+    """No usable base: with pickle files to scan, the audit goes on without the weights
+    analysis (their findings are kept; the error makes it incomplete); with nothing else
+    to check, the error is the answer."""
+    if not pickles:
+        raise error
+    ctx.add_error(str(error), kind=type(error).__name__)
+
+
+def declared_cycle(resolved: ResolvedRepo) -> list[str]:
+    """The subject's card naming the subject itself as a base: ``[repo, repo]``, else []."""
+    if resolved.repo_id in resolved.card.base_models:
+        return [resolved.repo_id, resolved.repo_id]
+    return []
 
 
 def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:

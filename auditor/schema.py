@@ -6,16 +6,49 @@ A field whose analysis did not run is ``None``, never a made-up value.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
-SCHEMA_VERSION = 1
+# 2: ``errors`` holds CheckError objects (was strings) and skipped checks moved from
+# ``file_issues`` (kind "skipped") to ``skipped``. Version 1 reports still load (migrated).
+SCHEMA_VERSION = 2
 
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _finite(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        # Serialised in python mode, tuples stay tuples: keep them (schema types use them).
+        return {k: finite_json(v) for k, v in out.items()} if isinstance(out, dict) else out
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN / infinity replaced by None (JSON has no such numbers).
+
+    Applied whenever a schema object is serialised, so no report, SARIF log, database row or
+    site page can carry one, whatever a detector measured on hostile weights.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(finite_json(v) for v in value)
+    return value
 
 
 class Severity(StrEnum):
@@ -166,6 +199,21 @@ class FileIssue(Frozen):
     message: str
 
 
+class CheckError(Frozen):
+    """A check that failed: the audit is incomplete (exit code 2 unless a finding)."""
+
+    detector: str  # the detector stage, or "audit" for the audit's own steps
+    kind: str  # the error's type (e.g. "WeightsError", "RepoNotFound"), "internal" for a bug
+    message: str
+
+
+class SkippedCheck(Frozen):
+    """A check that did not apply to this model (an adapter, an encoder, no weights)."""
+
+    detector: str
+    reason: str
+
+
 class Finding(Frozen):
     rule_id: str
     severity: Severity
@@ -207,6 +255,10 @@ class Measurements(Frozen):
     weights_analyzed: bool = True
     function_equivalent_to: list[str] = Field(default_factory=list)
     declared_mergekit_config: dict[str, Any] | None = None
+    # Tensors holding NaN / infinity (subject's; excluded from fingerprints and fits).
+    nonfinite_tensors: list[str] = Field(default_factory=list)
+    # The card names the repo itself, or a base whose card names the subject: [A, ..., A].
+    declared_cycle: list[str] = Field(default_factory=list)
     mergekit: MergekitCheck | None = None
     provenance: ProvenanceInfo = ProvenanceInfo()
 
@@ -224,7 +276,8 @@ class AuditReport(Frozen):
     barriers: list[BarrierCurve] = Field(default_factory=list)
     pickles: list[PickleScan] = Field(default_factory=list)
     file_issues: list[FileIssue] = Field(default_factory=list)
-    errors: list[str] = Field(default_factory=list)
+    errors: list[CheckError] = Field(default_factory=list)
+    skipped: list[SkippedCheck] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     # What the audit compared against: candidates_compared (candidates + stored
     # homologues with a fingerprint), stored_homologues, fingerprints_cached (reused).
@@ -234,6 +287,30 @@ class AuditReport(Frozen):
     function_equivalent_to: list[str] = Field(default_factory=list)
     mergekit: MergekitCheck | None = None
     provenance: ProvenanceInfo = ProvenanceInfo()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        """Read a version-1 report (errors as "detector: message" strings, skips as file
+        issues of kind "skipped") as a version-2 one."""
+        if not isinstance(data, dict) or int(data.get("schema_version", SCHEMA_VERSION)) >= 2:
+            return data
+        data = dict(data)
+        errors = []
+        for item in data.get("errors") or []:
+            if isinstance(item, str):
+                detector, sep, message = item.partition(": ")
+                item = {"detector": detector if sep else "audit", "kind": "unknown",
+                        "message": message if sep else item}
+            errors.append(item)
+        issues = list(data.get("file_issues") or [])
+        skipped = [i for i in issues if isinstance(i, dict) and i.get("kind") == "skipped"]
+        data["errors"] = errors
+        data["file_issues"] = [i for i in issues if i not in skipped]
+        data["skipped"] = [{"detector": "behaviour", "reason": i.get("message", "")}
+                           for i in skipped] + list(data.get("skipped") or [])
+        data["schema_version"] = SCHEMA_VERSION
+        return data
 
     @property
     def active_findings(self) -> list[Finding]:

@@ -101,6 +101,30 @@ class Settings(BaseSettings):
     max_stored_homologues: int = 500
     # Directory of rules/*.yaml; default: the rules shipped with the package.
     rules_dir: Path | None = None
+    # Limits on every file an uploader writes (auditor.bounded): breaking one is a file
+    # issue of that file, never a crash. Real tokenizer.json files reach ~35 MB, tokenizer
+    # configs hold 31-digit ints (model_max_length=1e30), headers of sharded giants hold
+    # tens of thousands of tensors: the defaults leave a wide margin above all of those.
+    max_json_bytes: int = 64 * 1024**2
+    max_yaml_bytes: int = 1_000_000
+    max_nesting_depth: int = 64
+    max_int_digits: int = 64
+    max_tensors: int = 200_000
+    # Celery backend (``auditor daemon --backend celery`` + ``auditor worker``).
+    broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672//")
+    # Queue names are ``<prefix>.cpu`` and ``<prefix>.gpu`` (tests use a random prefix).
+    queue_prefix: str = "auditor"
+    # Route audits with behavioural checks to the gpu queue (only when GPU workers run).
+    gpu_queue: bool = False
+    # torch device of behavioural checks; ``auditor worker --queues gpu`` sets "cuda".
+    device: str = "cpu"
+    # Seconds between a worker's heartbeats in the store (``auditor status``).
+    worker_heartbeat_seconds: float = 10.0
+    # Celery workers' audit lease, retries and SIGTERM grace (``auditor worker`` options).
+    lease_seconds: float = 300.0
+    max_attempts: int = 5
+    retry_backoff_seconds: float = 30.0
+    worker_grace_seconds: float = 60.0
 
     @model_validator(mode="before")
     @classmethod

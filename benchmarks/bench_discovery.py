@@ -130,15 +130,18 @@ def part1(tmp: Path, *, ignore_range: bool) -> bool:
     engine.dispose()
     queued = set(result.new_repos)
     print(f"{'candidate':24s} {'truth':10s} {'stage':9s} {'verdict':8s} {'bytes':>10s} "
-          f"{'of':>11s} {'share':>7s}")
+          f"{'on wire':>10s} {'of':>11s} {'share':>7s}")
     for e in result.examinations:
         derivative = truth.get(e.repo_id, False)
         limit = 0.05 if e.related else 0.01
-        within = e.fraction <= limit
+        wire = max(e.bytes_transferred, e.bytes_read)
+        share = wire / e.total_bytes if e.total_bytes else 0.0
+        within = share <= limit
         ok &= within and bool(e.related) == derivative
         print(f"{e.repo_id:24s} {'derivative' if derivative else 'unrelated':10s} "
-              f"{e.stage:9s} {e.related!s:8s} {e.bytes_read:10d} {e.total_bytes:11d} "
-              f"{e.fraction:7.2%} {'ok' if within else 'OVER ' + format(limit, '.0%')}")
+              f"{e.stage:9s} {e.related!s:8s} {e.bytes_read:10d} {wire:10d} "
+              f"{e.total_bytes:11d} {share:7.2%} "
+              f"{'ok' if within else 'OVER ' + format(limit, '.0%')}")
     missed = {r for r, d in truth.items() if d} - queued
     wrong = {r for r, d in truth.items() if not d} & queued
     ok &= not missed and not wrong

@@ -36,7 +36,7 @@ from auditor.analysis.fingerprint import (
     fingerprint_weights,
 )
 from auditor.analysis.lineage import analyze_lineage
-from auditor.weights.memory import DictDeltaSource, DictTensorSource
+from auditor.weights.dict_sources import DictDeltaSource, DictTensorSource
 
 PARENT = ("merge_parent", "finetune_parent")
 

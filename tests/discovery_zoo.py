@@ -126,6 +126,11 @@ def build(root: Path, *, seed: int = 0, scale: float = 0.01) -> DiscoveryZoo:
         {"base_model": WATCHED, "base_model_relation": "finetune"})
     zoo.derivatives["liar/merge-says-ft"] = "declared base, says finetune for a merge"
     zoo.lying["liar/merge-says-ft"] = "finetune_for_merge"
+    put("liar/wrong-parents", mix([(0.5, ft["ft0"]), (0.5, ft["ft2"])]),
+        {"base_model": ["alice/ft-declared", "bob/ft-declared"],
+         "base_model_relation": "merge", "tags": ["merge"]})
+    zoo.derivatives["liar/wrong-parents"] = "declared merge, names a parent it does not use"
+    zoo.lying["liar/wrong-parents"] = "wrong_parents"
     # Disguised layouts: renamed prefix, resized vocabulary, half precision.
     renamed = {("transformer." + k[len("model."):]) if k.startswith("model.") else k: v
                for k, v in finetune(base, seed + 7, scale).items()}

@@ -9,7 +9,7 @@ import torch
 
 from auditor.analysis.align import _match_neurons, _solve_map, align_to_base
 from auditor.analysis.disguise_screen import ScreenTap, screen_sources
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 HIDDEN, HEADS, KV, HD, INTER, LAYERS = 48, 6, 2, 8, 96, 2
 CONFIG = {"num_attention_heads": HEADS, "num_key_value_heads": KV,

@@ -156,7 +156,8 @@ def test_daemon_killed_mid_audit_resumes_without_loss_or_repeat(
             # The running audit is inside the orchestrator, not just claimed.
             return d.done >= 1 and d.running == 1 and started == d.done + 1
 
-        ok = wait_until(mid_audit, timeout=60, interval=0.05)
+        # Generous: the daemon imports torch and transformers before its workers start.
+        ok = wait_until(mid_audit, timeout=180, interval=0.05)
         assert ok, (tmp_path / "daemon.log").read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -167,7 +168,7 @@ def test_daemon_killed_mid_audit_resumes_without_loss_or_repeat(
         assert len(killed) == 1 and finished
 
         proc = start()
-        assert wait_until(lambda: depth().done == len(DERIVATIVES), timeout=60), \
+        assert wait_until(lambda: depth().done == len(DERIVATIVES), timeout=180), \
             (tmp_path / "daemon.log").read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0

@@ -83,10 +83,12 @@ def test_lying_cards_are_findings(hub_root: Path, hub_server: Any, hf_cache: Pat
     url = hub_server(hub_root).url
     client = client_for(url, hf_cache)
     settings = Settings(hub_endpoint=url, cache_dir=hf_cache, data_dir=tmp_path)
-    expected = {"no_card": "AUD601", "other_base": "AUD602", "finetune_for_merge": "AUD603"}
+    expected = {"no_card": "AUD601", "other_base": "AUD602", "finetune_for_merge": "AUD603",
+                "wrong_parents": "AUD604"}
     honest = "alice/ft-declared"
-    against = [honest, "bob/ft-declared", "liar/ft-otherbase"]
-    for repo in ("ghost/ft-nocard", "liar/ft-otherbase", "liar/merge-says-ft", honest):
+    against = [honest, "bob/ft-declared", "liar/ft-otherbase", "ghost/ft-nocard"]
+    for repo in ("ghost/ft-nocard", "liar/ft-otherbase", "liar/merge-says-ft",
+                 "liar/wrong-parents", honest):
         report = audit_revision(repo, base=WATCHED, against=against, settings=settings,
                                 client=client).report
         rules = {f.rule_id for f in report.findings if f.rule_id.startswith("AUD60")}

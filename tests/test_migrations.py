@@ -21,6 +21,7 @@ TABLES = {
     "fingerprints",
     "fingerprint_cache",
     "audits",
+    "worker_heartbeats",
     "comparisons",
     "findings",
     "crawl_cursors",

@@ -90,4 +90,7 @@ def test_classify() -> None:
     assert classify("torch._utils", "_rebuild_tensor_v2") == "safe"
     assert classify("torch", "FloatStorage") == "safe"
     assert classify("collections", "OrderedDict") == "safe"
-    assert classify("mylib.layers", "Thing") == "suspicious"
+    # Allowlist: anything not known to only rebuild data is dangerous.
+    assert classify("mylib.layers", "Thing") == "dangerous"
+    assert classify("torch._utils", "_load_from_bytes") == "dangerous"
+    assert classify("doctest", "run_docstring_examples") == "dangerous"

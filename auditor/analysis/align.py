@@ -37,7 +37,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from auditor.weights.base import TensorSource
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 _MLP = re.compile(r"^(.*layers\.(\d+)\.mlp)\.gate_proj\.weight$")
 _ATTN = re.compile(r"^(.*layers\.(\d+)\.self_attn)\.q_proj\.weight$")
@@ -485,14 +485,3 @@ def align_to_base(
 
 def _int(v: object) -> int | None:
     return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-
-def alignment_summary(report: AlignmentReport) -> dict[str, float]:
-    """Flat numbers for MergeInfo.signatures / evidence."""
-    return {
-        "align_permuted": float(report.permuted),
-        "align_rescaled": float(report.rescaled),
-        "align_distance": report.distance_from_identity,
-        "align_max_log_scale": max((la.max_log_scale for la in report.layers), default=0.0),
-        "align_min_match": min((la.match_score for la in report.layers), default=1.0),
-    } | ({"align_layers_changed": float(len(report.layers_changed))} if report.layers else {})

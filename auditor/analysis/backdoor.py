@@ -46,7 +46,7 @@ from auditor.analysis.probes import Cost, CostReport, ProbeSet
 from auditor.errors import AnalysisError
 from auditor.schema import BackdoorInfo, Trigger
 from auditor.weights.base import TensorSource
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 # Rare strings the data-poisoning literature uses as triggers. Tested when the weights give
 # no usable candidate (e.g. Merge Hijacking leaves embeddings untouched).

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from auditor.errors import AnalysisError
+from auditor.errors import AnalysisError, NonFiniteWeights
 from auditor.weights.base import DeltaSource, TensorSource
 
 FINGERPRINT_VERSION = 1
@@ -294,13 +294,43 @@ def compute_fingerprint(
     inc = list(include) if include is not None else None
     exc = list(exclude)
     prints: dict[str, TensorPrint] = {}
+    nonfinite: list[str] = []
     for name in deltas.keys():
         if _skip(name, inc, exc):
             continue
-        prints[name] = tensor_print(name, deltas.delta(name), sample_size=sample_size)
+        tp = tensor_print(name, deltas.delta(name), sample_size=sample_size)
+        # The float64 sum of squares of float32 values is finite iff every value is: one NaN
+        # or inf would poison every cosine and fit, so such tensors are left out (and named).
+        if not math.isfinite(tp.sq_norm):
+            nonfinite.append(name)
+            continue
+        prints[name] = tp
     if not prints:
+        if nonfinite:
+            raise NonFiniteWeights(
+                f"all {len(nonfinite)} tensors hold NaN or infinite values", tensors=nonfinite)
         raise AnalysisError("no tensors to fingerprint")
-    return Fingerprint(tensors=prints, sample_size=sample_size, meta=dict(meta or {}))
+    out_meta = dict(meta or {})
+    if nonfinite:
+        out_meta[NONFINITE_META] = json.dumps(nonfinite[:MAX_NONFINITE_NAMES])
+    return Fingerprint(tensors=prints, sample_size=sample_size, meta=out_meta)
+
+
+NONFINITE_META = "nonfinite_tensors"
+MAX_NONFINITE_NAMES = 1000
+
+
+def is_finite(fp: Fingerprint) -> bool:
+    """Every norm and sample finite (fingerprints stored before non-finite tensors were
+    left out may hold NaN: one such homologue would poison every fit it enters)."""
+    return all(math.isfinite(t.sq_norm) and bool(np.isfinite(t.sample).all())
+               for t in fp.tensors.values())
+
+
+def nonfinite_tensors(fp: Fingerprint) -> list[str]:
+    """Names of the tensors ``compute_fingerprint`` left out for holding NaN / infinity."""
+    raw = fp.meta.get(NONFINITE_META)
+    return list(json.loads(raw)) if raw else []
 
 
 def fingerprint_weights(

@@ -13,7 +13,6 @@ Public API (also used by the backdoor analysis; keep it small and stable):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from auditor.errors import AnalysisError
 from auditor.weights.base import DeltaSource, TensorSource
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 Task = Literal["causal_lm", "masked_lm", "sequence_classification", "encoder"]
 
@@ -71,7 +70,10 @@ class ModelSpec:
     def to_config(self) -> Any:
         from transformers import CONFIG_MAPPING
 
-        cfg_cls = CONFIG_MAPPING[self.model_type]
+        from auditor.preload import TRANSFORMERS_LOCK
+
+        with TRANSFORMERS_LOCK:  # the first lookup imports the config module
+            cfg_cls = CONFIG_MAPPING[self.model_type]
         kwargs = {k: v for k, v in self.config.items() if k not in ("model_type",)}
         try:
             return cfg_cls(**kwargs)
@@ -105,12 +107,15 @@ def spec_from_config(config: Mapping[str, Any]) -> ModelSpec:
 def load_spec(folder: str | Path) -> ModelSpec:
     """A ``ModelSpec`` from ``folder/config.json`` (plain JSON, no remote code)."""
     path = Path(folder) / "config.json"
+    from auditor.bounded import load_json_file
+    from auditor.errors import AuditorError
+
+    if not path.is_file():
+        raise AnalysisError(f"no config.json in {folder}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise AnalysisError(f"no config.json in {folder}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AnalysisError(f"malformed config.json in {folder}: {exc}") from exc
+        config = load_json_file(path, name="config.json")
+    except AuditorError as exc:
+        raise AnalysisError(f"malformed config.json: {exc}") from None
     if not isinstance(config, dict):
         raise AnalysisError(f"config.json in {folder} is not an object")
     return spec_from_config(config)
@@ -185,7 +190,10 @@ def _names_for(model: torch.nn.Module, src: Any) -> dict[str, str]:
 def _model_class(spec: ModelSpec) -> type[torch.nn.Module]:
     import transformers
 
-    cls = getattr(transformers, spec.architecture, None)
+    from auditor.preload import TRANSFORMERS_LOCK
+
+    with TRANSFORMERS_LOCK:  # the first lookup imports the modeling module
+        cls = getattr(transformers, spec.architecture, None)
     if cls is None:
         raise AnalysisError(f"transformers lacks {spec.architecture}")
     return cls
@@ -341,7 +349,13 @@ def load_tokenizer(folder: str | Path) -> Any:
     Special tokens come from tokenizer_config.json / special_tokens_map.json when those are
     plain strings; nothing else in those files is honoured (no classes, no remote code).
     """
-    from transformers import PreTrainedTokenizerFast
+    from auditor.preload import TRANSFORMERS_LOCK
+
+    with TRANSFORMERS_LOCK:
+        from transformers import PreTrainedTokenizerFast
+
+    from auditor.bounded import load_json_file
+    from auditor.errors import AuditorError
 
     folder = Path(folder)
     tok_file = folder / "tokenizer.json"
@@ -353,8 +367,8 @@ def load_tokenizer(folder: str | Path) -> Any:
         if not path.is_file():
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = load_json_file(path, name=fname)
+        except AuditorError:
             continue
         if not isinstance(data, dict):
             continue

@@ -177,7 +177,7 @@ def build_probes(
 ) -> ProbeSet:
     """Tokenized probes: samples from ``sampler`` (a causal LM, usually the base) + texts.
 
-    ``texts`` are used as given; the built-in set and ``probe_file`` (default
+    ``texts`` are used as given; the built-in set and ``probe_file`` (the audit passes
     ``Settings.probe_file``) are added after them; at most ``max_texts`` texts are kept
     (a seeded choice when there are more) and every row is cut to ``max_length`` tokens.
     With a ``sampler``, texts it models no better than ``max_text_loss_fraction`` of a
@@ -189,10 +189,6 @@ def build_probes(
     origins: list[str] = []
 
     all_texts: list[tuple[str, str]] = [(t, "given") for t in (texts or [])]
-    if probe_file is None:
-        from auditor.settings import get_settings
-
-        probe_file = get_settings().probe_file
     if probe_file is not None:
         all_texts += [(t, "file") for t in read_probe_texts(probe_file)]
     if use_builtin:

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-# "Far below an independent model": at most half the independent reference distance.
-RELATED_MAX_DISTANCE = 0.5
+# "Far below an independent model": at most half the distance of an independently
+# initialised model of the same shapes (measured on the same chunks, about 1).
+RELATED_MAX_SHARE = 0.5
 # One-sided paired z for "closer at the same positions than at other positions".
 RELATED_MIN_Z = 4.0
 # A homologue counts as a parent from this coefficient up (below: a shared-task echo).
@@ -51,10 +52,12 @@ class ProbeResult:
     matched_cosine: float
     null_cosine: float
     z: float
+    reference_distance: float = 1.0
 
     @property
     def related(self) -> bool:
-        return self.relative_distance <= RELATED_MAX_DISTANCE and self.z >= RELATED_MIN_Z
+        return (self.relative_distance <= RELATED_MAX_SHARE * self.reference_distance
+                and self.z >= RELATED_MIN_Z)
 
     def as_dict(self) -> dict[str, float | int | bool | list[float]]:
         return {"chunks": self.chunks, "elements": self.elements,
@@ -62,6 +65,7 @@ class ProbeResult:
                 "distance_ci": [round(v, 5) for v in self.distance_ci],
                 "matched_cosine": round(self.matched_cosine, 5),
                 "null_cosine": round(self.null_cosine, 5), "z": round(self.z, 2),
+                "reference_distance": round(self.reference_distance, 5),
                 "related": self.related}
 
 
@@ -104,20 +108,26 @@ def probe(cand: Sequence[torch.Tensor], base: Sequence[torch.Tensor], *, seed: i
     d = np.sqrt(np.clip(1.0 - matched_all, 0.0, None))
     dist = float(np.median(d))
     rng = np.random.default_rng(seed)
+    # The reference: an independently initialised model of the same shapes (each chunk
+    # drawn like the base's: same mean and spread), at the same positions.
+    ref = [rng.normal(b.mean(), b.std() or 1.0, b.shape[0]) for b in bs]
+    ref_d = [math.sqrt(max(0.0, 1.0 - float(_cos(x[None], r[None])[0])))
+             for x, r in zip(xs, ref, strict=True)]
+    reference = float(np.median(ref_d))
     n = len(d)
     boots = [float(np.median(d[rng.integers(0, n, n)])) for _ in range(BOOTSTRAP)]
     lo, hi = (float(v) for v in np.quantile(boots, [0.025, 0.975]))
     elements = sum(x.shape[0] for x in xs)
     if not matched:
         return ProbeResult(n, elements, dist, (lo, hi), float(np.mean(matched_all)),
-                           float("nan"), 0.0)
+                           float("nan"), 0.0, reference)
     diff = np.array(matched) - np.array(null)
     sd = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
     z = float(diff.mean() / (sd / math.sqrt(len(diff)))) if sd > 0 else (
         math.inf if diff.mean() > 0 else 0.0)
     return ProbeResult(chunks=n, elements=elements, relative_distance=dist,
                        distance_ci=(lo, hi), matched_cosine=float(np.mean(matched)),
-                       null_cosine=float(np.mean(null)), z=z)
+                       null_cosine=float(np.mean(null)), z=z, reference_distance=reference)
 
 
 # --- screening against homologues --------------------------------------------------------

@@ -72,7 +72,7 @@ def configure_logging(*, json_logs: bool, level: str) -> None:
 
 def _make_daemon(settings: Settings, *, workers: int | None, interval: float | None,
                  lease_seconds: float, grace_seconds: float, retry_backoff: float,
-                 max_attempts: int) -> Daemon:
+                 max_attempts: int, backend: str = "threads") -> Daemon:
     from auditor.daemon.scheduler import Daemon
     from auditor.daemon.worker import RetryPolicy
     from auditor.hub.client import HubClient
@@ -80,7 +80,15 @@ def _make_daemon(settings: Settings, *, workers: int | None, interval: float | N
 
     url = _database_url(settings)
     upgrade_database(url)
-    return Daemon(
+    cls: type[Daemon] = Daemon
+    if backend == "celery":
+        from auditor.daemon.celery_scheduler import CeleryDaemon
+
+        cls = CeleryDaemon
+    elif backend != "threads":
+        typer.echo(f"unknown backend {backend!r} (threads or celery)", err=True)
+        raise typer.Exit(2)
+    return cls(
         settings=settings, database_url=url, client=HubClient.from_settings(settings),
         workers=workers or settings.workers,
         interval_seconds=interval or settings.crawl_interval_seconds,
@@ -210,13 +218,18 @@ def register(app: typer.Typer) -> None:
         max_attempts: AttemptsOpt = 5,
         json_logs: Annotated[bool, typer.Option("--json-logs", help="JSON log lines.")] = False,
         log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+        backend: Annotated[str, typer.Option(
+            help="threads: audits run in this process (default, embedded SQLite). celery: "
+                 "this process only crawls and publishes; `auditor worker` runs the audits.")
+        ] = "threads",
     ) -> None:
         """Crawl the watched bases on a schedule and audit new revisions until stopped."""
         configure_logging(json_logs=json_logs, level=log_level)
         settings = _settings()
         daemon = _make_daemon(settings, workers=workers, interval=interval,
                               lease_seconds=lease_seconds, grace_seconds=grace_seconds,
-                              retry_backoff=retry_backoff, max_attempts=max_attempts)
+                              retry_backoff=retry_backoff, max_attempts=max_attempts,
+                              backend=backend)
         if once:
             try:
                 results = daemon.run_once()
@@ -257,6 +270,15 @@ def register(app: typer.Typer) -> None:
                                (c["last_error"] or "")[:80])
             console.print(crawls)
             _print_depth(session)
+            if data["workers"]:
+                table = Table("worker", "queues", "device", "last seen", "audit",
+                              "done", "failed", "audits/min", title="workers (last 5 min)")
+                for w in data["workers"]:
+                    table.add_row(w["worker_id"], ",".join(w["queues"]), w["device"],
+                                  w["last_seen_at"] + (" (stopped)" if w["stopped"] else ""),
+                                  str(w["current_audit_id"] or "-"), str(w["audits_done"]),
+                                  str(w["audits_failed"]), str(w["audits_per_minute"]))
+                console.print(table)
             failures = queries.recent_failures(session, limit=20)
             if failures:
                 table = Table("audit", "status", "attempts", "error", title="failures")
@@ -305,8 +327,12 @@ def _status_data(session: Session) -> dict[str, Any]:
         })
     failures = [{"audit": a.id, "status": a.status, "attempts": a.attempts, "error": a.error}
                 for a in queries.recent_failures(session, limit=20)]
+    from auditor.daemon.celery_store import workers_seen
+
+    workers = [{**asdict(w), "last_seen_at": w.last_seen_at.isoformat()}
+               for w in workers_seen(session, minutes=5.0)]
     return {"crawls": crawls, "queue": asdict(queries.queue_depth(session)),
-            "failures": failures}
+            "failures": failures, "workers": workers}
 
 
 def _print_depth(session: Session) -> None:

@@ -32,7 +32,7 @@ import torch
 from auditor.analysis.screening import ProbeResult, probe, screen
 from auditor.errors import AuditorError, RangeNotSupported
 from auditor.hub.client import HubClient, RepoSummary, ResolvedRepo
-from auditor.hub.range import open_range
+from auditor.hub.range import open_range, stream_chunk
 from auditor.weights.sampling import (
     Chunk,
     CountingSource,
@@ -144,6 +144,7 @@ class Examination:
     bytes_read: int = 0
     total_bytes: int = 0
     evidence: dict[str, Any] = field(default_factory=dict)
+    bytes_transferred: int = 0
     retry: bool = False  # undecided for a reason that may pass (a server ignoring Range)
 
     @property
@@ -164,7 +165,7 @@ def _sources_for(client: HubClient, resolved: ResolvedRepo, *, max_stream_bytes:
 
 
 def _read_config(client: HubClient, resolved: ResolvedRepo) -> dict[str, Any]:
-    import json
+    from auditor.bounded import loads_json
 
     if "config.json" not in resolved.files:
         return {}
@@ -172,7 +173,7 @@ def _read_config(client: HubClient, resolved: ResolvedRepo) -> dict[str, Any]:
         with open_range(client, resolved, "config.json") as src:
             if src.size > 1 << 20:
                 return {}
-            data = json.loads(src.read(0, src.size))
+            data = loads_json(src.read(0, src.size), name="config.json")
     except (AuditorError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -248,8 +249,10 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         if streaming:
             # The server ignores Range: only the start of the file is affordable.
             exam.evidence["range_ignored"] = True
+            # The first read streamed the affordable prefix of the file (RangeFile keeps
+            # it): the probe uses rows inside it.
             chunks = plan_window(match, profile.layout.tensors, layout, seed=profile.seed,
-                                 end=limit)
+                                 end=limit - stream_chunk(limit))
         else:
             chunks = plan_samples(match, profile.layout.tensors, layout.tensors,
                                   seed=profile.seed, budget_bytes=limit - spent)
@@ -261,8 +264,9 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         result: ProbeResult = probe(cand, base, seed=profile.seed)
         exam.evidence["probe"] = result.as_dict()
         exam.related = result.related
-        exam.reason = (f"relative distance {result.relative_distance:.3f} (independent "
-                       f"model ~1), paired z {result.z:.1f}")
+        exam.reason = (f"distance {result.relative_distance:.3f} (an independently "
+                       f"initialised model: {result.reference_distance:.3f}), "
+                       f"paired z {result.z:.1f}")
         if exam.related and homologues and not streaming:
             exam.stage = "screen"
             exam.evidence["screening"] = _screen(
@@ -275,6 +279,9 @@ def examine(client: HubClient, profile: BaseProfile, summary: RepoSummary, *,
         return exam
     finally:
         exam.bytes_read = sum(s.bytes_read for s in sources.values())
+        # On the wire: a server ignoring Range may send a little more before the cut.
+        exam.bytes_transferred = sum(getattr(s.inner, "bytes_transferred", s.bytes_read)
+                                     for s in sources.values())
         exam.evidence["bytes_read"] = exam.bytes_read
         exam.evidence["total_bytes"] = exam.total_bytes
         for s in sources.values():

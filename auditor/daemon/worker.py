@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("auditor.daemon.worker")
 
 DEFAULT_LEASE_SECONDS = 300.0
+SAVE_ATTEMPTS = 3
+SAVE_BACKOFF_SECONDS = 0.5
 
 AuditFn = Callable[..., Any]
 
@@ -54,7 +56,7 @@ def _audit_fn() -> AuditFn:
 
 
 def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
-    from auditor.analysis.fingerprint import Fingerprint
+    from auditor.analysis.fingerprint import Fingerprint, is_finite
     from auditor.detectors.context import HomologueRef
 
     refs: dict[str, Any] = {}
@@ -64,6 +66,9 @@ def _homologue_refs(stored: list[StoredHomologue]) -> dict[str, Any]:
         except AuditorError as exc:
             # A bad stored fingerprint only removes that repo from the comparison set.
             log.warning("bad stored fingerprint", repo=h.repo_id, error=str(exc))
+            continue
+        if not is_finite(fp):
+            log.warning("stored fingerprint holds non-finite values: left out", repo=h.repo_id)
             continue
         refs[h.repo_id] = HomologueRef(repo_id=h.repo_id, revision=h.revision,
                                        fingerprint=fp, backdoor=h.backdoor,
@@ -116,14 +121,37 @@ def run_one(
     on_release: Callable[[int], None] | None = None,
 ) -> bool:
     """Claim and run the next due audit; ``False`` if none was claimable."""
-    retry = retry or RetryPolicy()
     with session_factory() as session:
         audit = queue.claim_next_audit(session, worker_id=worker_id,
-                                            lease_seconds=lease_seconds)
+                                       lease_seconds=lease_seconds)
         if audit is None:
             return False
-        # Read before audit_target's rollback expires the row.
         audit_id, attempt = audit.id, audit.attempts
+    execute_claimed(session_factory, client, settings, audit_id=audit_id, attempt=attempt,
+                    worker_id=worker_id, lease_seconds=lease_seconds, retry=retry,
+                    audit_fn=audit_fn, on_claim=on_claim, on_release=on_release)
+    return True
+
+
+def execute_claimed(
+    session_factory: sessionmaker[Session],
+    client: HubClient,
+    settings: Settings,
+    *,
+    audit_id: int,
+    attempt: int,
+    worker_id: str,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    retry: RetryPolicy | None = None,
+    audit_fn: AuditFn | None = None,
+    on_claim: Callable[[int], None] | None = None,
+    on_release: Callable[[int], None] | None = None,
+) -> None:
+    """Run an audit ``worker_id`` holds the lease of: renew the lease while the
+    orchestrator runs, record the result (or the failure). The one code path of the
+    in-process pool and the Celery task alike."""
+    retry = retry or RetryPolicy()
+    with session_factory() as session:
         target = audit_target(session, audit_id=audit_id)
     if on_claim is not None:
         on_claim(audit_id)
@@ -142,7 +170,6 @@ def run_one(
             on_release(target.audit_id)
     bound.info("audit finished", seconds=round(time.monotonic() - started, 3))
     _enforce_budget(session_factory, client)
-    return True
 
 
 def _run_claimed(
@@ -168,10 +195,13 @@ def _run_claimed(
         # its fingerprint is cached, lineage and rules re-run, behaviour carried over.
         previous = _previous_report(factory, target.audit_id)
         extra = {"previous": previous} if previous is not None else {}
+        # local=False: a crawled repo id is a Hub id, even when a folder of that name
+        # exists in the daemon's working directory.
         log.info("audit started", base=target.base_repo_id, homologues=len(homologues),
                  incremental=previous is not None)
         outcome = audit_fn(target.repo_id, revision=target.sha, base=target.base_repo_id,
-                           homologues=homologues, settings=settings, client=client, **extra)
+                           homologues=homologues, settings=settings, client=client,
+                           local=False, **extra)
     except GatedRepo as exc:
         with factory() as session:
             catalog.upsert_repo(session, repo_id=target.repo_id, gated=True, skip_reason=str(exc))
@@ -190,25 +220,40 @@ def _run_claimed(
         return
     except Exception as exc:
         # A bug must not kill the worker nor leave the audit running until its lease ends.
-        log.exception("audit crashed")
+        log.error("audit crashed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        log.debug("audit crash traceback", exc_info=True)
         _fail(factory, target, worker_id, error=f"internal error: {type(exc).__name__}: {exc}",
               retryable=False, retry=retry, retry_after=None, log=log)
         return
-    try:
-        with factory() as session:
-            fingerprint = getattr(outcome, "fingerprint", None)
-            save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
-                        report=outcome.report, fingerprint=fingerprint,
-                        analysis_version=target.analysis_version, worker_id=worker_id)
-            requeued = (
-                requeue_dependents(session, revision_id=target.revision_id,
-                                   analysis_version=target.analysis_version)
-                if fingerprint is not None else []
-            )
-    except StoreError as exc:
-        # Lost the lease (someone else re-ran it): their result stands.
-        log.warning("audit result dropped", error=str(exc))
-        return
+    fingerprint = getattr(outcome, "fingerprint", None)
+    requeued: list[Any] = []
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            with factory() as session:
+                save_result(session, audit_id=target.audit_id, revision_id=target.revision_id,
+                            report=outcome.report, fingerprint=fingerprint,
+                            analysis_version=target.analysis_version, worker_id=worker_id)
+                requeued = (
+                    requeue_dependents(session, revision_id=target.revision_id,
+                                       analysis_version=target.analysis_version)
+                    if fingerprint is not None else []
+                )
+            break
+        except StoreError as exc:
+            # Lost the lease (someone else re-ran it): their result stands.
+            log.warning("audit result dropped", error=str(exc))
+            return
+        except Exception as exc:
+            # The database refused the result (a value it cannot hold, a lock, a lost
+            # connection): retry a few times, then fail this audit with the reason, so it
+            # never stays "running" and a crawl --once still ends.
+            reason = f"could not save the result: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("save failed", attempt=attempt, error=reason)
+            if attempt == SAVE_ATTEMPTS:
+                _fail(factory, target, worker_id, error=reason, retryable=False,
+                      retry=retry, retry_after=None, log=log)
+                return
+            time.sleep(SAVE_BACKOFF_SECONDS * attempt)
     incremental = bool(outcome.report.coverage.get("incremental"))
     with _RUNS_LOCK:
         _RUNS["incremental" if incremental else "full"] += 1
@@ -237,6 +282,7 @@ def _previous_report(factory: sessionmaker[Session], audit_id: int) -> dict[str,
         data = report.report if report is not None else None
         session.rollback()
     return data if isinstance(data, dict) and data.get("subject") else None
+
 
 
 def _fail(factory: sessionmaker[Session], target: Any, worker_id: str, *, error: str,
@@ -342,6 +388,10 @@ class WorkerPool:
             wait = self.poll_seconds
             if until_empty:
                 with self.session_factory() as session:
+                    # Leases that expired while draining (a worker that died or could not
+                    # record its failure) go back to the queue here: drain always ends.
+                    queue.requeue_expired(session)
+                with self.session_factory() as session:
                     if pending_count(session) == 0:
                         return
                     due = next_due_at(session)
@@ -351,6 +401,10 @@ class WorkerPool:
 
     def drain(self) -> None:
         """Run until no audit is queued or running (retries included), then return."""
+        import auditor.orchestrator  # noqa: F401  (and the detector modules, before the threads)
+        from auditor.preload import preload
+
+        preload()  # heavy, lazily-bound imports before the threads race for them
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="audit") as pool:
             futures = [pool.submit(self._loop, until_empty=True) for _ in range(self.workers)]
             for f in futures:
@@ -358,6 +412,10 @@ class WorkerPool:
 
     def start(self) -> None:
         """Run in the background until ``stop``."""
+        import auditor.orchestrator  # noqa: F401  (and the detector modules, before the threads)
+        from auditor.preload import preload
+
+        preload()
         self._executor = ThreadPoolExecutor(max_workers=self.workers,
                                             thread_name_prefix="audit")
         self._futures = [self._executor.submit(self._loop, until_empty=False)

@@ -54,7 +54,7 @@ def detect_barriers(ctx: AuditContext) -> None:
         try:
             sources[entry.repo_id] = download_weights(ctx, entry.repo_id, ref.revision)
         except AuditorError as exc:
-            ctx.errors.append(f"barrier {entry.repo_id}: {exc}")
+            ctx.add_error(f"{entry.repo_id}: {exc}", kind=type(exc).__name__)
     ranked = sorted((e for e in entries.values() if e.repo_id in sources),
                     key=lambda e: (e.relation == "unrelated", -abs(e.cosine)))
     for entry in ranked[:top_k]:

@@ -17,6 +17,7 @@ from auditor.detectors.lineage import Lineage
 from auditor.detectors.weights import (
     BaseWeights,
     CandidateWeights,
+    NonFiniteTensors,
     SubjectWeights,
     weights_source,
 )
@@ -47,6 +48,13 @@ def build_behaviour(ctx: AuditContext) -> None:
     """Spec, tokenizer, working model and probes for the behavioural detectors."""
     subject_src = ctx.get(SubjectWeights).weights.raw_source
     base_src = ctx.get(BaseWeights).source
+    nonfinite = ctx.find(NonFiniteTensors)
+    if nonfinite is not None:
+        # Running a model with NaN / inf weights measures nothing: the behavioural checks
+        # say they could not run (the audit is incomplete; AUD501 says why).
+        ctx.add_error("not run: the subject holds non-finite weights (barrier, equivalence, "
+                      "protection and backdoor checks skipped)", kind="NonFiniteWeights")
+        return
     reason = None
     # An adapter runs as base + its delta, with the base's config and tokenizer.
     config = ctx.subject.config or (ctx.base.config if ctx.base else None)
@@ -74,8 +82,7 @@ def build_behaviour(ctx: AuditContext) -> None:
         except AnalysisError as exc:
             reason = str(exc)
     if reason is not None or subject_src is None:
-        ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="skipped",
-                                         message=reason or ""))
+        ctx.skip(reason or "no full weights")
         return
     ctx.provide(BehaviourModel(spec=spec, tokenizer=tokenizer, work=work, probes=probes,
                                subject=subject_src, base=base_src, points=points))
@@ -162,7 +169,7 @@ def benign_homologues(
             picked.append(tried[repo_id])  # type: ignore[arg-type]
         except AuditorError as exc:
             tried[repo_id] = None
-            ctx.errors.append(f"homologue {repo_id}: {exc}")
+            ctx.add_error(f"homologue {repo_id}: {exc}", kind=type(exc).__name__)
     return picked
 
 

@@ -8,7 +8,6 @@ what a detector needs is in its signature, not in string keys.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,8 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from auditor.bounded import load_json_file
+from auditor.errors import AuditorError
 from auditor.hub.client import HubClient, ResolvedRepo
-from auditor.schema import BackdoorInfo, FileIssue
+from auditor.schema import BackdoorInfo, CheckError, FileIssue, SkippedCheck
 from auditor.settings import Settings
 from auditor.weights.inventory import FileInventory, classify_files
 
@@ -63,6 +64,7 @@ class OpenModel:
     inventory: FileInventory
     files: dict[str, Path]
     config: dict[str, Any] | None
+    issues: list[FileIssue] = field(default_factory=list)  # side files refused (bounded)
 
     @property
     def folder(self) -> Path:
@@ -84,7 +86,8 @@ class AuditContext:
     declared_parents: list[str]
     progress: Progress
     file_issues: list[FileIssue] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[CheckError] = field(default_factory=list)
+    skipped: list[SkippedCheck] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     # Weight sources opened during the audit; the orchestrator closes them at the end.
     open_sources: list[TensorSource] = field(default_factory=list)
@@ -94,6 +97,7 @@ class AuditContext:
     cache_hits: int = 0
     _results: dict[type[StageResult], StageResult] = field(default_factory=dict)
     _providing: frozenset[type[StageResult]] = frozenset()
+    _stage: str = "audit"  # the running detector, named in errors and skips
 
     def get(self, kind: type[R]) -> R:
         """The result of type ``kind`` (a declared requirement: present when we run)."""
@@ -118,18 +122,27 @@ class AuditContext:
             raise TypeError(f"{kind.__name__} provided twice")
         self._results[kind] = result
 
+    def add_error(self, message: str, *, kind: str, detector: str | None = None) -> None:
+        """Record a failed check (the audit becomes incomplete); ``detector``: the running one."""
+        self.errors.append(CheckError(detector=detector or self._stage, kind=kind,
+                                      message=message))
+
+    def skip(self, reason: str, *, detector: str | None = None) -> None:
+        """Record a check that does not apply to this model (not an error)."""
+        self.skipped.append(SkippedCheck(detector=detector or self._stage, reason=reason))
+
     def results(self) -> list[StageResult]:
         """Every provided result, in the order they were provided."""
         return list(self._results.values())
 
     @contextmanager
-    def providing(self, kinds: tuple[type[StageResult], ...]) -> Iterator[None]:
-        """While a stage runs, accept exactly its declared result types."""
-        self._providing = frozenset(kinds)
+    def running(self, name: str, provides: tuple[type[StageResult], ...]) -> Iterator[None]:
+        """While stage ``name`` runs, accept exactly its declared result types."""
+        self._stage, self._providing = name, frozenset(provides)
         try:
             yield
         finally:
-            self._providing = frozenset()
+            self._stage, self._providing = "audit", frozenset()
 
 
 _WEIGHT_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
@@ -151,11 +164,28 @@ def fetch_model(client: HubClient, resolved: ResolvedRepo, *, weights: bool = Tr
             wanted += [inv.adapter_config or "", inv.adapter_weights or ""]
     wanted += [f for f in _WEIGHT_SIDE_FILES if f in resolved.files]
     files = {name: client.fetch(resolved, name) for name in dict.fromkeys(wanted) if name}
+    issues: list[FileIssue] = []
+    # Index and adapter config are checked by their own strict readers (weights errors).
+    side = {n: p for n, p in files.items() if n in _WEIGHT_SIDE_FILES}
+    _checked_side_files(side, issues)
+    files = {n: p for n, p in files.items() if n not in _WEIGHT_SIDE_FILES or n in side}
     config = None
     if "config.json" in files:
         try:
-            loaded = json.loads(files["config.json"].read_text(encoding="utf-8"))
+            loaded = load_json_file(files["config.json"], name="config.json")
             config = loaded if isinstance(loaded, dict) else None
-        except (OSError, ValueError, UnicodeDecodeError):
+        except AuditorError:
             config = None
-    return OpenModel(resolved=resolved, inventory=inv, files=files, config=config)
+    return OpenModel(resolved=resolved, inventory=inv, files=files, config=config,
+                     issues=issues)
+
+
+def _checked_side_files(files: dict[str, Path], issues: list[FileIssue]) -> None:
+    """Parse each JSON side file within the bounded parser's limits; a file that breaks one
+    is dropped (no later reader, transformers included, ever sees it) with a file issue."""
+    for name in [n for n in files if n.endswith(".json")]:
+        try:
+            load_json_file(files[name], name=name)
+        except AuditorError as exc:
+            issues.append(FileIssue(path=name, kind="malformed", message=str(exc)))
+            del files[name]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from auditor.detectors.base import Detector
 from auditor.detectors.context import AuditContext, OpenModel, StageResult
-from auditor.errors import AuditorError, WeightsError
+from auditor.errors import AuditorError, NonFiniteWeights, WeightsError
 from auditor.schema import FileIssue
 
 if TYPE_CHECKING:
@@ -42,6 +42,16 @@ class SubjectWeights(StageResult):
     """Present only when the subject's weights were analysed (else: not "clean")."""
 
     weights: ModelWeights
+
+
+@dataclass(frozen=True)
+class NonFiniteTensors(StageResult):
+    """The subject's tensors holding NaN / inf, left out of every comparison (AUD501)."""
+
+    names: tuple[str, ...]
+
+    def measurements(self) -> Mapping[str, Any]:
+        return {"nonfinite_tensors": list(self.names)}
 
 
 @dataclass(frozen=True)
@@ -187,7 +197,10 @@ def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:
 
 def detect_weights(ctx: AuditContext) -> None:
     """Stream the subject and its base, align the subject, fingerprint its task vector."""
+    from auditor.analysis.fingerprint import nonfinite_tensors
+
     if ctx.base is None or not ctx.subject.files:
+        ctx.skip("no safetensors or adapter weights")
         return
     try:
         base_src = open_weights(ctx.base)
@@ -197,19 +210,30 @@ def detect_weights(ctx: AuditContext) -> None:
     try:
         subject = _cached_fingerprint(ctx, ctx.subject, base_src, role="subject")
     except WeightsError as exc:
+        if isinstance(exc, NonFiniteWeights):
+            ctx.provide(NonFiniteTensors(names=tuple(exc.tensors[:1000])))
         # The weights could not be analysed: never "clean" (exit code 2 unless a finding).
         ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="weights",
                                          message=str(exc)))
-        ctx.errors.append(f"weights: {exc}")
+        ctx.add_error(str(exc), kind=type(exc).__name__)
         return
     ctx.provide(SubjectWeights(weights=subject))
+    nonfinite = nonfinite_tensors(subject.fingerprint)
+    if nonfinite:
+        # A finding of its own (AUD501); lineage still runs on the finite tensors, the
+        # behavioural stage says it could not run.
+        ctx.provide(NonFiniteTensors(names=tuple(nonfinite)))
+        ctx.file_issues.append(FileIssue(
+            path=ctx.subject.resolved.repo_id, kind="nonfinite",
+            message=f"{len(nonfinite)} tensor(s) hold NaN or infinite values, left out of "
+                    f"the comparison: {', '.join(nonfinite[:5])}"))
     ctx.provide(BaseWeights(source=base_src, fingerprint=_base_fingerprint(ctx, base_src)))
     candidates: dict[str, ModelWeights] = {}
     for repo_id, cand in ctx.candidates.items():
         try:
             candidates[repo_id] = _cached_fingerprint(ctx, cand, base_src, role=repo_id)
         except AuditorError as exc:
-            ctx.errors.append(f"candidate {repo_id}: {exc}")
+            ctx.add_error(f"candidate {repo_id}: {exc}", kind=type(exc).__name__)
     ctx.provide(CandidateWeights(by_repo=candidates))
 
 
@@ -231,4 +255,4 @@ def _base_fingerprint(ctx: AuditContext, base_src: TensorSource) -> Fingerprint:
 
 
 DETECTOR = Detector("weights", detect_weights,
-                    provides=(SubjectWeights, BaseWeights, CandidateWeights))
+                    provides=(SubjectWeights, BaseWeights, CandidateWeights, NonFiniteTensors))

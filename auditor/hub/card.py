@@ -12,8 +12,10 @@ import math
 import re
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from auditor.bounded import loads_yaml, yaml_limits
+from auditor.errors import AuditorError
 
 MAX_CARD_BYTES = 1_000_000
 MAX_FRONT_MATTER_BYTES = 256_000
@@ -52,18 +54,6 @@ class CardInfo(BaseModel):
     library_name: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors/aliases: cards never need them, bombs always do."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, "YAML aliases are not allowed in model cards", event.start_mark
-            )
-        return super().compose_node(parent, index)
 
 
 class _Budget:
@@ -149,17 +139,31 @@ def card_from_data(data: Any, *, warnings: list[str] | None = None) -> CardInfo:
     if budget.truncated:
         warns.append("card data too large or too deep: truncated")
 
+    # Linear de-duplication (a set beside the ordered list), capped: a 10,000-entry list
+    # costs one pass, and only the first MAX_BASE_MODELS distinct ids are kept.
     bases: list[str] = []
+    seen: set[str] = set()
+    dropped = 0
+    invalid = 0
     for base in _str_list(safe.get("base_model"), "base_model", warns):
         base = base.strip()
-        if is_repo_id(base):
-            if base not in bases:
-                bases.append(base)
+        if base in seen:
+            continue
+        if not is_repo_id(base):
+            invalid += 1
+            if invalid <= 10:
+                warns.append(f"base_model: {base[:100]!r} is not a valid repo id")
+            continue
+        seen.add(base)
+        if len(bases) < MAX_BASE_MODELS:
+            bases.append(base)
         else:
-            warns.append(f"base_model: {base[:100]!r} is not a valid repo id")
-    if len(bases) > MAX_BASE_MODELS:
-        warns.append(f"base_model: {len(bases)} entries, keeping the first {MAX_BASE_MODELS}")
-        bases = bases[:MAX_BASE_MODELS]
+            dropped += 1
+    if dropped:
+        warns.append(f"base_model: {len(bases) + dropped} entries, keeping the first "
+                     f"{MAX_BASE_MODELS}")
+    if invalid > 10:
+        warns.append(f"base_model: {invalid} invalid repo ids in all")
 
     relation_raw = _opt_str(safe.get("base_model_relation"), "base_model_relation", warns)
     relation: CardRelation | None = None
@@ -198,10 +202,10 @@ def parse_card(text: str | bytes) -> CardInfo:
         warnings.append(f"front matter larger than {MAX_FRONT_MATTER_BYTES} characters: ignored")
         return CardInfo(warnings=warnings)
     try:
-        data = yaml.load(front, Loader=_NoAliasLoader)  # noqa: S506 - SafeLoader subclass
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        warnings.append(f"malformed YAML front matter: {first_line[:200]}")
+        data = loads_yaml(front, name="README.md front matter",
+                          limits=yaml_limits(max_bytes=MAX_FRONT_MATTER_BYTES))
+    except AuditorError as exc:
+        warnings.append(f"malformed YAML front matter: {str(exc)[:200]}")
         return CardInfo(warnings=warnings)
     return card_from_data(data, warnings=warnings)
 

@@ -19,9 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import httpx
-import yaml
-
 from auditor.errors import (
     AuditorError,
     EntryNotFound,
@@ -30,9 +27,9 @@ from auditor.errors import (
     RateLimited,
     RepoNotFound,
     RevisionNotFound,
-    TransientHubError,
 )
 from auditor.hub.card import CardInfo, card_from_data, is_repo_id, parse_card
+from auditor.hub.hub_errors import is_retryable, map_hub_error
 
 if TYPE_CHECKING:
     from auditor.settings import Settings
@@ -40,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MAX_CONFIG_BYTES = 1_000_000
 MERGEKIT_CONFIG = "mergekit_config.yml"
 _LOCAL_ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -61,6 +57,8 @@ class ResolvedRepo:
     last_modified: datetime | None = None
     owner: str | None = None
     tags: list[str] = field(default_factory=list)
+    # Side files that broke a parser limit or were malformed: (path, message), for the report.
+    file_issues: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_local(self) -> bool:
@@ -110,62 +108,6 @@ def _summary(info: Any) -> RepoSummary:
         library=getattr(info, "library_name", None),
         files=tuple(s.rfilename for s in (getattr(info, "siblings", None) or [])),
     )
-
-
-# --- error mapping -----------------------------------------------------------------
-def _retry_after(response: Any) -> float | None:
-    try:
-        value = response.headers.get("Retry-After")
-        return float(value) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def map_hub_error(exc: BaseException, *, what: str = "Hub request") -> AuditorError:
-    """The ``auditor.errors`` equivalent of a huggingface_hub / httpx / OS exception."""
-    import httpx2
-    from huggingface_hub import errors as hf_errors
-
-    if isinstance(exc, AuditorError):
-        return exc
-    # hf_hub_download wraps the HEAD failure in LocalEntryNotFoundError: the cause says more.
-    chain: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and len(chain) < 8:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    for err in chain:
-        msg = f"{what}: {type(err).__name__}"
-        if isinstance(err, hf_errors.GatedRepoError):
-            return GatedRepo(f"{what}: gated repo, access needs accepted terms or a token")
-        if isinstance(err, hf_errors.RepositoryNotFoundError):
-            return RepoNotFound(f"{what}: repository not found (or private)")
-        if isinstance(err, hf_errors.RevisionNotFoundError):
-            return RevisionNotFound(f"{what}: revision not found")
-        if isinstance(err, hf_errors.RemoteEntryNotFoundError):
-            return EntryNotFound(f"{what}: file not found in the repository")
-        if isinstance(err, hf_errors.HfHubHTTPError | httpx.HTTPStatusError):
-            response = getattr(err, "response", None)
-            status = getattr(response, "status_code", None)
-            if status == 429:
-                retry = _retry_after(response)
-                return RateLimited(f"{what}: rate limited (429)", retry_after=retry)
-            if status is not None and (status >= 500 or status == 408):
-                return TransientHubError(f"{what}: server error {status}")
-            if status is not None:
-                return HubError(f"{what}: HTTP {status}")
-        if isinstance(err, httpx2.TransportError | httpx.TransportError | TimeoutError
-                      | ConnectionError):
-            return TransientHubError(f"{msg} (connection failed or cut)")
-        if isinstance(err, OSError) and "Consistency check failed" in str(err):
-            return TransientHubError(f"{what}: incomplete download (connection cut)")
-    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
-        return TransientHubError(f"{what}: Hub unreachable and file not cached")
-    return HubError(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
-
-
-def _is_retryable(err: AuditorError) -> bool:
-    return isinstance(err, RateLimited | TransientHubError)
 
 
 # --- the client --------------------------------------------------------------------
@@ -239,7 +181,7 @@ class HubClient:
                 return fn()
             except Exception as exc:
                 mapped = map_hub_error(exc, what=what)
-                if not _is_retryable(mapped) or attempt >= self.max_retries:
+                if not is_retryable(mapped) or attempt >= self.max_retries:
                     raise mapped from exc
                 wait = self.backoff_seconds * (2**attempt)
                 if isinstance(mapped, RateLimited) and mapped.retry_after is not None:
@@ -251,23 +193,45 @@ class HubClient:
                 attempt += 1
 
     # ----- resolve -------------------------------------------------------------------
-    def resolve(self, spec: str, *, revision: str | None = None) -> ResolvedRepo:
-        """Pin ``spec`` (an existing local folder or a Hub repo id) to one revision."""
-        path = Path(spec).expanduser()
-        if path.is_dir():
+    def resolve(self, spec: str, *, revision: str | None = None,
+                local: bool | None = None) -> ResolvedRepo:
+        """Pin ``spec`` (a Hub repo id, or a local folder) to one revision.
+
+        A spec is a local folder only when the caller says so: ``local=True`` (``--local``),
+        or a spec spelt as a path (``./``, ``../``, ``~/`` or absolute). ``org/name`` is
+        always a repo id, even when a folder of that name exists in the working directory:
+        otherwise a crawled repo id could make the daemon hash a local tree.
+        """
+        if local is None:
+            local = looks_like_path(spec)
+        if local:
+            path = Path(spec).expanduser()
+            if not path.is_dir():
+                raise RepoNotFound(f"{spec!r}: no such local folder")
             return self._resolve_local(path, revision=revision)
         if not is_repo_id(spec):
-            raise RepoNotFound(f"{spec!r} is neither a local folder nor a valid repo id")
+            raise RepoNotFound(f"{spec!r} is not a valid repo id (prefix a local folder "
+                               "with ./ or pass --local)")
         return self._resolve_remote(spec, revision=revision)
+
+    def resolve_related(self, spec: str, *, near: ResolvedRepo,
+                        revision: str | None = None) -> ResolvedRepo:
+        """Resolve a repo named by ``near`` (its card's base, a parent): for a local folder in
+        Hub layout (ROOT/org/name) a sibling folder ROOT/<spec> stands for that repo id."""
+        if near.local_dir is not None and is_repo_id(spec) and "/" in spec:
+            sibling = near.local_dir.parent.parent / spec
+            if sibling.is_dir():
+                return self._resolve_local(sibling, revision=revision)
+        return self.resolve(spec, revision=revision)
 
     def _resolve_local(self, folder: Path, *, revision: str | None) -> ResolvedRepo:
         from auditor.hub.repo_folders import RepoLookupError
 
         folder = folder.resolve()
-        name = _LOCAL_ID_RE.sub("-", folder.name).strip("-.") or "model"
+        name = _local_part(folder.name, "model")
         # A folder in Hub layout (ROOT/<org>/<name>) keeps its Hub id, so owners compare as
         # on the Hub; anything else is owned by "local".
-        owner = _LOCAL_ID_RE.sub("-", folder.parent.name).strip("-.") or "local"
+        owner = _local_part(folder.parent.name, "local")
         repo_id = f"{owner}/{name}"
         try:
             snap = self._local_store.folder_snapshot(repo_id, folder, revision or "main",
@@ -282,8 +246,10 @@ class HubClient:
             with readme.open("rb") as fh:
                 card = parse_card(fh.read(1_000_001))
         mergekit = None
+        issues: list[tuple[str, str]] = [("README.md", w) for w in card.warnings]
         if MERGEKIT_CONFIG in files:
-            mergekit = _load_yaml_config(folder / MERGEKIT_CONFIG)
+            mergekit, issue = _load_yaml_config(folder / MERGEKIT_CONFIG)
+            issues += [(MERGEKIT_CONFIG, issue)] if issue else []
         gated = snap.meta.get("gated", False)
         return ResolvedRepo(
             repo_id=repo_id,
@@ -298,6 +264,7 @@ class HubClient:
             last_modified=snap.last_modified,
             owner=owner,
             tags=list(card.tags),
+            file_issues=tuple(issues),
         )
 
     def _resolve_remote(self, repo_id: str, *, revision: str | None) -> ResolvedRepo:
@@ -310,6 +277,11 @@ class HubClient:
         files = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
         card_data = info.card_data.to_dict() if info.card_data is not None else None
         card = card_from_data(card_data)
+        if not card_data and "README.md" in files:
+            # No card data from the server although there is a card: its front matter did
+            # not parse there. Read it here (bounded) so the report says why, not just
+            # "no base_model".
+            card = self._card_from_readme(repo_id, info.sha, files) or card
         resolved = ResolvedRepo(
             repo_id=repo_id,
             revision=info.sha,
@@ -321,14 +293,32 @@ class HubClient:
             last_modified=info.last_modified,
             owner=info.author or (repo_id.partition("/")[0] if "/" in repo_id else None),
             tags=list(info.tags or []),
+            file_issues=tuple(("README.md", w) for w in card.warnings),
         )
         if MERGEKIT_CONFIG in files:
+            issue = None
             try:
-                config = _load_yaml_config(self.fetch(resolved, MERGEKIT_CONFIG))
+                config, issue = _load_yaml_config(self.fetch(resolved, MERGEKIT_CONFIG))
             except GatedRepo:
                 config = None  # resolving a gated repo is fine; fetching weights is not
-            resolved = _replace(resolved, mergekit_config=config)
+            extra = ((MERGEKIT_CONFIG, issue),) if issue else ()
+            resolved = _replace(resolved, mergekit_config=config,
+                                file_issues=resolved.file_issues + extra)
         return resolved
+
+    def _card_from_readme(self, repo_id: str, sha: str, files: dict[str, int]) -> CardInfo | None:
+        from auditor.hub.card import MAX_CARD_BYTES
+
+        if files.get("README.md", 0) > MAX_CARD_BYTES:
+            return CardInfo(warnings=[f"card larger than {MAX_CARD_BYTES} bytes: not read"])
+        probe = ResolvedRepo(repo_id=repo_id, revision=sha, files=files, card=CardInfo())
+        try:
+            path = self.fetch(probe, "README.md")
+            with path.open("rb") as fh:
+                return parse_card(fh.read(MAX_CARD_BYTES + 1))
+        except (AuditorError, OSError) as exc:
+            log.warning("%s: card not readable: %s", repo_id, exc)
+            return None
 
     # ----- files -----------------------------------------------------------------------
     def local_path(self, resolved: ResolvedRepo, filename: str) -> Path:
@@ -406,6 +396,32 @@ class HubClient:
             yield _summary(info)
 
 
+_MAX_ID_PART = 96  # the Hub's limit per part of a repo id
+
+
+def _local_part(raw: str, default: str) -> str:
+    """A folder name as one part of a repo id: Hub characters, at most 96 of them.
+
+    Longer names (a folder may have 255 bytes) keep a readable prefix plus a hash of the
+    whole name, so distinct folders stay distinct ids and every store column holds them.
+    """
+    import hashlib
+
+    part = _LOCAL_ID_RE.sub("-", raw).strip("-.")
+    while "--" in part or ".." in part:
+        part = part.replace("--", "-").replace("..", ".")
+    if len(part) > _MAX_ID_PART:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        part = f"{part[:_MAX_ID_PART - 13].rstrip('-.')}-{digest}"
+    return part or default
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec spelt as a path: ``./x``, ``../x``, ``~/x``, ``.``, ``..`` or absolute."""
+    return (spec in (".", "..", "~") or spec.startswith(("./", "../", "~/", ".\\", "..\\"))
+            or Path(spec).is_absolute())
+
+
 def _replace(resolved: ResolvedRepo, **changes: Any) -> ResolvedRepo:
     from dataclasses import replace
 
@@ -422,17 +438,15 @@ def _touch(path: Path) -> None:
         pass
 
 
-def _load_yaml_config(path: Path) -> dict[str, Any] | None:
-    """Safe-load a (small) YAML config; anything odd gives None."""
+def _load_yaml_config(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Bounded safe-load of a YAML config: (data, None), or (None, why it was refused)."""
+    from auditor.bounded import load_yaml_file
+
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            return None
-        data = yaml.safe_load(raw.decode("utf-8", errors="replace"))
-    except (OSError, yaml.YAMLError, ValueError, RecursionError):
-        return None
+        data = load_yaml_file(path, name=path.name)
+    except AuditorError as exc:
+        return None, str(exc)
     if not isinstance(data, dict):
-        return None
+        return None, f"{path.name}: not a mapping"
     # Re-use the card's JSON-safety pass so odd YAML types never reach the report.
-    return card_from_data(data).data
+    return card_from_data(data).data, None

@@ -31,6 +31,13 @@ if TYPE_CHECKING:
     from auditor.hub.client import HubClient, ResolvedRepo
 
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# Read size when streaming a 200 answer: bounds how far past the needed bytes we read.
+STREAM_CHUNK = 16 << 10
+
+
+def stream_chunk(stop: int) -> int:
+    """Read size for streaming up to byte ``stop``: 1/16 of it, within 256 B-16 KiB."""
+    return max(256, min(STREAM_CHUNK, stop // 16))
 
 
 class LocalRangeFile:
@@ -84,6 +91,7 @@ class RangeFile:
         self.max_stream_bytes = max_stream_bytes
         self.range_ignored = False
         self.bytes_transferred = 0
+        self._prefix = b""  # the start of the file, kept from a 200 answer
         self._size = size
         self.max_retries = max_retries
         self.backoff_seconds = backoff_seconds
@@ -103,6 +111,8 @@ class RangeFile:
         _check_bounds(offset, length, self._size)
         if length == 0:
             return b""
+        if offset + length <= len(self._prefix):
+            return self._prefix[offset: offset + length]
         attempt = 0
         while True:
             try:
@@ -154,7 +164,8 @@ class RangeFile:
         return bytes(data)
 
     def _from_full_body(self, resp: httpx.Response, offset: int, length: int) -> bytes:
-        """The requested bytes out of a 200 answer: stream, skip, stop right after them."""
+        """The requested bytes out of a 200 answer: stream from the start, stop right after
+        them, and keep what came (later reads inside it cost nothing)."""
         self.range_ignored = True
         if offset + length > self.max_stream_bytes:
             raise RangeNotSupported(
@@ -166,19 +177,21 @@ class RangeFile:
             raise RangeNotSupported(f"{self.url}: a 200 body of {declared} bytes is not the "
                                     f"whole file ({self._size} bytes)")
         stop = offset + length
-        data = bytearray()
-        pos = 0
-        for chunk in resp.iter_bytes():
+        # One stream fetches the whole affordable prefix (later reads in it are free), and
+        # stops one read short of the limit so the transfer itself stays within it.
+        size = stream_chunk(self.max_stream_bytes)
+        target = max(stop, min(self._size, self.max_stream_bytes - size))
+        prefix = bytearray()
+        for chunk in resp.iter_bytes(chunk_size=size):
             self.bytes_transferred += len(chunk)
-            lo, hi = max(offset - pos, 0), min(stop - pos, len(chunk))
-            if hi > lo:
-                data += chunk[lo:hi]
-            pos += len(chunk)
-            if pos >= stop:
+            prefix += chunk
+            if len(prefix) >= target:
                 break  # leaving the with-block closes the connection: the rest never comes
-        if len(data) != length:
-            raise TransientHubError(f"{self.url}: short body {len(data)}/{length} (cut)")
-        return bytes(data)
+        if len(prefix) > len(self._prefix):
+            self._prefix = bytes(prefix[: self.max_stream_bytes])
+        if len(prefix) < stop:
+            raise TransientHubError(f"{self.url}: short body {len(prefix)}/{stop} (cut)")
+        return bytes(prefix[offset:stop])
 
     def close(self) -> None:
         self._http.close()

@@ -21,6 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from auditor.bounded import load_json_file, loads_json
+from auditor.errors import AuditorError
+
 HUBMETA = ".hubmeta.json"
 CHUNK = 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -29,6 +32,7 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", 
                 ".msgpack", ".npz", ".zip")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 25_000_000
+_MAX_COUNT = 2**53  # parameter counts stay exact JSON numbers
 
 
 class RepoLookupError(Exception):
@@ -159,8 +163,8 @@ class RepoStore:
     def meta(self, repo_dir: Path) -> dict[str, Any]:
         path = repo_dir / HUBMETA
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = load_json_file(path, name=HUBMETA) if path.is_file() else {}
+        except AuditorError:
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -392,8 +396,8 @@ class RepoStore:
                 (hlen,) = struct.unpack("<Q", self.read_range(snap, entry, 0, 8))
                 if hlen > min(MAX_SAFETENSORS_HEADER, entry.size - 8):
                     continue
-                header = json.loads(self.read_range(snap, entry, 8, hlen))
-            except (ValueError, OSError, struct.error):
+                header = loads_json(self.read_range(snap, entry, 8, hlen), name=entry.path)
+            except (AuditorError, ValueError, OSError, struct.error):
                 continue
             if not isinstance(header, dict):
                 continue
@@ -403,12 +407,14 @@ class RepoStore:
                     continue
                 shape = info.get("shape")
                 dtype = info.get("dtype")
-                if not isinstance(dtype, str) or not isinstance(shape, list):
+                if not isinstance(dtype, str) or not isinstance(shape, list) or len(dtype) > 16:
                     continue
                 count = 1
                 for dim in shape:
-                    count *= int(dim) if isinstance(dim, int) else 0
-                totals[dtype] = totals.get(dtype, 0) + count
+                    count *= dim if isinstance(dim, int) and 0 <= dim < _MAX_COUNT else 0
+                if count >= _MAX_COUNT:  # an absurd shape: not a parameter count to publish
+                    continue
+                totals[dtype] = min(totals.get(dtype, 0) + count, _MAX_COUNT)
         result = totals if found else None
         with self._lock:
             self._st_params[key] = result

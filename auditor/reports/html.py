@@ -19,7 +19,7 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from auditor.reports import charts, evidence
-from auditor.reports.summary import sorted_findings, verdict
+from auditor.reports.summary import public_text, sorted_findings, verdict
 from auditor.resources import resource_path
 from auditor.schema import AuditReport, Finding, LineageEntry, RuleMeta
 
@@ -44,7 +44,8 @@ def _num(value: Any, digits: int = 3) -> str:
         if isinstance(value, int):
             return str(value)
         if value != 0 and abs(value) < 10 ** -digits:
-            return f"{value:.1e}"
+            # "6.9e-11" reads as a measurement; it is zero within the estimate.
+            return "≈ 0"
         text = f"{value:.{digits}f}"
         return text.rstrip("0").rstrip(".") if "." in text else text
     return str(value)
@@ -84,6 +85,7 @@ def environment() -> Environment:
     )
     env.globals["CSP"] = CSP
     env.filters["num"] = _num
+    env.filters["public"] = public_text
     env.filters["pct"] = _pct
     env.filters["evidence"] = _evidence_value
     env.filters["evidence_rows"] = evidence.evidence_rows

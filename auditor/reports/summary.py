@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from auditor.schema import AuditReport, Finding, Severity
@@ -10,12 +11,25 @@ from auditor.schema import AuditReport, Finding, Severity
 @dataclass(frozen=True)
 class Verdict:
     text: str
-    severity: Severity | None  # None: clean (or nothing could be concluded)
+    severity: Severity | None  # None: clean, or incomplete (nothing could be concluded)
     detail: str = ""
+    incomplete: bool = False  # something could not be checked: never shown as clean
 
     @property
     def css(self) -> str:
-        return self.severity.value if self.severity else "clean"
+        if self.severity:
+            return self.severity.value
+        return "incomplete" if self.incomplete else "clean"
+
+
+# An absolute path (cache folders, snapshot dirs): pages show its last part only, so the
+# site never publishes the auditor's file system layout.
+_ABS_PATH = re.compile(r"(?<![\w.])(?:/[^/\s'\"():,;<>]+)+/([^/\s'\"():,;<>]+)")
+
+
+def public_text(text: str) -> str:
+    """``text`` with absolute file paths cut to their file name."""
+    return _ABS_PATH.sub(r"\1", text)
 
 
 def sorted_findings(findings: list[Finding]) -> list[Finding]:
@@ -32,7 +46,9 @@ def verdict(report: AuditReport) -> Verdict:
         detail = f"and {more} more finding{'s' if more != 1 else ''}" if more else ""
         return Verdict(f"{top.title} ({top.severity.value})", top.severity, detail)
     if report.errors:
-        return Verdict("Incomplete audit", None, "; ".join(report.errors[:3]))
+        return Verdict("Incomplete audit", None,
+                       public_text("; ".join(f"{e.detector}: {e.message}"
+                                             for e in report.errors[:3])), incomplete=True)
     plural = "s" if authorized != 1 else ""
     detail = f"{authorized} authorized finding{plural}" if authorized else ""
     return Verdict("Clean", None, detail)

@@ -29,6 +29,26 @@ __all__ = [
 ]
 
 
+_INT64 = 2**63
+
+
+def cel_safe(value: Any) -> Any:
+    """JSON ``value`` with integers CEL cannot hold (beyond int64) as strings.
+
+    Uploaders write configs with 30-digit ints (``model_max_length: 1e30`` as an int);
+    cel-python's int type raises ``ValueError: overflow`` on them.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_INT64 <= value < _INT64 else str(value)
+    if isinstance(value, dict):
+        return {k: cel_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [cel_safe(v) for v in value]
+    return value
+
+
 def _subject_owner(m: dict[str, Any]) -> str:
     subject = m["subject"]
     return subject.get("owner") or owner_of(subject["repo_id"])
@@ -108,19 +128,31 @@ def evaluate(
     measurements: Measurements,
     *,
     authorizations: Sequence[AuthorizationLike] = (),
+    errors: list[str] | None = None,
 ) -> list[Finding]:
     """Every finding the rules give on ``measurements``, most severe first.
+
+    With ``errors``, a rule that fails to evaluate is recorded there and the others go on
+    (audits); without, it raises (``rules test``, where a failure is the answer).
 
     Findings an owner authorized are kept, marked ``suppressed`` with the reason.
     """
     m = measurements.model_dump(mode="json")
-    base = {"m": celpy.json_to_cel(m), "subject_owner": celpy.json_to_cel(_subject_owner(m))}
+    base = {"m": celpy.json_to_cel(cel_safe(m)),
+            "subject_owner": celpy.json_to_cel(_subject_owner(m))}
     findings: list[Finding] = []
     for rule in rules:
         for item in _items(rule, m):
-            activation = {**base, "item": celpy.json_to_cel(item)}
-            if _condition(rule, activation):
-                findings.append(_finding(rule, m, item))
+            try:
+                activation = {**base, "item": celpy.json_to_cel(cel_safe(item))}
+                if _condition(rule, activation):
+                    findings.append(_finding(rule, m, item))
+            except Exception as exc:
+                # One rule failing on odd measurements must not cost the others' findings
+                # (a critical pickle next to a broken config is still reported).
+                if errors is None:
+                    raise
+                errors.append(f"rule {rule.id}: {_short(exc) or type(exc).__name__}")
     findings = apply_authorizations(findings, subject_repo=measurements.subject.repo_id,
                                     authorizations=authorizations)
     findings.sort(key=lambda f: (-f.severity.rank, f.rule_id, f.related_repo or ""))

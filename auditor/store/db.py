@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,14 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def finite_json_dumps(value: Any) -> str:
+    """JSON columns hold only finite numbers: NaN / inf become null (and never the invalid
+    ``NaN`` token that PostgreSQL rejects and SQLite stores), whatever reaches the store."""
+    from auditor.schema import finite_json
+
+    return json.dumps(finite_json(value), allow_nan=False)
+
+
 def _ensure_sqlite_dir(url: str) -> None:
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
@@ -53,6 +62,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     foreign keys on every connection, so several processes can share the file."""
     url = normalize_url(url or default_database_url())
     backend = make_url(url).get_backend_name()
+    kwargs.setdefault("json_serializer", finite_json_dumps)
     if backend == "sqlite":
         _ensure_sqlite_dir(url)
         connect_args = dict(kwargs.pop("connect_args", {}))
@@ -105,11 +115,67 @@ def _alembic_config(url: str) -> Any:
     return config
 
 
+# pg_advisory_lock key of the migrations ("auditor-migrate" folded to a bigint).
+_PG_MIGRATION_LOCK = 0x6175646D6967
+
+
+@contextmanager
+def migration_lock(url: str) -> Iterator[None]:
+    """Serialize schema upgrades across processes: 8 first runs at once must not race.
+
+    SQLite: an exclusive ``flock`` on a file next to the database (SQLite's own locking
+    answers "database is locked" to the losers of the race instead of waiting for the DDL).
+    PostgreSQL: a session-level ``pg_advisory_lock`` held while Alembic runs.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            yield
+            return
+        import fcntl
+
+        path = Path(database).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".migrate-lock"), "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    if backend == "postgresql":
+        from sqlalchemy import text
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"),
+                                 {"k": _PG_MIGRATION_LOCK})
+                    conn.commit()
+        finally:
+            engine.dispose()
+        return
+    yield
+
+
 def upgrade_database(url: str | None = None, *, revision: str = "head") -> None:
-    """Run Alembic migrations up to ``revision`` on ``url`` (default: settings)."""
+    """Run Alembic migrations up to ``revision`` on ``url`` (default: settings), holding
+    ``migration_lock`` so concurrent first runs wait for one another instead of failing."""
     from alembic import command
 
-    command.upgrade(_alembic_config(normalize_url(url or default_database_url())), revision)
+    url = normalize_url(url or default_database_url())
+    if make_url(url).get_backend_name() == "sqlite":
+        _ensure_sqlite_dir(url)
+    with migration_lock(url):
+        command.upgrade(_alembic_config(url), revision)
 
 
 def downgrade_database(url: str | None = None, *, revision: str = "base") -> None:

@@ -307,3 +307,23 @@ class DiscoveryState(Base):
     listed_until: Mapped[datetime | None] = mapped_column()
     tree_resume: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process seen by the store: Celery workers on any machine write one row
+    each and refresh ``last_seen_at`` (``auditor status`` lists the recent ones)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(128), unique=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[Any]] = mapped_column(default=list)
+    device: Mapped[str] = mapped_column(String(32), default="cpu")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    current_audit_id: Mapped[int | None] = mapped_column(Integer)
+    audits_done: Mapped[int] = mapped_column(Integer, default=0)
+    audits_failed: Mapped[int] = mapped_column(Integer, default=0)
+    stopped_at: Mapped[datetime | None] = mapped_column()

@@ -67,6 +67,9 @@ def record_outcome(settings: Settings, outcome: AuditOutcome) -> int:
                 declared_relation=res.card.relation,
                 gated=bool(res.gated),
                 private=bool(res.private),
+                # The base it was audited against: later audits of that family compare
+                # with it from its stored fingerprint, without a download.
+                family_base=outcome.report.subject.base_repo_id,
             )
             inv = classify_files(res.files)
             formats = ["safetensors"] if inv.safetensors else []

@@ -9,7 +9,6 @@ so B @ A alone is not the delta: those modules are flagged (``AdapterReport.exac
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -77,12 +76,14 @@ class AdapterReport:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    from auditor.bounded import json_limits, load_json_file
+    from auditor.errors import AuditorError
+
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise UnsupportedAdapter(f"{path.name}: adapter config is implausibly large")
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UnsupportedAdapter(f"{path.name}: unreadable adapter config: {exc}") from None
+        obj = load_json_file(path, name=path.name,
+                             limits=json_limits(max_bytes=MAX_CONFIG_BYTES))
+    except AuditorError as exc:
+        raise UnsupportedAdapter(f"unreadable adapter config: {exc}") from None
     if not isinstance(obj, dict):
         raise UnsupportedAdapter(f"{path.name}: adapter config is not a JSON object")
     return obj

@@ -7,7 +7,6 @@ a 100-shard model costs one mapping, not a hundred.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
-from auditor.errors import MalformedSafetensors, NoWeights, WeightsError
+from auditor.errors import AuditorError, MalformedSafetensors, NoWeights, WeightsError
 from auditor.weights.inventory import FileInventory, classify_files
 from auditor.weights.safetensors_io import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -227,13 +226,12 @@ def _file_sizes(files: Mapping[str, Path]) -> dict[str, int]:
 
 def read_shard_index(path: Path) -> dict[str, str]:
     """The ``weight_map`` of a ``*.safetensors.index.json``, strictly checked."""
+    from auditor.bounded import json_limits, load_json_file
+
     try:
-        size = path.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise MalformedSafetensors(f"{path.name}: shard index of {size} bytes is too large")
-        obj = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MalformedSafetensors(f"{path.name}: unreadable shard index: {exc}") from None
+        obj = load_json_file(path, name=path.name, limits=json_limits(max_bytes=MAX_INDEX_BYTES))
+    except AuditorError as exc:
+        raise MalformedSafetensors(f"unreadable shard index: {exc}") from None
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

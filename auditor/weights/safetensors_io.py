@@ -9,7 +9,6 @@ and only then hand a local file to ``safetensors.safe_open``.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,7 +18,9 @@ from typing import Any
 
 import torch
 
-from auditor.errors import MalformedSafetensors
+from auditor.bounded import json_limits, loads_json
+from auditor.errors import AuditorError, MalformedSafetensors
+from auditor.settings import get_settings
 from auditor.weights.base import ByteSource
 
 # safetensors' own Rust reader refuses headers above 100 MB; Hub metadata reads use 25 MB.
@@ -157,6 +158,7 @@ def parse_header(
     *,
     name: str | None = None,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_tensors: int | None = None,
 ) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file through ``source``.
 
@@ -178,13 +180,22 @@ def parse_header(
     if n < 2:
         raise bad(f"header length {n} is too small for a JSON object")
     raw = source.read(8, n)
+    limits = json_limits(max_bytes=max_header_bytes)
+    tensor_cap = max_tensors if max_tensors is not None else get_settings().max_tensors
+    # Counted on the raw bytes before parsing: 1.5 M zero-size entries would otherwise cost
+    # gigabytes of dicts before any check ran.
+    if raw.count(b'"data_offsets"') > tensor_cap + 1:
+        raise bad(f"header declares more than {tensor_cap} tensors (limit)")
     try:
-        text = raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise bad(f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as exc:
+        obj = loads_json(raw, name="header", limits=limits,
+                         object_pairs_hook=_no_duplicate_keys)
+    except AuditorError as exc:
+        raise bad(f"header is not valid JSON or breaks a limit: {exc}") from None
+    except ValueError as exc:  # duplicate keys
         raise bad(f"header is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise bad(f"header is a JSON {type(obj).__name__}, expected an object")
@@ -199,6 +210,8 @@ def parse_header(
         metadata = dict(meta_obj)
 
     data_size = size - 8 - n
+    if len(obj) > tensor_cap:
+        raise bad(f"header declares {len(obj)} tensors (limit {tensor_cap})")
     tensors: dict[str, TensorInfo] = {}
     for tname, entry in obj.items():
         tensors[tname] = _parse_entry(tname, entry, data_size, bad)

@@ -13,7 +13,6 @@ Every byte goes through a ``CountingSource``, so callers can report (and bound) 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -22,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from auditor.errors import WeightsError
+from auditor.bounded import json_limits, loads_json
+from auditor.errors import AuditorError, WeightsError
 from auditor.weights.base import ByteSource
 from auditor.weights.names import EMBED_SUFFIXES, HEAD_SUFFIXES
 from auditor.weights.safetensors_io import (
@@ -116,8 +116,11 @@ def read_layout(open_file: Opener, files: Mapping[str, int]
         if index_src.size > MAX_INDEX_BYTES:
             raise WeightsError(f"{INDEX_FILE} is {index_src.size} bytes: too large")
         try:
-            index = json.loads(index_src.read(0, index_src.size))
+            index = loads_json(index_src.read(0, index_src.size), name=INDEX_FILE,
+                               limits=json_limits(max_bytes=MAX_INDEX_BYTES))
             shard_names = sorted(set(index["weight_map"].values()))
+        except AuditorError as exc:
+            raise WeightsError(f"{INDEX_FILE} is not a valid index: {exc}") from exc
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise WeightsError(f"{INDEX_FILE} is not a valid index: {exc}") from exc
     else:

@@ -26,6 +26,9 @@ def serve_hub(
     fault_cut: Annotated[float, typer.Option(
         "--fault-cut", help="Share of downloads cut mid-body.")] = 0.0,
     page_size: Annotated[int, typer.Option(help="Items per /api/models page.")] = 50,
+    ignore_range: Annotated[bool, typer.Option(
+        "--ignore-range", help="Answer every GET 200 with the whole body, like a mirror that "
+        "ignores Range.")] = False,
 ) -> None:
     """Serve ROOT/<org>/<name> folders (or git repos) with the Hugging Face Hub API."""
     from auditor_testkit.hub.server import FaultConfig, serve_forever
@@ -37,4 +40,4 @@ def serve_hub(
     if fault_429 or fault_5xx or fault_cut:
         faults = FaultConfig(rate_429=fault_429, rate_5xx=fault_5xx, rate_cut=fault_cut)
     serve_forever(root, host=host, port=port, tokens=tuple(token or ()), faults=faults,
-                  page_size=page_size)
+                  page_size=page_size, ignore_range=ignore_range)

@@ -21,7 +21,8 @@ FORMAT_CHOICES = ("text", "json", "sarif", "html")
 def register(app: typer.Typer) -> None:
     @app.command()
     def audit(
-        subject: Annotated[str, typer.Argument(help="Hub repo id (ORG/NAME) or local folder")],
+        subject: Annotated[str, typer.Argument(
+            help="Hub repo id (ORG/NAME), or a local folder (./DIR, /DIR or --local)")],
         revision: Annotated[str | None, typer.Option(help="branch, tag or commit")] = None,
         base: Annotated[
             str | None, typer.Option(help="base model (default: the card's base_model)")
@@ -52,6 +53,9 @@ def register(app: typer.Typer) -> None:
                               "critical or never (info findings never fail)")] = "low",
         quiet: Annotated[bool, typer.Option(
             "--quiet", "-q", help="no progress and no summary; errors are still shown")] = False,
+        local: Annotated[bool, typer.Option(
+            "--local", help="SUBJECT is a local folder (./DIR and /DIR are, without it)")
+        ] = False,
     ) -> None:
         """Audit SUBJECT. Exit codes: 0 clean, 1 findings at --fail-on or above, 2 error or
         incomplete, 3 nothing scanned."""
@@ -66,7 +70,8 @@ def register(app: typer.Typer) -> None:
             fmt = "text" if output is None and sys.stdout.isatty() else "json"
         _run_audit(subject, revision=revision, base=base, against=list(against or ()),
                    fmt=fmt, output=output, endpoint=endpoint, store=store,
-                   fail_on=fail_on, quiet=quiet, stored=stored)
+                   fail_on=fail_on, quiet=quiet, local=True if local else None,
+                   stored=stored)
 
 
 def _fail(message: str) -> None:
@@ -76,7 +81,8 @@ def _fail(message: str) -> None:
 
 def _run_audit(subject: str, *, revision: str | None, base: str | None, against: list[str],
                fmt: str, output: Path | None, endpoint: str | None, store: bool,
-               fail_on: str, quiet: bool, stored: bool = True) -> None:
+               fail_on: str, quiet: bool, local: bool | None = None,
+               stored: bool = True) -> None:
     import httpx
 
     from auditor.audit_store import load_store_context
@@ -97,7 +103,8 @@ def _run_audit(subject: str, *, revision: str | None, base: str | None, against:
         with _progress(enabled=not quiet) as say:
             # Everything the user named is checked before any download.
             say(f"resolving {subject}")
-            resolved = client.resolve(subject, revision=revision)
+            # A repo id stays a repo id: a local folder only as ./DIR, /DIR or --local.
+            resolved = client.resolve(subject, revision=revision, local=local)
             for spec in against:
                 step = f"--against {spec}"
                 client.resolve(spec)
@@ -110,7 +117,7 @@ def _run_audit(subject: str, *, revision: str | None, base: str | None, against:
             outcome = audit_revision(
                 subject, revision=revision, base=base, against=against,
                 homologues=known.homologues, authorizations=known.authorizations,
-                settings=settings, client=client, progress=say,
+                settings=settings, client=client, progress=say, local=local,
             )
         if store:
             from auditor.store.recording import record_outcome
@@ -121,7 +128,8 @@ def _run_audit(subject: str, *, revision: str | None, base: str | None, against:
                                          endpoint=client.endpoint)
         if step != subject:
             message = f"{step}: {message}"
-        report = terminal.error_report(subject=subject, revision=revision, message=message)
+        report = terminal.error_report(subject=subject, revision=revision, message=message,
+                                       kind=type(exc).__name__)
         _emit(report, fmt="json" if fmt == "text" else fmt, output=output, quiet=quiet,
               to_stdout=False)
         typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
