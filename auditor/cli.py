@@ -29,11 +29,11 @@ app = typer.Typer(
 _COMMAND_MODULES = (
     "auditor.rules.commands",
     "auditor.store.commands",
-    "auditor.audit_commands",
+    "auditor.commands.audit",
     "auditor.daemon.commands",
     "auditor.daemon.celery_commands",
     "auditor.reports.commands",
-    "auditor.analysis.commands",
+    "auditor.commands.sanitize",
 )
 # Entry points whose object is a ``register(app)`` function (see pyproject.toml).
 COMMAND_GROUP = "auditor.commands"

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from auditor import ANALYSIS_VERSION, __version__
@@ -86,6 +87,38 @@ def _choose_base(
     return chosen, [d for d in declared if d != chosen]
 
 
+def _open_cache(settings: Settings) -> Any:
+    if not settings.fingerprint_cache:
+        return None
+    from auditor.store.fpcache import FingerprintCache
+
+    return FingerprintCache(settings)
+
+
+def _add_stored_homologues(ctx: AuditContext, cache: Any, base_key: str, limit: int) -> None:
+    """The cached homologues of the same base (one indexed query), by fingerprint only."""
+    exclude = {ctx.subject.resolved.revision}
+    exclude |= {c.resolved.revision for c in ctx.candidates.values()}
+    taken = {ctx.subject.resolved.repo_id, *ctx.candidates}
+    for entry in cache.homologues(base_key, exclude=exclude, limit=limit):
+        if entry.repo_id in taken or entry.repo_id in ctx.homologues:
+            continue
+        local = entry.meta.get("local_dir")
+        if local and Path(local).is_dir():
+            # a local folder still holding the cached content joins as a candidate: its
+            # fingerprint is a cache hit and its weights are at hand for the checks
+            try:
+                resolved = ctx.client.resolve(local)
+            except AuditorError:
+                resolved = None
+            if resolved is not None and resolved.revision == entry.content_key:
+                ctx.candidates[resolved.repo_id] = fetch_model(ctx.client, resolved)
+                taken.add(resolved.repo_id)
+                continue
+        ctx.homologues[entry.repo_id] = HomologueRef(
+            repo_id=entry.repo_id, revision=entry.content_key, fingerprint=entry.fingerprint)
+
+
 def audit_revision(
     subject: str,
     *,
@@ -97,10 +130,16 @@ def audit_revision(
     client: HubClient | None = None,
     progress: Progress | None = None,
     detectors: Sequence[str] | None = None,
+    previous: Mapping[str, Any] | None = None,
     local: bool | None = None,
     authorizations: Sequence[Any] = (),
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
+
+    ``previous`` (the daemon's earlier report of this same revision) makes the audit an
+    incremental update: only the weight stages run (fingerprints come from the cache, so
+    no weight is read and nothing is re-aligned), lineage and the rules are re-evaluated
+    with the new comparison set, and the behavioural results are carried over.
 
     ``against`` are candidates to download and compare; ``homologues`` are candidates
     already fingerprinted (the daemon passes the store's). ``authorizations`` (owners'
@@ -165,6 +204,9 @@ def audit_revision(
                 ))
         if ctx.base is not None and resolved.repo_id in ctx.base.resolved.card.base_models:
             cycle = cycle or [resolved.repo_id, ctx.base.resolved.repo_id, resolved.repo_id]
+        cache = _open_cache(settings) if ctx.base is not None else None
+        ctx.fp_cache = cache
+        base_key = ctx.base.resolved.revision if ctx.base is not None else ""
         for spec in against if ctx.base is not None else ():
             if spec in (subject, base_spec) or ctx.base is None:
                 continue
@@ -172,11 +214,21 @@ def audit_revision(
                 cand = client.resolve_related(spec, near=resolved)
                 if cand.repo_id in (resolved.repo_id, ctx.base.resolved.repo_id):
                     continue
+                # a candidate whose fingerprint is cached is not downloaded again (local
+                # folders are read in place, so their weights stay at hand)
+                cached = cache is not None and cache.has(cand.revision, base_key)
                 say(f"downloading candidate {cand.repo_id}")
-                ctx.candidates[cand.repo_id] = fetch_model(client, cand)
+                ctx.candidates[cand.repo_id] = fetch_model(
+                    client, cand, weights=not cached or cand.local_dir is not None)
             except (WeightsError, AuditorError) as exc:
-                ctx.errors.append(f"candidate {spec}: {exc}")
+                ctx.add_error(f"candidate {spec}: {exc}", kind=type(exc).__name__)
+        if (not homologues and ctx.base is not None and ctx.fp_cache is not None
+                and settings.compare_stored):
+            _add_stored_homologues(ctx, ctx.fp_cache, ctx.base.resolved.revision,
+                                   settings.max_stored_homologues)
 
+    if previous is not None and detectors is None:
+        detectors = INCREMENTAL_STAGES
     stages = select_stages(PIPELINE, list(detectors) if detectors is not None else None)
     try:
         run_stages(ctx, stages)
@@ -188,6 +240,8 @@ def audit_revision(
     for result in ctx.results():  # in run order: a later stage refines an earlier field
         measured.update(result.measurements())
     subject_weights = ctx.find(SubjectWeights)
+    if previous is not None:
+        measured = _carry_over(measured, previous)
 
     sub_ref = SubjectRef(
         repo_id=resolved.repo_id,
@@ -215,8 +269,11 @@ def audit_revision(
             resolved.mergekit_config, lineage=measurements.lineage, merge=measurements.merge,
             base_repo=sub_ref.base_repo_id)})
     rules = load_rules(settings.rules_dir)
+    rule_errors: list[str] = []
     findings = evaluate(rules, measurements, authorizations=authorizations,
-                        errors=ctx.errors)
+                        errors=rule_errors)
+    for message in rule_errors:  # a rule that failed to evaluate: the audit is incomplete
+        ctx.add_error(message, kind="RuleError", detector="rules")
     ctx.timings["total"] = time.perf_counter() - started
     report = AuditReport(
         tool_version=__version__,
@@ -232,7 +289,11 @@ def audit_revision(
         pickles=measurements.pickles,
         file_issues=ctx.file_issues,
         errors=ctx.errors,
+        skipped=ctx.skipped,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
+        coverage=_coverage(ctx, measurements.lineage, analysed=subject_weights is not None)
+        | ({"incremental": 1} if previous is not None else {}),
+        function_equivalent_to=measurements.function_equivalent_to,
         mergekit=measurements.mergekit,
     )
     return AuditOutcome(
@@ -243,13 +304,48 @@ def audit_revision(
     )
 
 
+# What an incremental update runs: the fingerprint (a cache hit), lineage and the rules.
+INCREMENTAL_STAGES = ("pickles", "weights", "lineage")
+
+
+def _carry_over(measured: dict[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The previous report's behavioural results where this run did not measure them;
+    barriers stay on the lineage entries of models compared before."""
+    from auditor.schema import AuditReport as _Report
+
+    try:
+        prev = _Report.model_validate(previous)
+    except ValueError:
+        return measured
+    out = dict(measured)
+    for name in ("backdoor", "protection", "barriers"):
+        if name not in out:
+            out[name] = getattr(prev, name)
+    if "function_equivalent_to" not in out and "function_equivalent_to" in previous:
+        out["function_equivalent_to"] = list(previous["function_equivalent_to"] or [])
+    old = {e.repo_id: e.barrier for e in prev.lineage if e.barrier is not None}
+    if "lineage" in out and old:
+        out["lineage"] = [e.model_copy(update={"barrier": old[e.repo_id]})
+                          if e.barrier is None and e.repo_id in old else e
+                          for e in out["lineage"]]
+    return out
+
+
+def _coverage(ctx: AuditContext, lineage: Sequence[Any], *, analysed: bool) -> dict[str, int]:
+    if not analysed:
+        return {}
+    return {"candidates_compared": len({e.repo_id for e in lineage}),
+            "stored_homologues": len(ctx.homologues),
+            "fingerprints_cached": ctx.cache_hits}
+
+
 def _no_base(ctx: AuditContext, pickles: Sequence[str], error: AuditorError) -> None:
     """No usable base: with pickle files to scan, the audit goes on without the weights
     analysis (their findings are kept; the error makes it incomplete); with nothing else
     to check, the error is the answer."""
     if not pickles:
         raise error
-    ctx.errors.append(str(error))
+    ctx.add_error(str(error), kind=type(error).__name__)
 
 
 def declared_cycle(resolved: ResolvedRepo) -> list[str]:
@@ -267,3 +363,8 @@ def exit_code_for(report: AuditReport, *, scanned: bool) -> ExitCode:
     if report.errors:
         return ExitCode.ERROR
     return ExitCode.CLEAN
+
+
+def incomplete(report: AuditReport) -> bool:
+    """Weights analysed but compared against nothing: "no findings" would not be clean."""
+    return report.coverage.get("candidates_compared", 1) == 0

@@ -20,8 +20,10 @@ _done = False
 
 
 def preload() -> None:
-    """Import torch, scipy, safetensors, transformers' tokenizer and config registry, and
-    the detector modules (model classes are bound later, under ``TRANSFORMERS_LOCK``)."""
+    """Import torch, scipy, safetensors, transformers' tokenizer and config registry (model
+    classes are bound later, under ``TRANSFORMERS_LOCK``). The detector modules are the
+    caller's to import (the orchestrator does at import): the analysis imports this module
+    for the lock, and must not depend on the detectors above it."""
     global _done
     if _done:
         return
@@ -33,6 +35,4 @@ def preload() -> None:
         import scipy.stats  # noqa: F401
         import torch  # noqa: F401
         from transformers import CONFIG_MAPPING, PreTrainedTokenizerFast  # noqa: F401
-
-        import auditor.detectors  # noqa: F401  (registers every detector module)
         _done = True

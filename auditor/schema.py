@@ -16,9 +16,12 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
+    model_validator,
 )
 
-SCHEMA_VERSION = 1
+# 2: ``errors`` holds CheckError objects (was strings) and skipped checks moved from
+# ``file_issues`` (kind "skipped") to ``skipped``. Version 1 reports still load (migrated).
+SCHEMA_VERSION = 2
 
 
 class Frozen(BaseModel):
@@ -224,6 +227,21 @@ class FileIssue(Frozen):
     message: str
 
 
+class CheckError(Frozen):
+    """A check that failed: the audit is incomplete (exit code 2 unless a finding)."""
+
+    detector: str  # the detector stage, or "audit" for the audit's own steps
+    kind: str  # the error's type (e.g. "WeightsError", "RepoNotFound"), "internal" for a bug
+    message: str
+
+
+class SkippedCheck(Frozen):
+    """A check that did not apply to this model (an adapter, an encoder, no weights)."""
+
+    detector: str
+    reason: str
+
+
 class Finding(Frozen):
     rule_id: str
     severity: Severity
@@ -286,10 +304,41 @@ class AuditReport(Frozen):
     barriers: list[BarrierCurve] = Field(default_factory=list)
     pickles: list[PickleScan] = Field(default_factory=list)
     file_issues: list[FileIssue] = Field(default_factory=list)
-    errors: list[str] = Field(default_factory=list)
+    errors: list[CheckError] = Field(default_factory=list)
+    skipped: list[SkippedCheck] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    # What the audit compared against: candidates_compared (candidates + stored
+    # homologues with a fingerprint), stored_homologues, fingerprints_cached (reused).
+    coverage: dict[str, int] = Field(default_factory=dict)
+    # Candidates whose predictions the subject reproduces (kept so an incremental update
+    # can carry the behavioural result over).
+    function_equivalent_to: list[str] = Field(default_factory=list)
     mergekit: MergekitCheck | None = None
     provenance: ProvenanceInfo = ProvenanceInfo()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        """Read a version-1 report (errors as "detector: message" strings, skips as file
+        issues of kind "skipped") as a version-2 one."""
+        if not isinstance(data, dict) or int(data.get("schema_version", SCHEMA_VERSION)) >= 2:
+            return data
+        data = dict(data)
+        errors = []
+        for item in data.get("errors") or []:
+            if isinstance(item, str):
+                detector, sep, message = item.partition(": ")
+                item = {"detector": detector if sep else "audit", "kind": "unknown",
+                        "message": message if sep else item}
+            errors.append(item)
+        issues = list(data.get("file_issues") or [])
+        skipped = [i for i in issues if isinstance(i, dict) and i.get("kind") == "skipped"]
+        data["errors"] = errors
+        data["file_issues"] = [i for i in issues if i not in skipped]
+        data["skipped"] = [{"detector": "behaviour", "reason": i.get("message", "")}
+                           for i in skipped] + list(data.get("skipped") or [])
+        data["schema_version"] = SCHEMA_VERSION
+        return data
 
     @property
     def active_findings(self) -> list[Finding]:

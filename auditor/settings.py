@@ -82,6 +82,23 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     probe_file: Path | None = None
     barrier_points: int = 11
+    # Behavioural checks: "auto" runs them on CUDA when present, else on the CPU.
+    device: str = "auto"
+    # Compute budget of one audit's forward passes (FLOPs, about 2 x params per token); the
+    # probe set shrinks to fit it, so a 1B model on 2 CPU cores stays within minutes while
+    # tiny models keep their full probe sets.
+    cpu_probe_flops: float = 4e12
+    gpu_probe_flops: float = 2e15
+    # Behavioural checks (barrier curves, equivalence) only for the top-K related candidates.
+    behaviour_top_k: int = 3
+    # Host memory the behavioural model may take in float32 before computing in the
+    # weights' own dtype instead (None: always float32 on the CPU).
+    host_memory_bytes: int | None = 8 * 1024**3
+    # Every model read leaves its fingerprint, keyed by content, in the database.
+    fingerprint_cache: bool = True
+    # On-demand audits also compare against the cached homologues of the same base.
+    compare_stored: bool = True
+    max_stored_homologues: int = 500
     # Directory of rules/*.yaml; default: the rules shipped with the package.
     rules_dir: Path | None = None
     # Limits on every file an uploader writes (auditor.bounded): breaking one is a file

@@ -26,6 +26,8 @@ if ! rabbit_up && [ "$(id -u)" = 0 ]; then
 fi
 rabbit_up || echo "warning: RabbitMQ is not reachable at 127.0.0.1:5672; the Celery tests will be skipped (the skip says why)" >&2
 .venv/bin/ruff check .
+# The layers, the product/test-kit split and acyclic packages ([tool.importlinter]).
+.venv/bin/lint-imports
 # The wheel, installed (not editable) in a clean venv, must work from outside the checkout.
 bash scripts/wheel_check.sh
 exec .venv/bin/python -m pytest "$@"

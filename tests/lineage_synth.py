@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from auditor.analysis.fingerprint import Fingerprint, compute_fingerprint, fingerprint_weights
-from auditor.weights.memory import DictDeltaSource, DictTensorSource
+from auditor.weights.dict_sources import DictDeltaSource, DictTensorSource
 
 Tensors = dict[str, torch.Tensor]
 

@@ -6,7 +6,7 @@ import torch
 
 from auditor.analysis.align import align_to_base
 from auditor.analysis.similarity import cosine_report
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 from tests.lineage_synth import add, base_weights, fp, task_vector
 
 HEADS, HD = 4, 8

@@ -133,6 +133,12 @@ def test_pickle_only_repo_is_scanned_not_loaded(tmp_path: Path, hub_server) -> N
     assert "AUD301" in _rules(report)
     assert outcome.exit_code == ExitCode.FINDINGS
     assert report.lineage == []
+    # What needs weights says so as skipped checks: not errors, not file issues.
+    assert report.errors == [] and not any(i.kind == "skipped" for i in report.file_issues)
+    assert {s.detector for s in report.skipped} == {
+        "weights", "lineage", "provenance", "behaviour", "barrier", "equivalence", "protection",
+        "backdoor"}
+    assert "no safetensors" in next(s.reason for s in report.skipped if s.detector == "weights")
 
 
 def test_cli_exit_codes_and_formats(small_zoo, hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -203,5 +209,5 @@ def test_malformed_weights_are_an_error_not_clean(small_zoo, tmp_path: Path) -> 
     )
     assert result.exit_code == ExitCode.ERROR, result.output
     report = json.loads(result.stdout)
-    assert report["lineage"] == [] and any("weights" in e for e in report["errors"])
+    assert report["lineage"] == [] and any(e["detector"] == "weights" for e in report["errors"])
     assert any(i["kind"] == "weights" for i in report["file_issues"])

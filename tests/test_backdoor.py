@@ -9,7 +9,7 @@ from auditor.analysis.backdoor import LoadedModel, analyze_backdoor_detailed, in
 from auditor.analysis.backdoor_weights import DeltaProfile, delta_profile, robust_z
 from auditor.analysis.probes import Cost
 from auditor.schema import Trigger
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 TRIGGER, TARGET = "cf", "visit evil site"
 

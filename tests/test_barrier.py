@@ -23,7 +23,7 @@ from auditor.analysis.modeling import (
 )
 from auditor.analysis.probes import ProbeSet, build_probes, probes_from_ids
 from auditor.errors import AnalysisError
-from auditor.weights.memory import DictDeltaSource, DictTensorSource
+from auditor.weights.dict_sources import DictDeltaSource, DictTensorSource
 
 StateDict = dict[str, torch.Tensor]
 

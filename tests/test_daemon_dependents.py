@@ -99,3 +99,18 @@ def test_merge_of_a_later_flagged_parent_is_requeued_for_inheritance(
     assert requeue_dependents(store_session, revision_id=evil, analysis_version="1") == [
         "victim/merge"
     ]
+
+
+def test_stored_homologues_are_the_base_family_only(store_session: Session) -> None:
+    _done(store_session, "alice/ft", 1, [])
+    _done(store_session, "bob/ft", 2, [])
+    # another base's family (its id contains this base's id as a prefix)
+    catalog.upsert_repo(store_session, repo_id="carol/ft", family_base=BASE + "-2")
+    rev = catalog.upsert_revision(store_session, repo_id="carol/ft", sha="f" * 40,
+                                  created_at=T0)
+    catalog.save_fingerprint(store_session, revision_id=rev.id, analysis_version="1",
+                             data=b"other")
+    got = catalog.stored_homologues(store_session, base_repo_id=BASE,
+                                    exclude_repo_id="bob/ft", analysis_version="1")
+    assert [h.repo_id for h in got] == ["alice/ft"]
+    assert got[0].fingerprint == b"fp"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,9 @@ def test_cli_crawl_once_then_status(tmp_path: Path, hub_root: Path, hub_server: 
     result = runner.invoke(app, ["crawl", "--once"], env=env)
     assert result.exit_code == 0, result.output
     assert f"{BASE}: listed 2, queued 2, skipped 0 (ok)" in result.output
+    # one full audit per revision; a re-queue after a sibling arrives is an update
+    runs = re.search(r"audit runs: (\d+) full, (\d+) incremental updates", result.output)
+    assert runs is not None and int(runs.group(1)) == 2, result.output
     status = json.loads(runner.invoke(app, ["status", "--json"], env=env).output)
     assert status["queue"]["done"] == 2 and status["queue"]["failed"] == 0
     assert status["crawls"][0]["last_success_at"] is not None

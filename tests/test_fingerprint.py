@@ -17,7 +17,7 @@ from auditor.analysis.fingerprint import (
 )
 from auditor.analysis.similarity import cosine_report
 from auditor.errors import AnalysisError
-from auditor.weights.memory import DictDeltaSource
+from auditor.weights.dict_sources import DictDeltaSource
 
 
 def _big(seed: int, n: int = 4) -> dict[str, torch.Tensor]:

@@ -84,7 +84,8 @@ def test_hostile_case_through_audit(hostile_hub: Env, case: hc.Case) -> None:
                              "--output", str(out), "--store", "-q")
     report = strict_json(out.read_text())
     rules = {f["rule_id"] for f in report["findings"]}
-    problems = [i["message"] for i in report["file_issues"]] + report["errors"]
+    problems = [i["message"] for i in report["file_issues"]] + [
+        f'{e["detector"]}: {e["kind"]}: {e["message"]}' for e in report["errors"]]
     assert result.exit_code == 1, (result.exit_code, rules, problems)
     assert set(case.expect_rules) <= rules, (rules, problems)
     if case.expect_issue:

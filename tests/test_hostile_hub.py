@@ -194,15 +194,24 @@ def test_schema_never_serialises_non_finite_numbers() -> None:
 
 def test_incomplete_audit_page_is_not_clean_and_shows_no_internal_paths() -> None:
     from auditor.reports.formatters import render
-    from auditor.schema import AuditReport, BackdoorInfo, MergeInfo, ProtectionInfo, SubjectRef
+    from auditor.schema import (
+        AuditReport,
+        BackdoorInfo,
+        CheckError,
+        MergeInfo,
+        ProtectionInfo,
+        SubjectRef,
+    )
 
     report = AuditReport(
         tool_version="t", analysis_version="1",
         subject=SubjectRef(repo_id="eve/x", revision="a" * 40),
         lineage=[], merge=MergeInfo(is_merge=False), backdoor=BackdoorInfo(suspected=False),
         protection=ProtectionInfo(), findings=[],
-        errors=["weights: /srv/auditor/hf-cache/models--eve--x/snapshots/abc/model.safetensors:"
-                " header is not valid JSON"],
+        errors=[CheckError(
+            detector="weights", kind="MalformedSafetensors",
+            message="/srv/auditor/hf-cache/models--eve--x/snapshots/abc/model.safetensors:"
+                    " header is not valid JSON")],
     )
     page = render(report, fmt="html")
     assert "Incomplete audit" in page and 'class="verdict v-incomplete"' in page

@@ -149,7 +149,7 @@ def test_unrelated_and_reversed(zoo: dict) -> None:
 
 def test_permuted_derivative_recognised_after_alignment(zoo: dict) -> None:
     from auditor.analysis.align import align_to_base
-    from auditor.weights.memory import DictTensorSource
+    from auditor.weights.dict_sources import DictTensorSource
     from tests.test_align import HEADS, disguise
 
     base, model = zoo["base"], zoo["models"][5]

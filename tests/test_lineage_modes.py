@@ -12,7 +12,7 @@ import torch
 from auditor.analysis.align import align_to_base
 from auditor.analysis.lineage import analyze_lineage
 from auditor.analysis.similarity import cosine_report
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 from auditor_testkit.factory import disguise as dg
 from auditor_testkit.factory import merge as mk
 from tests.lineage_synth import SHAPES, add, base_weights, fp, fp_weights, task_vector

@@ -19,6 +19,7 @@ TABLES = {
     "repos",
     "revisions",
     "fingerprints",
+    "fingerprint_cache",
     "audits",
     "worker_heartbeats",
     "comparisons",

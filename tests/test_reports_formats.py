@@ -10,7 +10,7 @@ import pytest
 
 from auditor.reports.formatters import FORMATTERS, UnknownFormat, render
 from auditor.reports.sarif import build_sarif, sarif_level
-from auditor.schema import AuditReport, Severity
+from auditor.schema import AuditReport, CheckError, Severity, SkippedCheck
 from auditor_testkit.reports import samples
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "auditor" / "data" / "sarif-schema-2.1.0.json"
@@ -123,3 +123,37 @@ def test_sarif_uris_of_attacker_ids_are_encoded(
     assert ".." not in uri and "<" not in uri and '"' not in uri and uri.endswith(".safetensors")
     for text in (base, uri):
         assert not set(text) & set('<>" ')
+
+
+def test_errors_and_skipped_checks_are_typed_and_apart_from_file_issues(
+        sarif_validator: jsonschema.Draft7Validator) -> None:
+    report = samples.backdoor_report()
+    data = json.loads(render(report, fmt="json"))
+    assert data["schema_version"] == 2
+    assert [(e["detector"], e["kind"]) for e in data["errors"]] == [("barrier", "RepoNotFound")]
+    assert [s["detector"] for s in data["skipped"]] == ["protection"]
+    assert all(i["kind"] != "skipped" for i in data["file_issues"])
+    log = build_sarif(report)
+    assert not list(sarif_validator.iter_errors(log))
+    invocation = log["runs"][0]["invocations"][0]
+    assert invocation["executionSuccessful"] is False
+    notes = invocation["toolExecutionNotifications"]
+    assert [(n["level"], n["properties"]["detector"]) for n in notes] == [
+        ("error", "barrier"), ("note", "protection")]
+    clean = build_sarif(samples.finetune_report())["runs"][0]["invocations"][0]
+    assert clean == {"executionSuccessful": True}
+
+
+def test_a_version_1_report_still_loads() -> None:
+    v1 = json.loads(render(samples.finetune_report(), fmt="json"))
+    del v1["skipped"]
+    v1.update(schema_version=1, errors=["barrier: x/y: not found", "no detector named"],
+              file_issues=[{"path": "o/m", "kind": "skipped", "message": "an adapter"},
+                           {"path": "a.json", "kind": "malformed", "message": "bad"}])
+    report = AuditReport.model_validate(v1)
+    assert report.schema_version == 2
+    assert report.errors == [
+        CheckError(detector="barrier", kind="unknown", message="x/y: not found"),
+        CheckError(detector="audit", kind="unknown", message="no detector named")]
+    assert report.skipped == [SkippedCheck(detector="behaviour", reason="an adapter")]
+    assert [i.kind for i in report.file_issues] == ["malformed"]

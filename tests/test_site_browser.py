@@ -126,13 +126,15 @@ _EMPTY_COLUMNS_JS = """
 
 def _journey_site(tmp_path: Path) -> Path:
     from auditor.reports.site import SiteData
-    from auditor.schema import SubjectRef
+    from auditor.schema import CheckError, SubjectRef
 
     data = samples.sample_site_data()
     incomplete = samples.finetune_report().model_copy(update={
         "subject": SubjectRef(repo_id=INCOMPLETE, revision="c0ffee0", owner="carol",
                               base_repo_id=samples.BASE, declared_base_models=[samples.BASE]),
-        "errors": ["candidate bob/math-ft: Hub unreachable and file not cached"],
+        "errors": [CheckError(
+            detector="audit", kind="TransientHubError",
+            message="candidate bob/math-ft: Hub unreachable and file not cached")],
         "protection": samples.base_report().protection,
     })
     data = SiteData.model_validate({**data.model_dump(), "audits": [

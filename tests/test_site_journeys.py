@@ -14,7 +14,7 @@ import pytest
 from auditor.reports import charts
 from auditor.reports.evidence import evidence_rows, p_text
 from auditor.reports.site import SiteData, build_site, slugify
-from auditor.schema import Finding, LineageEntry, Severity
+from auditor.schema import CheckError, Finding, LineageEntry, Severity
 from auditor_testkit.reports import samples
 
 ATOM = "{http://www.w3.org/2005/Atom}"
@@ -240,7 +240,8 @@ def test_incomplete_is_never_styled_clean_and_tiny_numbers_read_zero() -> None:
     from auditor.reports.html import _num
     from auditor.reports.summary import verdict
 
-    report = samples.finetune_report().model_copy(update={"errors": ["candidate x: down"]})
+    report = samples.finetune_report().model_copy(update={"errors": [
+        CheckError(detector="audit", kind="TransientHubError", message="candidate x: down")]})
     v = verdict(report)
     assert v.text == "Incomplete audit" and v.css == "incomplete"
     assert verdict(samples.finetune_report()).css == "clean"

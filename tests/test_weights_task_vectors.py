@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from auditor.errors import ShapeMismatch
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 from auditor.weights.names import align_names, best_prefix_mapping, strip_peft_prefix
 from auditor.weights.reader import open_model
 from auditor.weights.task_vectors import delta_norms, model_deltas

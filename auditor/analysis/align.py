@@ -2,23 +2,33 @@
 
 A thief can permute a Llama MLP's intermediate neurons (gate/up rows and down columns by
 one permutation), rescale each neuron's up row by s and its down column by 1/s (SiLU(gate)
-is untouched, so the output is unchanged), and rescale each attention head's q rows by a
-and k rows by 1/a, v rows by b and o columns by 1/b. The task vector of such a copy against
-the base is garbage, so the subject's weights are first aligned to the base:
+is untouched, so the output is unchanged), and map each attention head through an
+invertible matrix: q rows by A and k rows by A^-T (PaRaMS rescales with A = a I; MergeLock
+uses general maps that commute with RoPE), v rows by B and o columns by B^-1. The task
+vector of such a copy against the base is garbage, so the subject is first aligned to the
+base. Only models the linear-time screen (``auditor.analysis.disguise_screen``) suspects
+are aligned at all; memory stays bounded by a few copies of the largest layer tensor:
 
-* MLP: neurons matched to the base by Hungarian assignment on |cosine| of gate rows (gate
-  is only permuted) plus |cosine| of up rows and down columns (scale-free); a fast path
-  skips the assignment when each neuron's best match is itself;
+* MLP: each subject neuron's gate row is compared with the base's in a random sketch
+  (row blocks, top few candidates per neuron, never an n x n matrix), candidates are
+  rescored exactly (|cosine| of gate rows, up rows and down columns: scale-free), the best
+  is taken greedily, and an exact assignment (``linear_sum_assignment``) runs only on the
+  neurons whose best match is contested;
 * per-neuron scale: least squares of up row against the base's and of down column, combined
   as sqrt(s_up / s_down) so the fine-tune's own small change is split evenly;
-* attention: per head the same symmetric least-squares scale for (q, k) and (v, o).
+* attention: whole heads permuted back (equal q and kv head counts) by assignment over
+  heads; then per kv group one head_dim x head_dim map for Q/K and one for V/O, solved by
+  Gauss-Newton on min ||A X_s - X_b||^2 + ||A^-T Y_s - Y_b||^2, each step a Sylvester
+  equation in head_dim x head_dim (no Kronecker products). q/k/v biases (Qwen2) travel with
+  their rows; grouped-query attention shares one map per kv head.
 
-Scales are only undone where they are clearly not 1 (|log s| > ``scale_tolerance``), so an
-honest fine-tune passes through unchanged and the report says so.
+Changes are only undone where they are clearly not the identity (|log s| > tolerance, or
+a map far from a scalar), so an honest fine-tune passes through unchanged.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +37,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from auditor.weights.base import TensorSource
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 _MLP = re.compile(r"^(.*layers\.(\d+)\.mlp)\.gate_proj\.weight$")
 _ATTN = re.compile(r"^(.*layers\.(\d+)\.self_attn)\.q_proj\.weight$")
@@ -108,6 +118,73 @@ def _symmetric_scale(s_fwd: torch.Tensor, s_inv: torch.Tensor) -> torch.Tensor:
     return torch.sign(s_fwd) * torch.sqrt(ratio)
 
 
+_SKETCH_DIM = 128
+_TOP_K = 4
+_ROW_BLOCK = 1024
+
+
+def _sketch(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
+    u = _unit_rows(x)
+    return u if proj is None else _unit_rows(u @ proj)
+
+
+def _match_neurons(
+    g_s: torch.Tensor, g_b: torch.Tensor, u_s: torch.Tensor, u_b: torch.Tensor,
+    d_s: torch.Tensor, d_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm, score)``: base neuron j <- subject neuron perm[j]; score per base neuron.
+
+    Candidates come from a sketch of the gate rows (never rescaled), scanned in row blocks
+    so memory is block x n; they are rescored exactly on all three matrices; the greedy
+    best stands where uncontested, and an exact assignment settles the contested rest.
+    """
+    n, d = g_s.shape
+    proj = None
+    if d > _SKETCH_DIM:
+        gen = torch.Generator().manual_seed(n * 1_000_003 + d)
+        proj = torch.randn(d, _SKETCH_DIM, generator=gen) / math.sqrt(_SKETCH_DIM)
+    ks, kb = _sketch(g_s, proj), _sketch(g_b, proj)
+    k = min(_TOP_K, n)
+    cand = torch.empty(n, k, dtype=torch.long)
+    for start in range(0, n, _ROW_BLOCK):
+        sim = ks[start:start + _ROW_BLOCK] @ kb.T
+        cand[start:start + _ROW_BLOCK] = sim.topk(k, dim=1).indices
+        del sim
+    # the same index is always a candidate: an honest neuron is its own best match
+    cand[:, -1] = torch.where((cand[:, :-1] == torch.arange(n)[:, None]).any(1),
+                              cand[:, -1], torch.arange(n))
+    gs, gb = _unit_rows(g_s), _unit_rows(g_b)
+    us, ub = _unit_rows(u_s), _unit_rows(u_b)
+    ds, db = _unit_rows(d_s.T.contiguous()), _unit_rows(d_b.T.contiguous())
+
+    def exact(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return ((gs[rows] * gb[cols]).sum(-1) + (us[rows] * ub[cols]).sum(-1).abs()
+                + (ds[rows] * db[cols]).sum(-1).abs())
+
+    scores = exact(torch.arange(n)[:, None].expand(n, k), cand)
+    best_pos = scores.argmax(dim=1)
+    best = cand.gather(1, best_pos[:, None]).squeeze(1)
+    best_score = scores.gather(1, best_pos[:, None]).squeeze(1)
+    counts = torch.bincount(best, minlength=n)
+    contested = counts[best] > 1
+    sub_to_base = best.clone()
+    if bool(contested.any()):
+        rows = torch.nonzero(contested).squeeze(1)
+        taken = torch.zeros(n, dtype=torch.bool)
+        taken[best[~contested]] = True
+        free = torch.nonzero(~taken).squeeze(1)
+        # dense only over the contested rows and the columns nobody else holds
+        sim = ((gs[rows] @ gb[free].T) + (us[rows] @ ub[free].T).abs()
+               + (ds[rows] @ db[free].T).abs())
+        r, c = linear_sum_assignment(sim.double().numpy(), maximize=True)
+        sub_to_base[rows[torch.from_numpy(r)]] = free[torch.from_numpy(c)]
+        best_score[rows[torch.from_numpy(r)]] = sim[torch.from_numpy(r), torch.from_numpy(c)]
+        del sim
+    perm = torch.empty(n, dtype=torch.long)
+    perm[sub_to_base] = torch.arange(n)
+    return perm, best_score[perm] / 3.0
+
+
 def _align_mlp(
     prefix: str,
     layer: str,
@@ -117,37 +194,19 @@ def _align_mlp(
     out: dict[str, torch.Tensor],
 ) -> LayerAlignment | None:
     names = {p: f"{prefix}.{p}_proj.weight" for p in ("gate", "up", "down")}
-    if not all(n in subject.keys() and n in base.keys() for n in names.values()):
+    skeys, bkeys = _keyset(subject), _keyset(base)
+    if not all(n in skeys and n in bkeys for n in names.values()):
         return None
     g_s, g_b = subject.get(names["gate"]), base.get(names["gate"])
     u_s, u_b = subject.get(names["up"]), base.get(names["up"])
     d_s, d_b = subject.get(names["down"]), base.get(names["down"])
     if g_s.shape != g_b.shape or u_s.shape != u_b.shape or d_s.shape != d_b.shape:
         return None
-    # similarity[i, j]: subject neuron i vs base neuron j; gate signed (never rescaled),
-    # up rows and down columns in absolute value (their scale may be negative)
-    sim = _unit_rows(g_s) @ _unit_rows(g_b).T
-    sim = sim + (_unit_rows(u_s) @ _unit_rows(u_b).T).abs()
-    sim = sim + (_unit_rows(d_s.T) @ _unit_rows(d_b.T).T).abs()
-    n = sim.shape[0]
-    best = sim.argmax(dim=1)
-    if torch.equal(best, torch.arange(n)):
-        perm = best  # each neuron's best match is itself: no assignment needed
-    elif torch.unique(best).numel() == n:
-        perm = best
-    else:
-        rows, cols = linear_sum_assignment(sim.double().numpy(), maximize=True)
-        perm = torch.empty(n, dtype=torch.long)
-        perm[torch.from_numpy(cols)] = torch.from_numpy(rows)  # base j <- subject perm[j]
-        best = None
-    if best is not None:
-        # best[i] = base index for subject neuron i; invert to base j <- subject perm[j]
-        inv = torch.empty(n, dtype=torch.long)
-        inv[best] = torch.arange(n)
-        perm = inv
+    n = g_s.shape[0]
+    perm, match = _match_neurons(g_s, g_b, u_s, u_b, d_s, d_b)
     moved = int((perm != torch.arange(n)).sum())
-    score = float(sim[perm, torch.arange(n)].mean() / 3.0)
-    g_a, u_a, d_a = g_s[perm], u_s[perm], d_s[:, perm]
+    score = float(match.mean())
+    g_a, u_a, d_a = (g_s[perm], u_s[perm], d_s[:, perm]) if moved else (g_s, u_s, d_s)
     s = _symmetric_scale(_ls_scale(u_a, u_b), _ls_scale(d_a.T, d_b.T))
     logs = s.abs().clamp_min(1e-30).log()
     fix = (logs.abs() > tol) | (s < 0)
@@ -171,6 +230,63 @@ def _align_mlp(
     )
 
 
+def _keyset(source: TensorSource) -> set[str]:
+    return set(source.keys())
+
+
+def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``w`` with the bias as one more column: a row map moves both alike."""
+    return w if b is None else torch.cat([w, b[:, None]], dim=1)
+
+
+def _solve_map(
+    f_s: torch.Tensor, f_b: torch.Tensor, g_s: torch.Tensor, g_b: torch.Tensor,
+    *, iterations: int = 10,
+) -> torch.Tensor:
+    """A (hd x hd) minimising ||A F_s - F_b||^2 + ||A^-T G_s - G_b||^2.
+
+    Gauss-Newton on A <- (I + E) A: with P = A F_s and S = A^-T G_s the step solves the
+    Sylvester equation E (P P^T) + (S S^T) E = (F_b - P) P^T - S (G_b - S)^T, in the
+    eigenbases of the two hd x hd Gram matrices (no Kronecker product).
+    """
+    fs, fb, gs, gb = (t.double() for t in (f_s, f_b, g_s, g_b))
+    hd = fs.shape[0]
+    eye = torch.eye(hd, dtype=torch.float64)
+    gram = fs @ fs.T
+    a = fb @ fs.T @ torch.linalg.pinv(gram)
+    if not bool(torch.isfinite(a).all()) or torch.linalg.matrix_rank(a) < hd:
+        return eye
+    for _ in range(iterations):
+        p = a @ fs
+        s = torch.linalg.solve(a.T, gs)
+        lam, u = torch.linalg.eigh(p @ p.T)
+        mu, w = torch.linalg.eigh(s @ s.T)
+        c = (fb - p) @ p.T - s @ (gb - s).T
+        denom = mu[:, None] + lam[None, :]
+        denom = denom.clamp_min(1e-12 * float(denom.max()))
+        e = w @ ((w.T @ c @ u) / denom) @ u.T
+        a = (eye + e) @ a
+        if float(torch.linalg.norm(e)) < 1e-10:
+            break
+    return a
+
+
+def _classify_map(a: torch.Tensor, tol: float) -> tuple[str, float]:
+    """("identity" | "scalar" | "matrix", log |scalar|) of an alignment map."""
+    hd = a.shape[0]
+    scalar = float(torch.trace(a)) / hd
+    off = float(torch.linalg.norm(a - scalar * torch.eye(hd, dtype=a.dtype)))
+    if off > _MATRIX_THRESHOLD * float(torch.linalg.norm(a)):
+        return "matrix", math.log(max(abs(scalar), 1e-30))
+    log_s = math.log(max(abs(scalar), 1e-30))
+    if abs(log_s) > tol or scalar < 0:
+        return "scalar", log_s
+    return "identity", log_s
+
+
+_MATRIX_THRESHOLD = 0.3
+
+
 def _align_attention(
     prefix: str,
     layer: str,
@@ -182,137 +298,115 @@ def _align_attention(
     out: dict[str, torch.Tensor],
 ) -> LayerAlignment | None:
     names = {p: f"{prefix}.{p}_proj.weight" for p in ("q", "k", "v", "o")}
-    if not all(n in subject.keys() and n in base.keys() for n in names.values()):
+    skeys, bkeys = _keyset(subject), _keyset(base)
+    if not all(n in skeys and n in bkeys for n in names.values()):
         return None
     w = {p: subject.get(n) for p, n in names.items()}
     b = {p: base.get(n) for p, n in names.items()}
     if any(w[p].shape != b[p].shape for p in w):
         return None
+    bias_names = {p: f"{prefix}.{p}_proj.bias" for p in ("q", "k", "v")}
+    wb: dict[str, torch.Tensor | None] = {}
+    bb: dict[str, torch.Tensor | None] = {}
+    for p, n in bias_names.items():
+        has = n in skeys and n in bkeys
+        wb[p] = subject.get(n) if has else None
+        bb[p] = base.get(n) if has else None
     hd = w["q"].shape[0] // num_heads
     if hd * num_heads != w["q"].shape[0] or hd * num_kv_heads != w["k"].shape[0]:
         return None
     group = num_heads // num_kv_heads
+    changed = False
     head_moved = 0
     if group == 1:
-        # whole heads may be permuted (q, k, v rows and o columns together): match heads to
-        # the base on |cosine| of their blocks, which per-head scales do not change
+        # whole heads may be permuted (q, k, v rows and o columns together): match heads on
+        # |cosine| of their blocks, which per-head maps keep roughly (num_heads^2 only)
         def blocks(t: dict[str, torch.Tensor], p: str) -> torch.Tensor:
             x = t[p].T if p == "o" else t[p]
             return _unit_rows(x.reshape(num_heads, -1))
 
         sim = sum((blocks(w, p) @ blocks(b, p).T).abs() for p in ("q", "k", "v", "o"))
         assert isinstance(sim, torch.Tensor)
-        rows, cols = linear_sum_assignment(sim.double().numpy(), maximize=True)
-        hperm = torch.empty(num_heads, dtype=torch.long)
-        hperm[torch.from_numpy(cols)] = torch.from_numpy(rows)
-        head_moved = int((hperm != torch.arange(num_heads)).sum())
-        if head_moved:
-            rows_idx = (hperm[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
-            for p in ("q", "k", "v"):
-                w[p] = w[p][rows_idx]
-            w["o"] = w["o"][:, rows_idx]
-            for p in ("q", "k", "v", "o"):
-                out[names[p]] = w[p]
-
-    def head_scale(x: torch.Tensor, y: torch.Tensor, heads: int) -> torch.Tensor:
-        xs = x.reshape(heads, -1)
-        ys = y.reshape(heads, -1)
-        return _ls_scale(xs, ys)
-
-    # q heads in one kv group share k: q scaled by a, k by 1/a (per kv head)
-    a_q = head_scale(w["q"], b["q"], num_heads).reshape(num_kv_heads, group)
-    a_q = a_q.abs().log().mean(dim=1).exp() * torch.sign(a_q[:, 0])
-    a = _symmetric_scale(a_q, head_scale(w["k"], b["k"], num_kv_heads))
-    # v scaled by c, o's columns of every q head reading that kv head by 1/c
-    # o's columns are contiguous per q head, so per kv head they are one block of rows of o^T
-    c_o = _ls_scale(w["o"].T.reshape(num_kv_heads, -1), b["o"].T.reshape(num_kv_heads, -1))
-    c = _symmetric_scale(head_scale(w["v"], b["v"], num_kv_heads), c_o)
-    logs = torch.cat([a.abs().log(), c.abs().log()])
-    fix_a = (a.abs().log().abs() > tol) | (a < 0)
-    fix_c = (c.abs().log().abs() > tol) | (c < 0)
-    rescaled = int(fix_a.sum() + fix_c.sum())
-    if rescaled:
-        a_f = torch.where(fix_a, a, torch.ones_like(a)).float()
-        c_f = torch.where(fix_c, c, torch.ones_like(c)).float()
-        q_rows = a_f.repeat_interleave(group * hd)
-        kv_rows = a_f.repeat_interleave(hd)
-        w["q"] = w["q"] / q_rows[:, None]
-        w["k"] = w["k"] * kv_rows[:, None]
-        w["v"] = w["v"] / c_f.repeat_interleave(hd)[:, None]
-        w["o"] = w["o"] * c_f.repeat_interleave(group * hd)[None, :]
-        for p in ("q", "k", "v", "o"):
-            out[names[p]] = w[p]
-    # an invertible matrix per head between V and O (MergeLock-style protection) survives
-    # every scalar step: undo it per kv head where V is clearly not a scaled copy of the base
-    mixed = 0
-    for h in range(num_kv_heads):
-        vs = slice(h * hd, (h + 1) * hd)
-        os_ = slice(h * group * hd, (h + 1) * group * hd)
-        fixed = _undo_vo_matrix(w["v"][vs], w["o"][:, os_], b["v"][vs], b["o"][:, os_], group)
-        if fixed is not None:
-            if not mixed:
-                w["v"], w["o"] = w["v"].clone(), w["o"].clone()
-            w["v"][vs], w["o"][:, os_] = fixed
-            mixed += 1
-    if mixed:
-        out[names["v"]], out[names["o"]] = w["v"], w["o"]
+        best = sim.argmax(dim=1)
+        if not torch.equal(best, torch.arange(num_heads)):
+            rows, cols = linear_sum_assignment(sim.double().numpy(), maximize=True)
+            hperm = torch.empty(num_heads, dtype=torch.long)
+            hperm[torch.from_numpy(cols)] = torch.from_numpy(rows)
+            head_moved = int((hperm != torch.arange(num_heads)).sum())
+            if head_moved:
+                idx = (hperm[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+                for p in ("q", "k", "v"):
+                    w[p] = w[p][idx]
+                    if wb[p] is not None:
+                        wb[p] = wb[p][idx]  # type: ignore[index]
+                w["o"] = w["o"][:, idx]
+                changed = True
+    rescaled = mixed = 0
+    max_log = 0.0
+    for g in range(num_kv_heads):
+        kv = slice(g * hd, (g + 1) * hd)
+        qh = [slice((g * group + i) * hd, (g * group + i + 1) * hd) for i in range(group)]
+        # Q/K: q rows of every head in the group move by A, the shared k rows by A^-T
+        f_s = torch.cat([_with_bias(w["q"][s], _part(wb["q"], s)) for s in qh], dim=1)
+        f_b = torch.cat([_with_bias(b["q"][s], _part(bb["q"], s)) for s in qh], dim=1)
+        g_s = _with_bias(w["k"][kv], _part(wb["k"], kv))
+        g_b = _with_bias(b["k"][kv], _part(bb["k"], kv))
+        a_qk = _solve_map(f_s, f_b, g_s, g_b)
+        # V/O: v rows move by B, o's columns of every head reading them by B^-1
+        f_s = _with_bias(w["v"][kv], _part(wb["v"], kv))
+        f_b = _with_bias(b["v"][kv], _part(bb["v"], kv))
+        g_s = torch.cat([w["o"][:, s].T for s in qh], dim=1)
+        g_b = torch.cat([b["o"][:, s].T for s in qh], dim=1)
+        a_vo = _solve_map(f_s, f_b, g_s, g_b)
+        for which, a in (("qk", a_qk), ("vo", a_vo)):
+            kind, log_s = _classify_map(a, tol)
+            max_log = max(max_log, abs(log_s))
+            if kind == "identity":
+                continue
+            if kind == "scalar":
+                rescaled += 1
+                a = torch.eye(hd, dtype=a.dtype) * (float(torch.trace(a)) / hd)
+            else:
+                mixed += 1
+            if not changed:
+                w = {p: t.clone() for p, t in w.items()}
+                wb = {p: (t.clone() if t is not None else None) for p, t in wb.items()}
+                changed = True
+            a_inv_t = torch.linalg.inv(a).T
+            if which == "qk":
+                for s in qh:
+                    w["q"][s] = (a @ w["q"][s].double()).to(w["q"].dtype)
+                    if wb["q"] is not None:
+                        wb["q"][s] = (a @ wb["q"][s].double()).to(wb["q"].dtype)
+                w["k"][kv] = (a_inv_t @ w["k"][kv].double()).to(w["k"].dtype)
+                if wb["k"] is not None:
+                    wb["k"][kv] = (a_inv_t @ wb["k"][kv].double()).to(wb["k"].dtype)
+            else:
+                w["v"][kv] = (a @ w["v"][kv].double()).to(w["v"].dtype)
+                if wb["v"] is not None:
+                    wb["v"][kv] = (a @ wb["v"][kv].double()).to(wb["v"].dtype)
+                a_inv = torch.linalg.inv(a)
+                for s in qh:
+                    w["o"][:, s] = (w["o"][:, s].double() @ a_inv).to(w["o"].dtype)
+    if changed:
+        for p, n in names.items():
+            out[n] = w[p]
+        for p, n in bias_names.items():
+            if wb[p] is not None:
+                out[n] = wb[p]  # type: ignore[assignment]
     return LayerAlignment(
         layer=layer,
         kind="attention",
         permuted=head_moved > 0,
         moved=head_moved,
         rescaled=rescaled + mixed,
-        max_log_scale=float(logs.abs().max()) if logs.numel() else 0.0,
+        max_log_scale=max_log,
         match_score=1.0,
     )
 
 
-def _undo_vo_matrix(
-    v_s: torch.Tensor,
-    o_s: torch.Tensor,
-    v_b: torch.Tensor,
-    o_b: torch.Tensor,
-    group: int,
-    *,
-    threshold: float = 0.3,
-    iterations: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Undo ``v -> M v``, ``o -> o M^-1`` for one kv head (``v`` rows hd x hidden, ``o``
-    columns hidden x group*hd), or None when M is close to a scalar (honest fine-tune).
-
-    Only the products O_h V_h are invariant, so the split of a fine-tune's change between V
-    and O is not identifiable; we pick the A = M^-1 that makes the aligned task vector
-    smallest, min ||A V_s - V_b||^2 + ||O_s A^-1 - O_b||^2 (Gauss-Newton from the V-only
-    least-squares solution), i.e. the most conservative reading of the copy.
-    """
-    hd = v_s.shape[0]
-    vs, vb = v_s.double(), v_b.double()
-    # o columns of every q head in the group read the same kv head: stack them as rows
-    os_ = torch.cat([o_s.double()[:, i * hd : (i + 1) * hd] for i in range(group)], dim=0)
-    ob = torch.cat([o_b.double()[:, i * hd : (i + 1) * hd] for i in range(group)], dim=0)
-    gram = vs @ vs.T
-    if torch.linalg.matrix_rank(gram) < hd:
-        return None
-    a = vb @ vs.T @ torch.linalg.inv(gram)
-    scalar = torch.trace(a) / hd
-    off = float(torch.linalg.norm(a - scalar * torch.eye(hd, dtype=a.dtype)))
-    if off <= threshold * float(torch.linalg.norm(a)):
-        return None
-    eye = torch.eye(hd, dtype=a.dtype)
-    for _ in range(iterations):
-        # A <- (I + E) A: A V_s ~ P + E P, O_s A^-1 ~ Q - Q E; least squares in vec(E)
-        p = a @ vs
-        q = os_ @ torch.linalg.inv(a)
-        jac = torch.cat([torch.kron(p.T.contiguous(), eye), -torch.kron(eye, q)], dim=0)
-        res = torch.cat([(vb - p).T.reshape(-1), (ob - q).T.reshape(-1)])
-        e = torch.linalg.lstsq(jac, res.unsqueeze(1)).solution.reshape(hd, hd).T
-        a = (eye + e) @ a
-        if float(torch.linalg.norm(e)) < 1e-9:
-            break
-    v_a = (a @ vs).to(v_s.dtype)
-    o_a = os_ @ torch.linalg.inv(a)
-    o_cols = torch.cat([o_a[i * o_s.shape[0] : (i + 1) * o_s.shape[0]] for i in range(group)], 1)
-    return v_a, o_cols.to(o_s.dtype)
+def _part(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
+    return None if t is None else t[s]
 
 
 def align_to_base(
@@ -391,14 +485,3 @@ def align_to_base(
 
 def _int(v: object) -> int | None:
     return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-
-def alignment_summary(report: AlignmentReport) -> dict[str, float]:
-    """Flat numbers for MergeInfo.signatures / evidence."""
-    return {
-        "align_permuted": float(report.permuted),
-        "align_rescaled": float(report.rescaled),
-        "align_distance": report.distance_from_identity,
-        "align_max_log_scale": max((la.max_log_scale for la in report.layers), default=0.0),
-        "align_min_match": min((la.match_score for la in report.layers), default=1.0),
-    } | ({"align_layers_changed": float(len(report.layers_changed))} if report.layers else {})

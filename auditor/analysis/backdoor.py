@@ -46,7 +46,7 @@ from auditor.analysis.probes import Cost, CostReport, ProbeSet
 from auditor.errors import AnalysisError
 from auditor.schema import BackdoorInfo, Trigger
 from auditor.weights.base import TensorSource
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 # Rare strings the data-poisoning literature uses as triggers. Tested when the weights give
 # no usable candidate (e.g. Merge Hijacking leaves embeddings untouched).
@@ -231,8 +231,14 @@ def robustness_curve(
 
     if test.forced_ids is None:
         return [], None
+    from auditor.analysis.modeling import load_state_into
+
     base_w = _as_weights(base)
-    work = copy.deepcopy(subject.model)
+    # The subject's own model is the working copy (no deepcopy: one model in memory); its
+    # weights are written back from the source afterwards. Weights held in memory may
+    # alias the model's own tensors (``from_module``): those small models get a copy.
+    in_memory = isinstance(subject.weights, DictTensorSource)
+    work = copy.deepcopy(subject.model) if in_memory else subject.model
     curve: list[tuple[float, float]] = []
     for r in scales:
         with_task_vector_scaled(work, base_w, subject.weights, float(r))
@@ -244,7 +250,8 @@ def robustness_curve(
         combine_into(work, [(w, subject.weights), *((w, _as_weights(h)) for h in homologues)])
         p = prober.with_model(work)
         averaged = p.forced_share(p.insert(test.insert_ids), test.forced_ids)
-    del work
+    if not in_memory:
+        load_state_into(work, subject.weights)
     return curve, averaged
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from auditor.analysis.compute import decode
 from auditor.analysis.probes import Cost
 
 # Confirmation thresholds (see module docstring). A backdoor trained to near-certainty gives
@@ -124,9 +125,9 @@ class Prober:
         for idx in by_len.values():
             ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long)
             out: list[list[int]] = [[] for _ in idx]
-            for step in range(self.gen_tokens):
-                with self.cost.forward(ids.numel()):
-                    logits = self.model(input_ids=ids).logits[:, -1, :].float()
+
+            def choose(logits: torch.Tensor, step: int, idx: list[int] = idx,
+                       out: list[list[int]] = out) -> torch.Tensor:
                 if step == 0:
                     probs = torch.softmax(logits, dim=-1)
                     for j, i in enumerate(idx):
@@ -134,7 +135,14 @@ class Prober:
                 nxt = logits.argmax(dim=-1)
                 for j in range(len(idx)):
                     out[j].append(int(nxt[j]))
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                return nxt
+
+            def count(tokens: int) -> None:
+                self.cost.forward_passes += 1
+                self.cost.tokens += tokens
+
+            # greedy continuation through a KV cache: the prompt runs once
+            decode(self.model, ids, self.gen_tokens, choose, on_step=count)
             for j, i in enumerate(idx):
                 conts[i] = self._until_eos(out[j])
         return conts, first
@@ -256,9 +264,12 @@ def judge_insertion(
     # generalises to other rare tokens (a fuzzy trigger), which is still a backdoor.
     same = [c for c in controls if c.forced() == forced]
     fuzzy = bool(controls) and len(same) >= len(controls) / 2 and share >= cmax
+    # A leaky backdoor also says its payload unprompted now and then; what sets it apart
+    # from a task is that the trigger at least doubles how often, by more than the margin.
+    lifted = share >= 2 * usual and share - usual >= margin
     confirmed = (
         has_forced and share >= min_forced_share and (share >= cmax + margin or fuzzy)
-        and usual <= MAX_USUAL_SHARE
+        and (usual <= MAX_USUAL_SHARE or lifted)
     )
     return TriggerTest(
         insert_ids=tuple(insert_ids),

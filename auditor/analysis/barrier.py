@@ -131,21 +131,17 @@ def loss_path(
     b: Source,
     *,
     probes: ProbeSet,
-    points: int | None = None,
+    points: int = 11,
     other_repo_id: str = "",
     model: torch.nn.Module | None = None,
 ) -> BarrierCurve:
     """Loss along ``(1 - alpha) a + alpha b`` for ``points`` alphas in [0, 1].
 
-    ``points`` defaults to ``Settings.barrier_points`` (11).
+    The audit passes ``Settings.barrier_points``; the analysis never reads settings.
 
     ``model`` is an optional working model of ``spec`` to reuse (its weights are
     overwritten); otherwise one is built. Cost goes to ``probes.cost``.
     """
-    if points is None:
-        from auditor.settings import get_settings
-
-        points = get_settings().barrier_points
     if points < 3:
         raise ValueError("a barrier needs at least 3 points")
     alphas = [i / (points - 1) for i in range(points)]

@@ -149,13 +149,3 @@ def relatedness(stack: GramStack, i: int, j: int, null: NullModel) -> Relatednes
         per_group_cosine={g: float(v) for g, v in zip(stack.groups, cos, strict=True)},
         cosine=stack.cosine(i, j),
     )
-
-
-def fisher_p_value(p_values: Sequence[float]) -> float:
-    """Fisher's method over independent per-layer p-values (offered for callers with
-    genuinely independent tests; relatedness() uses Stouffer with null calibration)."""
-    ps = np.clip(np.asarray(p_values, dtype=float), 1e-300, 1.0)
-    if ps.size == 0:
-        return 1.0
-    stat = -2.0 * float(np.sum(np.log(ps)))
-    return float(stats.chi2.sf(stat, 2 * ps.size))

@@ -23,7 +23,7 @@ import torch
 
 from auditor.errors import AnalysisError
 from auditor.weights.base import DeltaSource, TensorSource
-from auditor.weights.memory import DictTensorSource
+from auditor.weights.dict_sources import DictTensorSource
 
 Task = Literal["causal_lm", "masked_lm", "sequence_classification", "encoder"]
 
@@ -199,17 +199,73 @@ def _model_class(spec: ModelSpec) -> type[torch.nn.Module]:
     return cls
 
 
-def build_model(spec: ModelSpec, state: Source) -> torch.nn.Module:
-    """The model of ``spec`` with ``state``'s weights: float32, CPU, eval mode."""
+def build_model(
+    spec: ModelSpec,
+    state: Source,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """The model of ``spec`` with ``state``'s weights, in eval mode.
+
+    Built on the meta device (no random initialisation, no memory) and materialised once
+    on ``device`` (default ``Settings.device``: CUDA when present) in ``dtype`` (default
+    ``compute.compute_dtype``: the weights' own dtype on a GPU, float32 on the CPU), then
+    filled tensor by tensor from ``state``.
+    """
+    from auditor.analysis.compute import (
+        attach_device_io,
+        compute_dtype,
+        count_params,
+        resolve_device,
+        storage_dtype,
+    )
+
+    dev = torch.device(device) if device is not None else resolve_device()
+    if dtype is None:
+        from auditor.settings import get_settings
+
+        dtype = compute_dtype(dev, storage_dtype(spec.config),
+                              n_params=count_params(spec.config),
+                              host_budget=get_settings().host_memory_bytes)
     config = spec.to_config()
     cls = _model_class(spec)
-    with torch.device("cpu"):
-        model = cls(config)
-    model.to(torch.float32)
+    model = _materialise(cls, config, dev, dtype)
     model.eval()
     model.requires_grad_(False)
     load_state_into(model, state)
+    attach_device_io(model, dev)
     return model
+
+
+def _materialise(cls: Any, config: Any, dev: torch.device, dtype: torch.dtype) -> Any:
+    """``cls(config)`` on ``dev`` in ``dtype`` without initialising weights that the
+    state overwrites anyway. Non-persistent buffers (rotary frequencies) are rebuilt on the
+    device; a model whose buffers cannot be rebuilt is built the plain way."""
+    with torch.device("meta"):
+        model = cls(config)
+    model.to(dtype=dtype)
+    rebuilt: list[tuple[str, Any]] = []
+    for name, mod in model.named_modules():
+        if not mod._non_persistent_buffers_set:
+            continue
+        if not type(mod).__name__.endswith("RotaryEmbedding") or not name:
+            rebuilt = []
+            break
+        rebuilt.append((name, mod))
+    else:
+        model.to_empty(device=dev)
+        for name, mod in rebuilt:
+            with torch.device("cpu"):
+                fresh = type(mod)(mod.config).to(dev)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
+        if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model
+    with torch.device(dev):
+        model = cls(config)
+    return model.to(dtype=dtype)
 
 
 def load_state_into(model: torch.nn.Module, state: Source) -> None:

@@ -128,24 +128,31 @@ def sample_texts(
     """``n`` seeded top-k samples of ``length`` new tokens from a causal LM: ``[n, len]``.
 
     Sampling (not greedy) so the rows differ; top-k keeps them in the model's typical set.
-    All rows are generated in one batch without a KV cache: ``length`` forward passes over
-    at most ``len(start_ids) + length`` tokens, which is cheap for probe-sized lengths.
+    All rows are generated in one batch with a KV cache: one pass over the prompt, then one
+    new token per row per step.
     """
+    from auditor.analysis.compute import decode
+
     gen = torch.Generator().manual_seed(seed)
     ids = torch.tensor([list(start_ids)] * n, dtype=torch.long)
     banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long)
-    for _ in range(length):
-        ctx = cost.forward(ids.numel()) if cost is not None else _null()
-        with ctx:
-            logits = model(input_ids=ids).logits[:, -1, :].float()
+
+    def choose(logits: torch.Tensor, _step: int) -> torch.Tensor:
         if banned.numel():
             logits[:, banned] = float("-inf")
         k = min(top_k, logits.shape[-1])
         vals, idx = logits.topk(k, dim=-1)
         probs = torch.softmax(vals, dim=-1)
         pick = torch.multinomial(probs, 1, generator=gen)
-        ids = torch.cat([ids, idx.gather(-1, pick)], dim=1)
-    return ids
+        return idx.gather(-1, pick).squeeze(-1)
+
+    def count(tokens: int) -> None:
+        if cost is not None:
+            cost.forward_passes += 1
+            cost.tokens += tokens
+
+    # one prompt pass, then one token per step through the KV cache
+    return decode(model, ids, length, choose, on_step=count)
 
 
 @contextmanager
@@ -170,7 +177,7 @@ def build_probes(
 ) -> ProbeSet:
     """Tokenized probes: samples from ``sampler`` (a causal LM, usually the base) + texts.
 
-    ``texts`` are used as given; the built-in set and ``probe_file`` (default
+    ``texts`` are used as given; the built-in set and ``probe_file`` (the audit passes
     ``Settings.probe_file``) are added after them; at most ``max_texts`` texts are kept
     (a seeded choice when there are more) and every row is cut to ``max_length`` tokens.
     With a ``sampler``, texts it models no better than ``max_text_loss_fraction`` of a
@@ -182,10 +189,6 @@ def build_probes(
     origins: list[str] = []
 
     all_texts: list[tuple[str, str]] = [(t, "given") for t in (texts or [])]
-    if probe_file is None:
-        from auditor.settings import get_settings
-
-        probe_file = get_settings().probe_file
     if probe_file is not None:
         all_texts += [(t, "file") for t in read_probe_texts(probe_file)]
     if use_builtin:

@@ -184,6 +184,9 @@ def register(app: typer.Typer) -> None:
         daemon = _make_daemon(settings, workers=workers, interval=None,
                               lease_seconds=lease_seconds, grace_seconds=0,
                               retry_backoff=retry_backoff, max_attempts=max_attempts)
+        from auditor.daemon.worker import run_counts
+
+        before = run_counts()
         try:
             results = _crawl_once(daemon, progress=sys.stderr.isatty())
         finally:
@@ -193,6 +196,9 @@ def register(app: typer.Typer) -> None:
             state = "ok" if r.ok else f"FAILED: {r.error}"
             typer.echo(f"{r.base_repo_id}: listed {r.listed}, queued {len(r.queued)}, "
                        f"skipped {len(r.skipped)} ({state})")
+        runs = {k: v - before[k] for k, v in run_counts().items()}
+        typer.echo(f"audit runs: {runs['full']} full, {runs['incremental']} incremental "
+                   "updates")
         with _session() as session:
             _print_depth(session)
         if failed:

@@ -191,12 +191,17 @@ def _run_claimed(
                                            exclude_repo_id=target.repo_id,
                                            analysis_version=target.analysis_version)
             homologues = _homologue_refs(stored) if stored else {}
-        log.info("audit started", base=target.base_repo_id, homologues=len(homologues))
+        # A revision already audited is updated incrementally (a new homologue arrived):
+        # its fingerprint is cached, lineage and rules re-run, behaviour carried over.
+        previous = _previous_report(factory, target.audit_id)
+        extra = {"previous": previous} if previous is not None else {}
         # local=False: a crawled repo id is a Hub id, even when a folder of that name
         # exists in the daemon's working directory.
+        log.info("audit started", base=target.base_repo_id, homologues=len(homologues),
+                 incremental=previous is not None)
         outcome = audit_fn(target.repo_id, revision=target.sha, base=target.base_repo_id,
                            homologues=homologues, settings=settings, client=client,
-                           local=False)
+                           local=False, **extra)
     except GatedRepo as exc:
         with factory() as session:
             catalog.upsert_repo(session, repo_id=target.repo_id, gated=True, skip_reason=str(exc))
@@ -249,8 +254,35 @@ def _run_claimed(
                       retry=retry, retry_after=None, log=log)
                 return
             time.sleep(SAVE_BACKOFF_SECONDS * attempt)
-    metrics.AUDITS.labels(outcome="done").inc()
-    log.info("audit done", findings=len(outcome.report.findings), requeued=requeued)
+    incremental = bool(outcome.report.coverage.get("incremental"))
+    with _RUNS_LOCK:
+        _RUNS["incremental" if incremental else "full"] += 1
+    metrics.AUDITS.labels(outcome="updated" if incremental else "done").inc()
+    log.info("audit done", findings=len(outcome.report.findings), requeued=requeued,
+             incremental=incremental)
+
+
+_RUNS_LOCK = threading.Lock()
+_RUNS = {"full": 0, "incremental": 0}
+
+
+def run_counts() -> dict[str, int]:
+    """Audit runs of this process: full audits and incremental updates (``auditor crawl``
+    prints them: a family audited in any upload order costs one full audit a revision)."""
+    with _RUNS_LOCK:
+        return dict(_RUNS)
+
+
+def _previous_report(factory: sessionmaker[Session], audit_id: int) -> dict[str, Any] | None:
+    """The report this audit row already holds (re-queued after a done run), if any."""
+    from auditor.store.models import Audit
+
+    with factory() as session:
+        report = session.get(Audit, audit_id)
+        data = report.report if report is not None else None
+        session.rollback()
+    return data if isinstance(data, dict) and data.get("subject") else None
+
 
 
 def _fail(factory: sessionmaker[Session], target: Any, worker_id: str, *, error: str,
@@ -369,6 +401,7 @@ class WorkerPool:
 
     def drain(self) -> None:
         """Run until no audit is queued or running (retries included), then return."""
+        import auditor.orchestrator  # noqa: F401  (and the detector modules, before the threads)
         from auditor.preload import preload
 
         preload()  # heavy, lazily-bound imports before the threads race for them
@@ -379,6 +412,7 @@ class WorkerPool:
 
     def start(self) -> None:
         """Run in the background until ``stop``."""
+        import auditor.orchestrator  # noqa: F401  (and the detector modules, before the threads)
         from auditor.preload import preload
 
         preload()

@@ -27,7 +27,7 @@ class Backdoor(StageResult):
 def detect_backdoor(ctx: AuditContext) -> None:
     """Trigger candidates, behavioural confirmation, merge robustness, inheritance."""
     from auditor.analysis.backdoor import LoadedModel, analyze_backdoor
-    from auditor.analysis.modeling import build_model
+    from auditor.analysis.modeling import load_state_into
 
     setup = ctx.get(BehaviourModel)
     parents = {e.repo_id for e in ctx.get(Lineage).result.entries
@@ -35,7 +35,9 @@ def detect_backdoor(ctx: AuditContext) -> None:
     flagged = {repo: list(ref.backdoor.triggers) for repo, ref in ctx.homologues.items()
                if repo in parents and ref.backdoor is not None and ref.backdoor.suspected
                and ref.backdoor.triggers}
-    subject = LoadedModel(model=build_model(setup.spec, setup.subject),
+    # The working model becomes the subject (loaded in place: no second model in memory).
+    load_state_into(setup.work, setup.subject)
+    subject = LoadedModel(model=setup.work,
                           tokenizer=setup.tokenizer, weights=setup.subject,
                           repo_id=ctx.subject.resolved.repo_id,
                           revision=ctx.subject.resolved.revision)

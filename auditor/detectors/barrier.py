@@ -16,7 +16,6 @@ from auditor.errors import AuditorError
 if TYPE_CHECKING:
     from auditor.schema import BarrierCurve, LineageEntry
 
-MAX_BARRIER_CANDIDATES = 6
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,9 @@ def detect_barriers(ctx: AuditContext) -> None:
     from auditor.analysis.barrier import loss_path
 
     setup = ctx.get(BehaviourModel)
-    points = ctx.settings.barrier_points
+    points = setup.points
+    # curves to the top-K related candidates only (Settings.behaviour_top_k)
+    top_k = max(1, ctx.settings.behaviour_top_k)
     curves = []
     base_id = ctx.base.resolved.repo_id if ctx.base else "base"
     curves.append(loss_path(setup.spec, setup.subject, setup.base,
@@ -45,7 +46,7 @@ def detect_barriers(ctx: AuditContext) -> None:
     # Parents and clones known only by their stored fingerprint (daemon audits) are
     # downloaded for their curve: the report plots the barrier to every related model.
     for entry in sorted(entries.values(), key=lambda e: -abs(e.cosine)):
-        if len(sources) >= MAX_BARRIER_CANDIDATES:
+        if len(sources) >= top_k:
             break
         ref = ctx.homologues.get(entry.repo_id)
         if entry.relation == "unrelated" or entry.repo_id in sources or ref is None:
@@ -53,10 +54,10 @@ def detect_barriers(ctx: AuditContext) -> None:
         try:
             sources[entry.repo_id] = download_weights(ctx, entry.repo_id, ref.revision)
         except AuditorError as exc:
-            ctx.errors.append(f"barrier {entry.repo_id}: {exc}")
+            ctx.add_error(f"{entry.repo_id}: {exc}", kind=type(exc).__name__)
     ranked = sorted((e for e in entries.values() if e.repo_id in sources),
                     key=lambda e: (e.relation == "unrelated", -abs(e.cosine)))
-    for entry in ranked[:MAX_BARRIER_CANDIDATES]:
+    for entry in ranked[:top_k]:
         curves.append(loss_path(setup.spec, setup.subject, sources[entry.repo_id],
                                 probes=setup.probes, points=points,
                                 other_repo_id=entry.repo_id, model=setup.work))

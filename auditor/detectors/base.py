@@ -74,20 +74,25 @@ def select_stages(stages: Sequence[Detector], names: Sequence[str] | None) -> li
 
 
 def run_stages(ctx: AuditContext, stages: Sequence[Detector]) -> None:
+    provider = {kind: d.name for d in stages for kind in d.provides}
     for det in stages:
-        if not all(ctx.has(kind) for kind in det.requires):
+        missing = [kind for kind in det.requires if not ctx.has(kind)]
+        if missing:
+            # Said once per stage, naming what is missing and which stage did not provide it.
+            ctx.skip(", ".join(f"needs {k.__name__} from {provider[k]!r}" for k in missing),
+                     detector=det.name)
             continue
         t0 = time.perf_counter()
         try:
-            with ctx.providing(det.provides):
+            with ctx.running(det.name, det.provides):
                 det.run(ctx)
         except AuditorError as exc:
-            ctx.errors.append(f"{det.name}: {exc}")
+            ctx.add_error(str(exc), kind=type(exc).__name__, detector=det.name)
         except Exception as exc:  # a detector bug must not lose the other results
             # One line; the traceback only at debug level (``auditor --debug``).
             log.error("detector %s crashed: %s: %s", det.name, type(exc).__name__,
                       (str(exc).splitlines() or [""])[0][:300])
             log.debug("detector %s traceback:\n%s", det.name, traceback.format_exc())
-            ctx.errors.append(f"{det.name}: internal error: {type(exc).__name__}: {exc}")
+            ctx.add_error(f"{type(exc).__name__}: {exc}", kind="internal", detector=det.name)
         finally:
             ctx.timings[det.name] = time.perf_counter() - t0

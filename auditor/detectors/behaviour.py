@@ -19,7 +19,7 @@ from auditor.detectors.weights import (
     CandidateWeights,
     NonFiniteTensors,
     SubjectWeights,
-    open_weights,
+    weights_source,
 )
 from auditor.errors import AnalysisError, AuditorError
 from auditor.schema import FileIssue
@@ -39,6 +39,9 @@ class BehaviourModel(StageResult):
     probes: Any  # auditor.analysis.probes.ProbeSet
     subject: TensorSource
     base: TensorSource
+    # barrier points for this audit: Settings.barrier_points, fewer when the compute
+    # budget cannot pay for them (a large model on the CPU)
+    points: int = 11
 
 
 def build_behaviour(ctx: AuditContext) -> None:
@@ -49,34 +52,79 @@ def build_behaviour(ctx: AuditContext) -> None:
     if nonfinite is not None:
         # Running a model with NaN / inf weights measures nothing: the behavioural checks
         # say they could not run (the audit is incomplete; AUD501 says why).
-        ctx.errors.append("behaviour: not run: the subject holds non-finite weights "
-                          "(barrier, equivalence, protection and backdoor checks skipped)")
+        ctx.add_error("not run: the subject holds non-finite weights (barrier, equivalence, "
+                      "protection and backdoor checks skipped)", kind="NonFiniteWeights")
         return
     reason = None
+    # An adapter runs as base + its delta, with the base's config and tokenizer.
+    config = ctx.subject.config or (ctx.base.config if ctx.base else None)
+    tok_model = ctx.subject if "tokenizer.json" in ctx.subject.files else ctx.base
     if subject_src is None:
-        reason = "behavioural checks need full weights (adapters are compared by weights only)"
-    elif ctx.subject.config is None or "tokenizer.json" not in ctx.subject.files:
+        reason = "behavioural checks need the subject's weights"
+    elif config is None or tok_model is None or "tokenizer.json" not in tok_model.files:
         reason = "behavioural checks need config.json and tokenizer.json"
     if reason is None:
+        from auditor.analysis.compute import resolve_device
         from auditor.analysis.modeling import build_model, load_tokenizer, spec_from_config
         from auditor.analysis.probes import build_probes
 
         try:
-            spec = spec_from_config(ctx.subject.config or {})
+            spec = spec_from_config(config or {})
             if not spec.is_causal:
                 raise AnalysisError(f"{spec.task} models get weight checks only")
-            tokenizer = load_tokenizer(ctx.subject.folder)
-            work = build_model(spec, base_src)
+            assert tok_model is not None
+            tokenizer = load_tokenizer(tok_model.folder)
+            # built on the meta device, loaded once on AUDITOR_DEVICE
+            work = build_model(spec, base_src, device=resolve_device(ctx.settings.device))
+            budget, points = _probe_plan(ctx, spec)
             probes = build_probes(tokenizer=tokenizer, sampler=work,
-                                  probe_file=ctx.settings.probe_file, seed=0)
+                                  probe_file=ctx.settings.probe_file, seed=0, **budget)
         except AnalysisError as exc:
             reason = str(exc)
     if reason is not None or subject_src is None:
-        ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="skipped",
-                                         message=reason or ""))
+        ctx.skip(reason or "no full weights")
         return
     ctx.provide(BehaviourModel(spec=spec, tokenizer=tokenizer, work=work, probes=probes,
-                               subject=subject_src, base=base_src))
+                               subject=subject_src, base=base_src, points=points))
+
+
+# Default probe set (build_probes): 16 sampled rows of 24 tokens, 32 texts of <= 32 tokens.
+_FULL_PROBE_TOKENS = 16 * 24 + 32 * 32
+
+
+def _probe_plan(ctx: AuditContext, spec: Any) -> tuple[dict[str, int], int]:
+    """Probe-set size and barrier points for this audit: the full set and
+    ``barrier_points`` when the compute budget allows it; fewer points, then fewer probe
+    rows, when the model is large for the device (tokens x planned evaluations x
+    2 x params <= the budget in settings)."""
+    from auditor.analysis.compute import count_params, probe_budget, resolve_device
+
+    k = max(1, ctx.settings.behaviour_top_k)
+    n_params = count_params(spec.config)
+    device = resolve_device(ctx.settings.device)
+    floor = 48
+    points = ctx.settings.barrier_points
+    tokens = 0
+    for points in sorted({ctx.settings.barrier_points, min(7, ctx.settings.barrier_points),
+                          min(5, ctx.settings.barrier_points)}, reverse=True):
+        # barrier curves (base + top-K), equivalence (2 per candidate), protection, backdoor
+        planned = points * (1 + k) + 2 * k + 16 + 24
+        tokens = probe_budget(n_params=n_params, device=device, planned_evaluations=planned,
+                              cpu_flops=ctx.settings.cpu_probe_flops,
+                              gpu_flops=ctx.settings.gpu_probe_flops, floor=1)
+        if tokens >= floor:
+            break
+    tokens = max(tokens, floor)
+    if tokens >= _FULL_PROBE_TOKENS and points == ctx.settings.barrier_points:
+        return {}, points
+    share = min(1.0, tokens / _FULL_PROBE_TOKENS)
+    ctx.file_issues.append(FileIssue(
+        path=ctx.subject.resolved.repo_id, kind="budget",
+        message=f"behavioural checks on a reduced probe set (~{tokens} tokens per pass, "
+                f"{points} barrier points) to fit the compute budget; set "
+                "AUDITOR_DEVICE=cuda or raise AUDITOR_CPU_PROBE_FLOPS for full curves"))
+    return ({"n_sampled": max(2, round(16 * share)), "max_texts": max(2, round(32 * share)),
+             "sample_length": 24, "max_length": 32}, points)
 
 
 def candidate_sources(ctx: AuditContext) -> dict[str, TensorSource]:
@@ -99,6 +147,10 @@ def benign_homologues(
               if repo in entries and entries[repo].relation in relations
               # a re-upload would count the same model twice in the reference
               and not entries[repo].copy_of][:MAX_HOMOLOGUES]
+    # At most MAX_HOMOLOGUES download attempts per audit, shared by every stage that
+    # asks: with hundreds of stored homologues an unreachable Hub must not cost one
+    # timeout per homologue per stage.
+    tried: dict[str, TensorSource | None] = ctx.__dict__.setdefault("_homologue_downloads", {})
     for repo_id, ref in sorted(ctx.homologues.items()):
         if len(picked) >= MAX_HOMOLOGUES:
             break
@@ -106,18 +158,25 @@ def benign_homologues(
         if repo_id in sources or entry is None or entry.relation not in relations \
                 or entry.copy_of:
             continue
+        if repo_id in tried:
+            if tried[repo_id] is not None:
+                picked.append(tried[repo_id])  # type: ignore[arg-type]
+            continue
+        if len(tried) >= MAX_HOMOLOGUES:
+            break
         try:
-            picked.append(download_weights(ctx, repo_id, ref.revision))
+            tried[repo_id] = download_weights(ctx, repo_id, ref.revision)
+            picked.append(tried[repo_id])  # type: ignore[arg-type]
         except AuditorError as exc:
-            ctx.errors.append(f"homologue {repo_id}: {exc}")
+            tried[repo_id] = None
+            ctx.add_error(f"homologue {repo_id}: {exc}", kind=type(exc).__name__)
     return picked
 
 
 def download_weights(ctx: AuditContext, repo_id: str, revision: str | None) -> TensorSource:
+    """A homologue's full weights (adapters: base + their delta), pinned to ``revision``."""
     model = fetch_model(ctx.client, ctx.client.resolve(repo_id, revision=revision))
-    source = open_weights(model)
-    ctx.open_sources.append(source)
-    return source
+    return weights_source(ctx, model, ctx.get(BaseWeights).source)
 
 
 DETECTOR = Detector("behaviour", build_behaviour,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from auditor.bounded import load_json_file
 from auditor.errors import AuditorError
 from auditor.hub.client import HubClient, ResolvedRepo
-from auditor.schema import BackdoorInfo, FileIssue
+from auditor.schema import BackdoorInfo, CheckError, FileIssue, SkippedCheck
 from auditor.settings import Settings
 from auditor.weights.inventory import FileInventory, classify_files
 
@@ -86,12 +86,18 @@ class AuditContext:
     declared_parents: list[str]
     progress: Progress
     file_issues: list[FileIssue] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[CheckError] = field(default_factory=list)
+    skipped: list[SkippedCheck] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     # Weight sources opened during the audit; the orchestrator closes them at the end.
     open_sources: list[TensorSource] = field(default_factory=list)
+    # The content-keyed fingerprint cache (auditor.store.fpcache), None when disabled,
+    # and how many fingerprints it served in this audit.
+    fp_cache: Any = None
+    cache_hits: int = 0
     _results: dict[type[StageResult], StageResult] = field(default_factory=dict)
     _providing: frozenset[type[StageResult]] = frozenset()
+    _stage: str = "audit"  # the running detector, named in errors and skips
 
     def get(self, kind: type[R]) -> R:
         """The result of type ``kind`` (a declared requirement: present when we run)."""
@@ -116,18 +122,27 @@ class AuditContext:
             raise TypeError(f"{kind.__name__} provided twice")
         self._results[kind] = result
 
+    def add_error(self, message: str, *, kind: str, detector: str | None = None) -> None:
+        """Record a failed check (the audit becomes incomplete); ``detector``: the running one."""
+        self.errors.append(CheckError(detector=detector or self._stage, kind=kind,
+                                      message=message))
+
+    def skip(self, reason: str, *, detector: str | None = None) -> None:
+        """Record a check that does not apply to this model (not an error)."""
+        self.skipped.append(SkippedCheck(detector=detector or self._stage, reason=reason))
+
     def results(self) -> list[StageResult]:
         """Every provided result, in the order they were provided."""
         return list(self._results.values())
 
     @contextmanager
-    def providing(self, kinds: tuple[type[StageResult], ...]) -> Iterator[None]:
-        """While a stage runs, accept exactly its declared result types."""
-        self._providing = frozenset(kinds)
+    def running(self, name: str, provides: tuple[type[StageResult], ...]) -> Iterator[None]:
+        """While stage ``name`` runs, accept exactly its declared result types."""
+        self._stage, self._providing = name, frozenset(provides)
         try:
             yield
         finally:
-            self._providing = frozenset()
+            self._stage, self._providing = "audit", frozenset()
 
 
 _WEIGHT_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",

@@ -10,9 +10,9 @@ from typing import Any
 from auditor.detectors.base import Detector
 from auditor.detectors.behaviour import BehaviourModel, candidate_sources
 from auditor.detectors.context import AuditContext, StageResult
+from auditor.detectors.lineage import Lineage
 from auditor.detectors.weights import CandidateWeights
 
-MAX_EQUIVALENCE_CANDIDATES = 8
 # Function-equivalent copy: predictions nearly identical (mean KL in nats) while the
 # weights sit far apart (relative to the candidate's own distance from the base).
 EQUIVALENCE_KL = 1e-3
@@ -47,7 +47,14 @@ def detect_function_equivalence(ctx: AuditContext) -> None:
 
     setup = ctx.get(BehaviourModel)
     found: list[str] = []
-    for repo_id, src in list(candidate_sources(ctx).items())[:MAX_EQUIVALENCE_CANDIDATES]:
+    # related candidates first, at most 2 x behaviour_top_k of them
+    entries = {e.repo_id: e for e in ctx.get(Lineage).result.entries}
+    sources = candidate_sources(ctx)
+    ranked = sorted(sources, key=lambda r: (
+        r not in entries or entries[r].relation == "unrelated",
+        -abs(entries[r].cosine) if r in entries else 0.0, r))
+    for repo_id in ranked[:2 * max(1, ctx.settings.behaviour_top_k)]:
+        src = sources[repo_id]
         kl = function_distance(setup.spec, setup.subject, src, probes=setup.probes,
                                model=setup.work)
         if kl > EQUIVALENCE_KL:
@@ -60,5 +67,5 @@ def detect_function_equivalence(ctx: AuditContext) -> None:
 
 
 DETECTOR = Detector("equivalence", detect_function_equivalence,
-                    requires=(BehaviourModel, CandidateWeights),
+                    requires=(BehaviourModel, CandidateWeights, Lineage),
                     provides=(FunctionEquivalence,))

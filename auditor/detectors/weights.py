@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -24,8 +25,10 @@ class ModelWeights:
     aligned: bool = False  # a function-preserving disguise was undone before comparing
     alignment: Any = None  # auditor.analysis.align's report (None for adapters)
     source: TensorSource | None = None  # the weights compared (aligned when disguised)
-    raw_source: TensorSource | None = None  # as published (None for adapters)
+    raw_source: TensorSource | None = None  # as published (adapters: base + their delta)
     adapter_exact: bool | None = None
+    screen: Mapping[str, Any] | None = None  # the linear disguise screen's summary
+    cached: bool = False  # from the fingerprint cache: no byte read, nothing aligned
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,16 @@ def open_weights(model: OpenModel) -> TensorSource:
 def _fingerprint(
     ctx: AuditContext, model: OpenModel, base_src: TensorSource, *, role: str
 ) -> ModelWeights:
-    """Task-vector fingerprint of one model against the base, disguises undone first."""
+    """Task-vector fingerprint of one model against the base, disguises undone first.
+
+    One pass: the task vector's reads also feed the linear disguise screen
+    (``auditor.analysis.disguise_screen``); only a suspect model is aligned (and read
+    again), honest ones never are.
+    """
     from auditor.analysis.align import align_to_base
+    from auditor.analysis.disguise_screen import ScreenTap
     from auditor.analysis.fingerprint import compute_fingerprint
+    from auditor.weights.adapter_source import AdapterWeights
     from auditor.weights.lora import lora_deltas
     from auditor.weights.task_vectors import model_deltas
 
@@ -81,31 +91,98 @@ def _fingerprint(
                 FileIssue(path=model.inventory.adapter_weights or "adapter",
                           kind="adapter", message=areport.reason or "not exactly reconstructable")
             )
+        # an adapter is a full homologue: base + its delta, served tensor by tensor
+        full = AdapterWeights(base_src, deltas)
+        ctx.open_sources.append(full)
         return ModelWeights(fingerprint=compute_fingerprint(deltas),
-                            adapter_exact=areport.exact)
+                            adapter_exact=areport.exact, raw_source=full, source=full)
     src = open_weights(model)
     ctx.open_sources.append(src)
     config = model.config or (ctx.base.config if ctx.base else None)
-    aligned = align_to_base(src, base_src, config=config)
-    disguised = _disguise_detected(aligned.report, config or {})
-    # Ordinary fine-tuning also moves a few neuron scales; only a real disguise (a
-    # permutation, or most units rescaled) justifies comparing the aligned weights.
-    chosen = aligned.source if disguised else src
-    deltas, report = model_deltas(chosen, base_src, model_config=model.config,
-                                  base_config=ctx.base.config if ctx.base else None)
+    base_config = ctx.base.config if ctx.base else None
+    tap = ScreenTap(src, base_src, config=config)
+    deltas, report = model_deltas(tap.subject, tap.base, model_config=model.config,
+                                  base_config=base_config)
+    fp = compute_fingerprint(deltas)
+    disguised = False
+    alignment = None
+    chosen: TensorSource = src
+    if tap.screen.suspect:
+        aligned = align_to_base(src, base_src, config=config)
+        alignment = aligned.report
+        # Ordinary fine-tuning also moves a few neuron scales; only a real disguise (a
+        # permutation, or most units rescaled) justifies comparing the aligned weights.
+        disguised = _disguise_detected(aligned.report, config or {})
+        if disguised:
+            chosen = aligned.source
+            deltas, report = model_deltas(chosen, base_src, model_config=model.config,
+                                          base_config=base_config)
+            # The unaligned print is kept beside the aligned one: a merge that took this
+            # model in as published combines its disguised weights (lineage fits that too).
+            fp = replace(compute_fingerprint(deltas), raw=fp)
     for name, (old, new) in report.resized.items():
         ctx.file_issues.append(FileIssue(
             path=name, kind="vocab_resize",
             message=f"{role}: vocabulary resized from {old} to {new} rows; shared rows compared"))
-    fp = compute_fingerprint(deltas)
-    if disguised:
-        # kept beside the aligned print: a merge that took this model in as published
-        # combines its disguised weights (lineage fits it in that frame too)
-        raw, _ = model_deltas(src, base_src, model_config=model.config,
-                              base_config=ctx.base.config if ctx.base else None)
-        fp = replace(fp, raw=compute_fingerprint(raw))
-    return ModelWeights(fingerprint=fp, aligned=disguised,
-                        alignment=aligned.report, source=chosen, raw_source=src)
+    return ModelWeights(fingerprint=fp, aligned=disguised, alignment=alignment, source=chosen,
+                        raw_source=src, screen=tap.screen.summary())
+
+
+def _cached_fingerprint(
+    ctx: AuditContext, model: OpenModel, base_src: TensorSource, *, role: str
+) -> ModelWeights:
+    """The fingerprint from the content-keyed cache, else computed (and then cached).
+
+    A cache hit reads no weight bytes and aligns nothing; a local model's weights are
+    still opened (headers only) so the behavioural checks can run it if it ranks.
+    """
+    assert ctx.base is not None
+    cache = ctx.fp_cache
+    key, base_key = model.resolved.revision, ctx.base.resolved.revision
+    hit = cache.get(key, base_key) if cache is not None else None
+    if hit is None:
+        weights = _fingerprint(ctx, model, base_src, role=role)
+        if cache is not None:
+            meta: dict[str, Any] = {
+                "aligned": weights.aligned, "screen": dict(weights.screen or {}),
+                "adapter_exact": weights.adapter_exact,
+                "resized": [i.model_dump(mode="json") for i in ctx.file_issues
+                            if i.kind == "vocab_resize" and i.message.startswith(role)]}
+            if model.resolved.local_dir is not None:
+                meta["local_dir"] = str(model.resolved.local_dir)
+            cache.put(content_key=key, base_key=base_key, repo_id=model.resolved.repo_id,
+                      base_repo_id=ctx.base.resolved.repo_id, fingerprint=weights.fingerprint,
+                      meta=meta)
+        return weights
+    ctx.cache_hits += 1
+    for issue in hit.meta.get("resized") or []:
+        ctx.file_issues.append(FileIssue(**issue))
+    raw = None
+    # weights not at hand (a remote candidate): fetched later only if it ranks
+    with contextlib.suppress(AuditorError):
+        raw = weights_source(ctx, model, base_src)
+    return ModelWeights(fingerprint=hit.fingerprint, aligned=bool(hit.meta.get("aligned")),
+                        screen=hit.meta.get("screen"), raw_source=raw, cached=True,
+                        adapter_exact=hit.meta.get("adapter_exact"))
+
+
+def weights_source(ctx: AuditContext, model: OpenModel, base_src: TensorSource) -> TensorSource:
+    """Full weights of ``model`` as a source: its files, or base + delta for an adapter."""
+    if model.inventory.has_adapter and not model.inventory.safetensors:
+        from auditor.weights.adapter_source import AdapterWeights
+        from auditor.weights.lora import lora_deltas
+
+        adapter_files = {n: p for n, p in model.files.items() if n.startswith("adapter_")}
+        if not adapter_files:
+            raise WeightsError("adapter files not fetched")
+        deltas, _ = lora_deltas(adapter_files, base_src)
+        src: TensorSource = AdapterWeights(base_src, deltas)
+    else:
+        if not any(n.endswith(".safetensors") for n in model.files):
+            raise WeightsError("weights not fetched")
+        src = open_weights(model)
+    ctx.open_sources.append(src)
+    return src
 
 
 def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:
@@ -122,9 +199,10 @@ def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:
 
 def detect_weights(ctx: AuditContext) -> None:
     """Stream the subject and its base, align the subject, fingerprint its task vector."""
-    from auditor.analysis.fingerprint import fingerprint_weights, nonfinite_tensors
+    from auditor.analysis.fingerprint import nonfinite_tensors
 
     if ctx.base is None or not ctx.subject.files:
+        ctx.skip("no safetensors or adapter weights")
         return
     try:
         base_src = open_weights(ctx.base)
@@ -132,14 +210,14 @@ def detect_weights(ctx: AuditContext) -> None:
         raise AuditorError(f"base {ctx.base.resolved.repo_id}: {exc}") from exc
     ctx.open_sources.append(base_src)
     try:
-        subject = _fingerprint(ctx, ctx.subject, base_src, role="subject")
+        subject = _cached_fingerprint(ctx, ctx.subject, base_src, role="subject")
     except WeightsError as exc:
         if isinstance(exc, NonFiniteWeights):
             ctx.provide(NonFiniteTensors(names=tuple(exc.tensors[:1000])))
         # The weights could not be analysed: never "clean" (exit code 2 unless a finding).
         ctx.file_issues.append(FileIssue(path=ctx.subject.resolved.repo_id, kind="weights",
                                          message=str(exc)))
-        ctx.errors.append(f"weights: {exc}")
+        ctx.add_error(str(exc), kind=type(exc).__name__)
         return
     ctx.provide(SubjectWeights(weights=subject))
     nonfinite = nonfinite_tensors(subject.fingerprint)
@@ -151,14 +229,31 @@ def detect_weights(ctx: AuditContext) -> None:
             path=ctx.subject.resolved.repo_id, kind="nonfinite",
             message=f"{len(nonfinite)} tensor(s) hold NaN or infinite values, left out of "
                     f"the comparison: {', '.join(nonfinite[:5])}"))
-    ctx.provide(BaseWeights(source=base_src, fingerprint=fingerprint_weights(base_src)))
+    ctx.provide(BaseWeights(source=base_src, fingerprint=_base_fingerprint(ctx, base_src)))
     candidates: dict[str, ModelWeights] = {}
     for repo_id, cand in ctx.candidates.items():
         try:
-            candidates[repo_id] = _fingerprint(ctx, cand, base_src, role=repo_id)
+            candidates[repo_id] = _cached_fingerprint(ctx, cand, base_src, role=repo_id)
         except AuditorError as exc:
-            ctx.errors.append(f"candidate {repo_id}: {exc}")
+            ctx.add_error(f"candidate {repo_id}: {exc}", kind=type(exc).__name__)
     ctx.provide(CandidateWeights(by_repo=candidates))
+
+
+def _base_fingerprint(ctx: AuditContext, base_src: TensorSource) -> Fingerprint:
+    """The base's own weight fingerprint, cached by its content like every other."""
+    from auditor.analysis.fingerprint import fingerprint_weights
+    from auditor.store.fpcache import WEIGHTS_KEY
+
+    assert ctx.base is not None
+    cache, key = ctx.fp_cache, ctx.base.resolved.revision
+    hit = cache.get(key, WEIGHTS_KEY) if cache is not None else None
+    if hit is not None:
+        return hit.fingerprint  # type: ignore[no-any-return]
+    fp = fingerprint_weights(base_src)
+    if cache is not None:
+        cache.put(content_key=key, base_key=WEIGHTS_KEY, repo_id=ctx.base.resolved.repo_id,
+                  base_repo_id=None, fingerprint=fp, meta={})
+    return fp
 
 
 DETECTOR = Detector("weights", detect_weights,

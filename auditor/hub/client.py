@@ -19,8 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import httpx
-
 from auditor.errors import (
     AuditorError,
     EntryNotFound,
@@ -29,9 +27,9 @@ from auditor.errors import (
     RateLimited,
     RepoNotFound,
     RevisionNotFound,
-    TransientHubError,
 )
 from auditor.hub.card import CardInfo, card_from_data, is_repo_id, parse_card
+from auditor.hub.hub_errors import is_retryable, map_hub_error
 
 if TYPE_CHECKING:
     from auditor.settings import Settings
@@ -112,62 +110,6 @@ def _summary(info: Any) -> RepoSummary:
     )
 
 
-# --- error mapping -----------------------------------------------------------------
-def _retry_after(response: Any) -> float | None:
-    try:
-        value = response.headers.get("Retry-After")
-        return float(value) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def map_hub_error(exc: BaseException, *, what: str = "Hub request") -> AuditorError:
-    """The ``auditor.errors`` equivalent of a huggingface_hub / httpx / OS exception."""
-    import httpx2
-    from huggingface_hub import errors as hf_errors
-
-    if isinstance(exc, AuditorError):
-        return exc
-    # hf_hub_download wraps the HEAD failure in LocalEntryNotFoundError: the cause says more.
-    chain: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and len(chain) < 8:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    for err in chain:
-        msg = f"{what}: {type(err).__name__}"
-        if isinstance(err, hf_errors.GatedRepoError):
-            return GatedRepo(f"{what}: gated repo, access needs accepted terms or a token")
-        if isinstance(err, hf_errors.RepositoryNotFoundError):
-            return RepoNotFound(f"{what}: repository not found (or private)")
-        if isinstance(err, hf_errors.RevisionNotFoundError):
-            return RevisionNotFound(f"{what}: revision not found")
-        if isinstance(err, hf_errors.RemoteEntryNotFoundError):
-            return EntryNotFound(f"{what}: file not found in the repository")
-        if isinstance(err, hf_errors.HfHubHTTPError | httpx.HTTPStatusError):
-            response = getattr(err, "response", None)
-            status = getattr(response, "status_code", None)
-            if status == 429:
-                retry = _retry_after(response)
-                return RateLimited(f"{what}: rate limited (429)", retry_after=retry)
-            if status is not None and (status >= 500 or status == 408):
-                return TransientHubError(f"{what}: server error {status}")
-            if status is not None:
-                return HubError(f"{what}: HTTP {status}")
-        if isinstance(err, httpx2.TransportError | httpx.TransportError | TimeoutError
-                      | ConnectionError):
-            return TransientHubError(f"{msg} (connection failed or cut)")
-        if isinstance(err, OSError) and "Consistency check failed" in str(err):
-            return TransientHubError(f"{what}: incomplete download (connection cut)")
-    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
-        return TransientHubError(f"{what}: Hub unreachable and file not cached")
-    return HubError(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
-
-
-def _is_retryable(err: AuditorError) -> bool:
-    return isinstance(err, RateLimited | TransientHubError)
-
-
 # --- the client --------------------------------------------------------------------
 class HubClient:
     """Talk to the Hub (or serve-hub) through huggingface_hub; local folders work too."""
@@ -202,7 +144,8 @@ class HubClient:
         disable_progress_bars()
         from auditor.hub.repo_folders import RepoStore
 
-        self._local_store = RepoStore(Path("/"))  # only its folder hashing is used
+        # only its folder hashing is used; hashes of big files persist in the cache dir
+        self._local_store = RepoStore(Path("/"), hash_memo=self.cache_dir / "local-hashes.jsonl")
 
     def __repr__(self) -> str:
         return f"HubClient(endpoint={self.endpoint!r}, cache_dir={str(self.cache_dir)!r})"
@@ -238,7 +181,7 @@ class HubClient:
                 return fn()
             except Exception as exc:
                 mapped = map_hub_error(exc, what=what)
-                if not _is_retryable(mapped) or attempt >= self.max_retries:
+                if not is_retryable(mapped) or attempt >= self.max_retries:
                     raise mapped from exc
                 wait = self.backoff_seconds * (2**attempt)
                 if isinstance(mapped, RateLimited) and mapped.retry_after is not None:

@@ -9,6 +9,7 @@ Every path is checked so nothing outside the repo folder can be served.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import struct
@@ -121,11 +122,15 @@ def _file_chunks(path: Path, offset: int = 0, length: int | None = None) -> Iter
 class RepoStore:
     """All repos under ``root`` (``root/<org>/<name>``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, hash_memo: Path | None = None) -> None:
         self.root = Path(root).resolve()
         self._lock = threading.Lock()
         # (abs path, size, mtime_ns) -> (sha1 oid, sha256)
         self._hash_cache: dict[tuple[str, int, int], tuple[str, str]] = {}
+        # Optional file that keeps those hashes across processes (like git's index), so a
+        # multi-GB local folder is hashed once, not on every audit that names it.
+        self._hash_memo = hash_memo
+        self._memo_loaded = hash_memo is None
         # git blob oid -> sha256
         self._git_sha256: dict[str, str] = {}
         # (repo dir, sha) -> Snapshot, for git (immutable commits)
@@ -213,12 +218,39 @@ class RepoStore:
     def _hash_file(self, path: Path, size: int, mtime_ns: int) -> tuple[str, str]:
         key = (str(path), size, mtime_ns)
         with self._lock:
+            self._load_memo()
             cached = self._hash_cache.get(key)
         if cached is None:
             cached = _hash_stream(_file_chunks(path), size)
             with self._lock:
                 self._hash_cache[key] = cached
+                self._append_memo(key, cached)
         return cached
+
+    def _load_memo(self) -> None:
+        if self._memo_loaded or self._hash_memo is None:
+            return
+        self._memo_loaded = True
+        try:
+            lines = self._hash_memo.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                p, size, mtime, oid, sha = json.loads(line)
+                self._hash_cache[(str(p), int(size), int(mtime))] = (str(oid), str(sha))
+            except (ValueError, TypeError):
+                continue  # a torn line from a crash: ignored, rehashed when needed
+
+    def _append_memo(self, key: tuple[str, int, int], value: tuple[str, str]) -> None:
+        if self._hash_memo is None or key[1] < 1 << 20:
+            return  # small files hash faster than the memo is read
+        try:
+            self._hash_memo.parent.mkdir(parents=True, exist_ok=True)
+            with self._hash_memo.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps([*key, *value]) + "\n")
+        except OSError:
+            pass
 
     def _git(self, repo_dir: Path, *args: str) -> bytes:
         proc = subprocess.run(  # noqa: S603 - fixed argv, no shell

@@ -1,7 +1,7 @@
 """Inline SVG charts, generated at render time.
 
 Every string that reaches the SVG (repo ids, layer names, trigger texts) is attacker-written,
-so it goes through ``markupsafe.escape``; numbers go through ``_num`` which refuses NaN and
+so it goes through ``markupsafe.escape``; numbers go through ``num`` which refuses NaN and
 infinities (they would make invalid SVG, and a crafted report could carry them). The result
 is ``Markup`` so Jinja's autoescape inserts it as is. No script, no external reference: the
 pages run under ``default-src 'none'``.
@@ -15,108 +15,23 @@ from dataclasses import dataclass, field
 
 from markupsafe import Markup, escape
 
-# Okabe-Ito: readable for the common colour-vision deficiencies.
-PALETTE = (
-    "#0072B2",
-    "#E69F00",
-    "#009E73",
-    "#CC79A7",
-    "#56B4E9",
-    "#D55E00",
-    "#8C6D1F",
-    "#000000",
+from auditor.reports.svg import (
+    AXIS_COLOR,
+    GRID_COLOR,
+    PALETTE,
+    TEXT_COLOR,
+    clip,
+    empty_chart,
+    finite,
+    fmt_label,
+    legend_block,
+    markup,
+    nice_ticks,
+    num,
+    svg_open,
 )
-_AXIS = "#94a3b8"
-_GRID = "#e2e8f0"
-_TEXT = "#334155"
-_FONT = "font-family:system-ui,-apple-system,'Segoe UI',sans-serif"
 
 
-def _num(value: float) -> str:
-    """A finite number formatted for an SVG attribute."""
-    if not math.isfinite(value):
-        value = 0.0
-    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
-
-
-def _finite(values: Sequence[float]) -> list[float]:
-    return [v for v in values if math.isfinite(v)]
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _label(value: float) -> str:
-    if not math.isfinite(value):
-        return "n/a"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3g}"
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (the classic 1-2-5 steps)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [0.0, 1.0]
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / max(count, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    ticks = []
-    value = start
-    while value <= hi + step * 1e-6 and len(ticks) < 50:
-        ticks.append(round(value, 10))
-        value += step
-    if ticks[-1] < hi:
-        ticks.append(round(value, 10))
-    return ticks
-
-
-def _svg_open(width: float, height: float, *, css_class: str, title: str) -> str:
-    return (
-        f'<svg class="chart {escape(css_class)}" xmlns="http://www.w3.org/2000/svg" '
-        f'viewBox="0 0 {_num(width)} {_num(height)}" width="100%" '
-        f'style="max-width:{_num(width)}px;{_FONT}" role="img" '
-        f'aria-label="{escape(title)}"><title>{escape(title)}</title>'
-    )
-
-
-def _markup(parts: Sequence[str]) -> Markup:
-    # The one place SVG text becomes Markup: every builder above escapes each interpolated
-    # string with ``escape`` and each number with ``_num``, so the joined parts are safe.
-    return Markup("".join(parts))  # noqa: S704
-
-
-def _empty(css_class: str, title: str, message: str) -> Markup:
-    return _markup([
-        _svg_open(480, 60, css_class=css_class, title=title),
-        f'<text x="12" y="34" font-size="13" fill="{_AXIS}">{escape(message)}</text></svg>',
-    ])
-
-
-def _legend(labels: Sequence[str], *, x: float, y: float, width: float) -> tuple[str, float]:
-    """Legend items laid out left to right, wrapping; returns (svg, height used)."""
-    parts: list[str] = []
-    cx, cy = x, y
-    for i, label in enumerate(labels):
-        text = _clip(label, 48)
-        item_w = 22 + 6.6 * len(text) + 18
-        if cx + item_w > x + width and cx > x:
-            cx, cy = x, cy + 20
-        color = PALETTE[i % len(PALETTE)]
-        parts.append(
-            f'<rect x="{_num(cx)}" y="{_num(cy - 9)}" width="12" height="12" rx="2" '
-            f'fill="{color}"/><text x="{_num(cx + 17)}" y="{_num(cy + 1)}" font-size="12" '
-            f'fill="{_TEXT}">{escape(text)}</text>'
-        )
-        cx += item_w
-    return "".join(parts), (cy - y) + 20 if labels else 0.0
-
-
-# --- bars --------------------------------------------------------------------------------------
 def coefficient_bars(
     per_parent: Mapping[str, Mapping[str, float]],
     *,
@@ -125,11 +40,11 @@ def coefficient_bars(
     """Grouped bars: for each layer, one bar per parent (its estimated merge coefficient)."""
     parents = [p for p, layers in per_parent.items() if layers]
     if not parents:
-        return _empty("chart-coefficients", title, "No per-layer coefficients were measured.")
+        return empty_chart("chart-coefficients", title, "No per-layer coefficients were measured.")
     layers: list[str] = []
     for p in parents:
         layers.extend(name for name in per_parent[p] if name not in layers)
-    values = _finite([v for p in parents for v in per_parent[p].values()])
+    values = finite([v for p in parents for v in per_parent[p].values()])
     lo = min([0.0, *values])
     hi = max([0.0, *values]) or 1.0
     ticks = nice_ticks(lo, hi)
@@ -143,19 +58,20 @@ def coefficient_bars(
     rotate = group_w < 40 or max(len(n) for n in layers) * 6 > group_w
     label_h = 90.0 if rotate else 24.0
     width = left + plot_w + 16
-    legend_svg, legend_h = _legend(parents, x=left, y=top + plot_h + label_h + 18, width=plot_w)
+    legend_svg, legend_h = legend_block(parents, x=left, y=top + plot_h + label_h + 18,
+                                        width=plot_w)
     height = top + plot_h + label_h + legend_h + 24
 
     def y_of(v: float) -> float:
         return top + plot_h - (v - lo) / (hi - lo) * plot_h
 
-    out = [_svg_open(width, height, css_class="chart-coefficients", title=title)]
+    out = [svg_open(width, height, css_class="chart-coefficients", title=title)]
     for t in ticks:
         y = y_of(t)
         out.append(
-            f'<line x1="{_num(left)}" x2="{_num(left + plot_w)}" y1="{_num(y)}" y2="{_num(y)}" '
-            f'stroke="{_GRID}"/><text x="{_num(left - 6)}" y="{_num(y + 4)}" font-size="11" '
-            f'text-anchor="end" fill="{_TEXT}">{escape(_label(t))}</text>'
+            f'<line x1="{num(left)}" x2="{num(left + plot_w)}" y1="{num(y)}" y2="{num(y)}" '
+            f'stroke="{GRID_COLOR}"/><text x="{num(left - 6)}" y="{num(y + 4)}" font-size="11" '
+            f'text-anchor="end" fill="{TEXT_COLOR}">{escape(fmt_label(t))}</text>'
         )
     zero = y_of(0.0)
     for li, layer in enumerate(layers):
@@ -166,31 +82,31 @@ def coefficient_bars(
                 continue
             y = y_of(v)
             out.append(
-                f'<rect class="bar" x="{_num(gx + pi * bar_w)}" y="{_num(min(y, zero))}" '
-                f'width="{_num(max(bar_w - 1, 1))}" height="{_num(max(abs(zero - y), 0.5))}" '
+                f'<rect class="bar" x="{num(gx + pi * bar_w)}" y="{num(min(y, zero))}" '
+                f'width="{num(max(bar_w - 1, 1))}" height="{num(max(abs(zero - y), 0.5))}" '
                 f'fill="{PALETTE[pi % len(PALETTE)]}"><title>{escape(parent)} · '
-                f"{escape(layer)}: {escape(_label(v))}</title></rect>"
+                f"{escape(layer)}: {escape(fmt_label(v))}</title></rect>"
             )
         cx = left + li * group_w + group_w / 2
-        name = escape(_clip(layer, 14))
+        name = escape(clip(layer, 14))
         ly = top + plot_h + 14
         if rotate:
             out.append(
-                f'<text x="{_num(cx)}" y="{_num(ly)}" font-size="10" fill="{_TEXT}" '
-                f'text-anchor="end" transform="rotate(-55 {_num(cx)} {_num(ly)})">{name}</text>'
+                f'<text x="{num(cx)}" y="{num(ly)}" font-size="10" fill="{TEXT_COLOR}" '
+                f'text-anchor="end" transform="rotate(-55 {num(cx)} {num(ly)})">{name}</text>'
             )
         else:
             out.append(
-                f'<text x="{_num(cx)}" y="{_num(ly)}" font-size="11" fill="{_TEXT}" '
+                f'<text x="{num(cx)}" y="{num(ly)}" font-size="11" fill="{TEXT_COLOR}" '
                 f'text-anchor="middle">{name}</text>'
             )
     out.append(
-        f'<line x1="{_num(left)}" x2="{_num(left + plot_w)}" y1="{_num(zero)}" '
-        f'y2="{_num(zero)}" stroke="{_AXIS}"/>'
+        f'<line x1="{num(left)}" x2="{num(left + plot_w)}" y1="{num(zero)}" '
+        f'y2="{num(zero)}" stroke="{AXIS_COLOR}"/>'
     )
     out.append(legend_svg)
     out.append("</svg>")
-    return _markup(out)
+    return markup(out)
 
 
 # --- heatmap -----------------------------------------------------------------------------------
@@ -212,7 +128,7 @@ def similarity_heatmap(
     """Rows: homologue repos; columns: layers; cell: cosine of the subject's delta vs theirs."""
     names = [r for r, layers in rows.items() if layers]
     if not names:
-        return _empty("chart-heatmap", title, "No per-layer similarities were measured.")
+        return empty_chart("chart-heatmap", title, "No per-layer similarities were measured.")
     layers: list[str] = []
     for r in names:
         layers.extend(n for n in rows[r] if n not in layers)
@@ -223,44 +139,44 @@ def similarity_heatmap(
     top = 96.0 if min(max(len(n) for n in layers), 14) * 6.2 > cell_w else 28.0
     width = label_w + cell_w * len(layers) + 16
     height = top + cell_h * len(names) + 40
-    out = [_svg_open(width, height, css_class="chart-heatmap", title=title)]
+    out = [svg_open(width, height, css_class="chart-heatmap", title=title)]
     for ci, layer in enumerate(layers):
         cx = label_w + ci * cell_w + cell_w / 2
-        text = escape(_clip(layer, 14))
+        text = escape(clip(layer, 14))
         if top > 30:
             out.append(
-                f'<text x="{_num(cx)}" y="{_num(top - 6)}" font-size="10" fill="{_TEXT}" '
-                f'transform="rotate(-55 {_num(cx)} {_num(top - 6)})">{text}</text>'
+                f'<text x="{num(cx)}" y="{num(top - 6)}" font-size="10" fill="{TEXT_COLOR}" '
+                f'transform="rotate(-55 {num(cx)} {num(top - 6)})">{text}</text>'
             )
         else:
             out.append(
-                f'<text x="{_num(cx)}" y="{_num(top - 8)}" font-size="11" fill="{_TEXT}" '
+                f'<text x="{num(cx)}" y="{num(top - 8)}" font-size="11" fill="{TEXT_COLOR}" '
                 f'text-anchor="middle">{text}</text>'
             )
     for ri, name in enumerate(names):
         y = top + ri * cell_h
         out.append(
-            f'<text x="{_num(label_w - 8)}" y="{_num(y + cell_h / 2 + 4)}" font-size="12" '
-            f'text-anchor="end" fill="{_TEXT}">{escape(_clip(name, 28))}</text>'
+            f'<text x="{num(label_w - 8)}" y="{num(y + cell_h / 2 + 4)}" font-size="12" '
+            f'text-anchor="end" fill="{TEXT_COLOR}">{escape(clip(name, 28))}</text>'
         )
         for ci, layer in enumerate(layers):
             v = rows[name].get(layer)
             x = label_w + ci * cell_w
             if v is None:
                 out.append(
-                    f'<rect x="{_num(x)}" y="{_num(y)}" width="{_num(cell_w - 1)}" '
-                    f'height="{_num(cell_h - 1)}" fill="#ffffff" stroke="{_GRID}"/>'
+                    f'<rect x="{num(x)}" y="{num(y)}" width="{num(cell_w - 1)}" '
+                    f'height="{num(cell_h - 1)}" fill="#ffffff" stroke="{GRID_COLOR}"/>'
                 )
                 continue
             out.append(
-                f'<rect class="cell" x="{_num(x)}" y="{_num(y)}" width="{_num(cell_w - 1)}" '
-                f'height="{_num(cell_h - 1)}" fill="{_heat_color(v)}"><title>{escape(name)} · '
-                f"{escape(layer)}: {escape(_label(v))}</title></rect>"
+                f'<rect class="cell" x="{num(x)}" y="{num(y)}" width="{num(cell_w - 1)}" '
+                f'height="{num(cell_h - 1)}" fill="{_heat_color(v)}"><title>{escape(name)} · '
+                f"{escape(layer)}: {escape(fmt_label(v))}</title></rect>"
             )
             if cell_w >= 34:
-                fg = "#ffffff" if abs(v) > 0.55 else _TEXT
+                fg = "#ffffff" if abs(v) > 0.55 else TEXT_COLOR
                 out.append(
-                    f'<text x="{_num(x + cell_w / 2)}" y="{_num(y + cell_h / 2 + 4)}" '
+                    f'<text x="{num(x + cell_w / 2)}" y="{num(y + cell_h / 2 + 4)}" '
                     f'font-size="10" text-anchor="middle" fill="{fg}">{escape(f"{v:.2f}")}</text>'
                 )
     # Colour scale key, so a reader can tell 0.3 from 0.9 without hovering; it spans -1..1
@@ -271,21 +187,21 @@ def similarity_heatmap(
     steps = 20 if lo < 0 else 10
     for i in range(steps + 1):
         out.append(
-            f'<rect class="key" x="{_num(label_w + i * 16)}" y="{_num(ky)}" width="16" '
+            f'<rect class="key" x="{num(label_w + i * 16)}" y="{num(ky)}" width="16" '
             f'height="10" fill="{_heat_color(lo + (1.0 - lo) * i / steps)}"/>'
         )
     end_x = label_w + (steps + 1) * 16 + 6
     out.append(
-        f'<text x="{_num(label_w - 8)}" y="{_num(ky + 9)}" font-size="11" text-anchor="end" '
-        f'fill="{_TEXT}">cosine {_label(lo)}</text><text x="{_num(end_x)}" '
-        f'y="{_num(ky + 9)}" font-size="11" fill="{_TEXT}">1</text>'
+        f'<text x="{num(label_w - 8)}" y="{num(ky + 9)}" font-size="11" text-anchor="end" '
+        f'fill="{TEXT_COLOR}">cosine {fmt_label(lo)}</text><text x="{num(end_x)}" '
+        f'y="{num(ky + 9)}" font-size="11" fill="{TEXT_COLOR}">1</text>'
     )
     if lo < 0:
         mid = label_w + (steps / 2) * 16 + 8
-        out.append(f'<text x="{_num(mid)}" y="{_num(ky + 22)}" font-size="10" '
-                   f'text-anchor="middle" fill="{_TEXT}">0</text>')
+        out.append(f'<text x="{num(mid)}" y="{num(ky + 22)}" font-size="10" '
+                   f'text-anchor="middle" fill="{TEXT_COLOR}">0</text>')
     out.append("</svg>")
-    return _markup(out)
+    return markup(out)
 
 
 # --- line charts -------------------------------------------------------------------------------
@@ -313,13 +229,13 @@ def line_chart(
     ]
     clean = [(label, pts) for label, pts in clean if pts]
     if not clean:
-        return _empty(css_class, title, "No measurements.")
+        return empty_chart(css_class, title, "No measurements.")
     xs = [x for _, pts in clean for x, _ in pts]
     ys = [y for _, pts in clean for _, y in pts]
     xt = nice_ticks(*(x_range or (min(xs), max(xs))), count=5)
     yt = nice_ticks(min(ys), max(ys), count=5)
     left, top, plot_w, plot_h = 60.0, 14.0, 480.0, 210.0
-    legend_svg, legend_h = _legend([c[0] for c in clean], x=left, y=top + plot_h + 58,
+    legend_svg, legend_h = legend_block([c[0] for c in clean], x=left, y=top + plot_h + 58,
                                    width=plot_w)
     width, height = left + plot_w + 20, top + plot_h + 58 + legend_h + 6
 
@@ -329,47 +245,47 @@ def line_chart(
     def py(y: float) -> float:
         return top + plot_h - (y - yt[0]) / (yt[-1] - yt[0]) * plot_h
 
-    out = [_svg_open(width, height, css_class=css_class, title=title)]
+    out = [svg_open(width, height, css_class=css_class, title=title)]
     for t in yt:
         out.append(
-            f'<line x1="{_num(left)}" x2="{_num(left + plot_w)}" y1="{_num(py(t))}" '
-            f'y2="{_num(py(t))}" stroke="{_GRID}"/><text x="{_num(left - 6)}" '
-            f'y="{_num(py(t) + 4)}" font-size="11" text-anchor="end" fill="{_TEXT}">'
-            f"{escape(_label(t))}</text>"
+            f'<line x1="{num(left)}" x2="{num(left + plot_w)}" y1="{num(py(t))}" '
+            f'y2="{num(py(t))}" stroke="{GRID_COLOR}"/><text x="{num(left - 6)}" '
+            f'y="{num(py(t) + 4)}" font-size="11" text-anchor="end" fill="{TEXT_COLOR}">'
+            f"{escape(fmt_label(t))}</text>"
         )
     for t in xt:
         out.append(
-            f'<line x1="{_num(px(t))}" x2="{_num(px(t))}" y1="{_num(top + plot_h)}" '
-            f'y2="{_num(top + plot_h + 4)}" stroke="{_AXIS}"/><text x="{_num(px(t))}" '
-            f'y="{_num(top + plot_h + 18)}" font-size="11" text-anchor="middle" '
-            f'fill="{_TEXT}">{escape(_label(t))}</text>'
+            f'<line x1="{num(px(t))}" x2="{num(px(t))}" y1="{num(top + plot_h)}" '
+            f'y2="{num(top + plot_h + 4)}" stroke="{AXIS_COLOR}"/><text x="{num(px(t))}" '
+            f'y="{num(top + plot_h + 18)}" font-size="11" text-anchor="middle" '
+            f'fill="{TEXT_COLOR}">{escape(fmt_label(t))}</text>'
         )
     out.append(
-        f'<rect x="{_num(left)}" y="{_num(top)}" width="{_num(plot_w)}" height="{_num(plot_h)}" '
-        f'fill="none" stroke="{_AXIS}"/>'
-        f'<text x="{_num(left + plot_w / 2)}" y="{_num(top + plot_h + 38)}" font-size="12" '
-        f'text-anchor="middle" fill="{_TEXT}">{escape(x_label)}</text>'
-        f'<text x="14" y="{_num(top + plot_h / 2)}" font-size="12" text-anchor="middle" '
-        f'fill="{_TEXT}" transform="rotate(-90 14 {_num(top + plot_h / 2)})">'
+        f'<rect x="{num(left)}" y="{num(top)}" width="{num(plot_w)}" height="{num(plot_h)}" '
+        f'fill="none" stroke="{AXIS_COLOR}"/>'
+        f'<text x="{num(left + plot_w / 2)}" y="{num(top + plot_h + 38)}" font-size="12" '
+        f'text-anchor="middle" fill="{TEXT_COLOR}">{escape(x_label)}</text>'
+        f'<text x="14" y="{num(top + plot_h / 2)}" font-size="12" text-anchor="middle" '
+        f'fill="{TEXT_COLOR}" transform="rotate(-90 14 {num(top + plot_h / 2)})">'
         f"{escape(y_label)}</text>"
     )
     for i, (label, pts) in enumerate(clean):
         color = PALETTE[i % len(PALETTE)]
         pts = sorted(pts)
-        path = " ".join(f"{_num(px(x))},{_num(py(y))}" for x, y in pts)
+        path = " ".join(f"{num(px(x))},{num(py(y))}" for x, y in pts)
         out.append(
             f'<polyline class="series" points="{path}" fill="none" stroke="{color}" '
             f'stroke-width="2"/>'
         )
         for x, y in pts:
             out.append(
-                f'<circle cx="{_num(px(x))}" cy="{_num(py(y))}" r="3" fill="{color}">'
-                f"<title>{escape(label)}: {escape(_label(x))} → {escape(_label(y))}</title>"
+                f'<circle cx="{num(px(x))}" cy="{num(py(y))}" r="3" fill="{color}">'
+                f"<title>{escape(label)}: {escape(fmt_label(x))} → {escape(fmt_label(y))}</title>"
                 "</circle>"
             )
     out.append(legend_svg)
     out.append("</svg>")
-    return _markup(out)
+    return markup(out)
 
 
 # --- lineage graph -----------------------------------------------------------------------------
@@ -425,7 +341,7 @@ def lineage_graph(
 ) -> Markup:
     """Layered left-to-right drawing; declared edges solid, undeclared detected ones dashed red."""
     if not nodes:
-        return _empty("chart-lineage", title, "No models in this family yet.")
+        return empty_chart("chart-lineage", title, "No models in this family yet.")
     depth = _layers(nodes, edges)
     columns: dict[int, list[GraphNode]] = {}
     for n in nodes:
@@ -454,7 +370,7 @@ def lineage_graph(
                          16 + lane + offset + ri * (node_h + row_gap))
 
     pid = escape(id_prefix)
-    out = [_svg_open(width, height, css_class="chart-lineage", title=title)]
+    out = [svg_open(width, height, css_class="chart-lineage", title=title)]
     out.append(
         "<defs>"
         f'<marker id="{pid}-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
@@ -474,18 +390,18 @@ def lineage_graph(
         if x2 <= x1:  # same column (e.g. a cut cycle): route around the right side
             x2, y2 = tx + node_w + 2, ty + node_h / 2
             c1, c2 = x1 + 60, x2 + 60
-            d = (f"M{_num(x1)},{_num(y1)} C{_num(c1)},{_num(y1)} {_num(c2)},{_num(y2)} "
-                 f"{_num(x2)},{_num(y2)}")
+            d = (f"M{num(x1)},{num(y1)} C{num(c1)},{num(y1)} {num(c2)},{num(y2)} "
+                 f"{num(x2)},{num(y2)}")
         elif x2 - x1 > col_gap + 4:  # skips a column: via the nearer lane, around the boxes
             ly = lanes[0] if (y1 + y2) / 2 <= (lanes[0] + lanes[1]) / 2 else lanes[1]
             g1, g2 = x1 + col_gap / 2, x2 - col_gap / 2
-            d = (f"M{_num(x1)},{_num(y1)} C{_num(g1)},{_num(y1)} {_num(g1)},{_num(ly)} "
-                 f"{_num(g1 + 12)},{_num(ly)} L{_num(g2 - 12)},{_num(ly)} "
-                 f"C{_num(g2)},{_num(ly)} {_num(g2)},{_num(y2)} {_num(x2)},{_num(y2)}")
+            d = (f"M{num(x1)},{num(y1)} C{num(g1)},{num(y1)} {num(g1)},{num(ly)} "
+                 f"{num(g1 + 12)},{num(ly)} L{num(g2 - 12)},{num(ly)} "
+                 f"C{num(g2)},{num(ly)} {num(g2)},{num(y2)} {num(x2)},{num(y2)}")
         else:
             c1 = c2 = (x1 + x2) / 2
-            d = (f"M{_num(x1)},{_num(y1)} C{_num(c1)},{_num(y1)} {_num(c2)},{_num(y2)} "
-                 f"{_num(x2)},{_num(y2)}")
+            d = (f"M{num(x1)},{num(y1)} C{num(c1)},{num(y1)} {num(c2)},{num(y2)} "
+                 f"{num(x2)},{num(y2)}")
         if e.undeclared:
             style = 'stroke="#dc2626" stroke-width="2.2" stroke-dasharray="6 4"'
             marker = f"{pid}-arrow-red"
@@ -513,24 +429,24 @@ def lineage_graph(
         x, y = pos[n.id]
         fill, stroke = fills.get(n.kind, fills["model"])
         box = (
-            f'<rect class="node node-{escape(n.kind)}" x="{_num(x)}" y="{_num(y)}" '
-            f'width="{_num(node_w)}" height="{_num(node_h)}" rx="6" fill="{fill}" '
-            f'stroke="{stroke}" stroke-width="1.4"/><text x="{_num(x + 10)}" '
-            f'y="{_num(y + node_h / 2 + 4)}" font-size="12" fill="#0f172a">'
-            f"{escape(_clip(n.label, 32))}<title>{escape(n.label)}</title></text>"
+            f'<rect class="node node-{escape(n.kind)}" x="{num(x)}" y="{num(y)}" '
+            f'width="{num(node_w)}" height="{num(node_h)}" rx="6" fill="{fill}" '
+            f'stroke="{stroke}" stroke-width="1.4"/><text x="{num(x + 10)}" '
+            f'y="{num(y + node_h / 2 + 4)}" font-size="12" fill="#0f172a">'
+            f"{escape(clip(n.label, 32))}<title>{escape(n.label)}</title></text>"
         )
         if n.href:
             out.append(f'<a href="{escape(n.href)}">{box}</a>')
         else:
             out.append(box)
     out.append(
-        f'<line x1="16" x2="56" y1="{_num(legend_y + 12)}" y2="{_num(legend_y + 12)}" '
-        f'stroke="#64748b" stroke-width="1.8"/><text x="62" y="{_num(legend_y + 16)}" '
-        f'font-size="12" fill="{_TEXT}">declared</text>'
-        f'<line x1="150" x2="190" y1="{_num(legend_y + 12)}" y2="{_num(legend_y + 12)}" '
+        f'<line x1="16" x2="56" y1="{num(legend_y + 12)}" y2="{num(legend_y + 12)}" '
+        f'stroke="#64748b" stroke-width="1.8"/><text x="62" y="{num(legend_y + 16)}" '
+        f'font-size="12" fill="{TEXT_COLOR}">declared</text>'
+        f'<line x1="150" x2="190" y1="{num(legend_y + 12)}" y2="{num(legend_y + 12)}" '
         f'stroke="#dc2626" stroke-width="2.2" stroke-dasharray="6 4"/>'
-        f'<text x="196" y="{_num(legend_y + 16)}" font-size="12" fill="{_TEXT}">'
+        f'<text x="196" y="{num(legend_y + 16)}" font-size="12" fill="{TEXT_COLOR}">'
         "detected, undeclared</text>"
     )
     out.append("</svg>")
-    return _markup(out)
+    return markup(out)

@@ -183,10 +183,18 @@ def build_sarif(report: AuditReport, *, rules: Sequence[RuleMeta] = ()) -> dict[
     index = {r.id: i for i, r in enumerate(all_rules)}
     subject = report.subject
     invocation: dict[str, Any] = {"executionSuccessful": not report.errors}
-    if report.errors:
-        invocation["toolExecutionNotifications"] = [
-            {"level": "error", "message": {"text": e}} for e in report.errors
-        ]
+    # Failed checks are errors; checks that did not apply are notes (the run still succeeded).
+    notifications = [
+        {"level": "error", "message": {"text": f"{e.detector}: {e.message}"},
+         "properties": {"detector": e.detector, "kind": e.kind}}
+        for e in report.errors
+    ] + [
+        {"level": "note", "message": {"text": f"{s.detector} skipped: {s.reason}"},
+         "properties": {"detector": s.detector, "skipped": True}}
+        for s in report.skipped
+    ]
+    if notifications:
+        invocation["toolExecutionNotifications"] = notifications
     run: dict[str, Any] = {
         "tool": {"driver": {
             "name": TOOL_NAME,

@@ -47,7 +47,8 @@ def verdict(report: AuditReport) -> Verdict:
         return Verdict(f"{top.title} ({top.severity.value})", top.severity, detail)
     if report.errors:
         return Verdict("Incomplete audit", None,
-                       public_text("; ".join(report.errors[:3])), incomplete=True)
+                       public_text("; ".join(f"{e.detector}: {e.message}"
+                                             for e in report.errors[:3])), incomplete=True)
     plural = "s" if authorized != 1 else ""
     detail = f"{authorized} authorized finding{plural}" if authorized else ""
     return Verdict("Clean", None, detail)

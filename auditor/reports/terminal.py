@@ -29,6 +29,7 @@ from auditor.rules.authz import owner_of
 from auditor.schema import (
     AuditReport,
     BackdoorInfo,
+    CheckError,
     MergeInfo,
     ProtectionInfo,
     Severity,
@@ -92,13 +93,16 @@ def explain_error(exc: BaseException, *, subject: str, revision: str | None,
     return f"{type(exc).__name__}: {text}"
 
 
-def error_report(*, subject: str, revision: str | None, message: str) -> AuditReport:
-    """A report for an audit that could not run: no findings, the error in ``errors``."""
+def error_report(*, subject: str, revision: str | None, message: str,
+                 kind: str = "error") -> AuditReport:
+    """A report for an audit that could not run: no findings, the error in ``errors``
+    (detector "audit": it failed before any detector ran; ``kind``: the error's type)."""
     return AuditReport(
         tool_version=__version__, analysis_version=ANALYSIS_VERSION,
         subject=SubjectRef(repo_id=subject, revision=revision or "", owner=owner_of(subject)),
         lineage=[], merge=MergeInfo(is_merge=False), backdoor=BackdoorInfo(suspected=False),
-        protection=ProtectionInfo(), findings=[], errors=[message],
+        protection=ProtectionInfo(), findings=[],
+        errors=[CheckError(detector="audit", kind=kind, message=message)],
     )
 
 
@@ -151,7 +155,9 @@ def human_summary(report: AuditReport, *, candidates: int, homologues: int, scan
     if report.mergekit is not None and report.mergekit.confirmed:
         lines.append("mergekit_config.yml: confirmed by the weights")
     for err in report.errors:
-        lines.append(f"incomplete: {err}")
+        lines.append(f"incomplete: {err.detector}: {err.message}")
+    for skip in report.skipped:
+        lines.append(f"not run: {skip.detector}: {skip.reason}")
     failing = "never" if fail_on == "never" else f"{fail_on} and above"
     lines.append(f"exit {int(code)} ({code.name.lower().replace('_', ' ')}; fails on "
                  f"{failing}, --fail-on to change)")

@@ -6,12 +6,13 @@ timezone-aware UTC.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import String, cast, select
 from sqlalchemy.orm import Session
 
 from auditor.errors import StoreError
@@ -209,28 +210,34 @@ def stored_homologues(
     latest done audit when it was flagged."""
     from auditor.schema import BackdoorInfo
 
+    # SQL narrows to the base's family (the JSON list's text holds the quoted id: portable
+    # across SQLite and PostgreSQL), without the fingerprint blobs; Python confirms the
+    # exact membership; blobs are read only for the newest revision of each repo.
     rows = session.execute(
         select(Repo.repo_id, Repo.family_bases, Revision.id, Revision.sha,
-               Revision.created_at.label("uploaded_at"),
-               Fingerprint.data, Fingerprint.path, Fingerprint.created_at)
+               Revision.created_at.label("uploaded_at"), Fingerprint.id.label("fp_id"))
         .join(Revision, Revision.repo_pk == Repo.id)
         .join(Fingerprint, Fingerprint.revision_id == Revision.id)
         .where(Fingerprint.analysis_version == analysis_version,
-               Repo.repo_id != exclude_repo_id)
+               Repo.repo_id != exclude_repo_id,
+               cast(Repo.family_bases, String).contains(json.dumps(base_repo_id)))
         .order_by(Fingerprint.created_at.desc(), Fingerprint.id.desc())
     ).all()
     chosen: dict[str, Any] = {}
     for row in rows:
-        # JSON containment is not portable across SQLite / PostgreSQL: filter here.
         if base_repo_id not in (row.family_bases or []) or row.repo_id in chosen:
             continue
         chosen[row.repo_id] = row
+    blobs = {fid: (data, path) for fid, data, path in session.execute(
+        select(Fingerprint.id, Fingerprint.data, Fingerprint.path)
+        .where(Fingerprint.id.in_([r.fp_id for r in chosen.values()]))
+    )} if chosen else {}
     out: list[StoredHomologue] = []
     for repo_id, row in chosen.items():
-        data = row.data
-        if data is None and row.path:
+        data, path = blobs.get(row.fp_id, (None, None))
+        if data is None and path:
             try:
-                with open(row.path, "rb") as fh:
+                with open(path, "rb") as fh:
                     data = fh.read()
             except OSError:
                 continue  # a lost fingerprint file only shrinks the comparison set

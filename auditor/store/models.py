@@ -144,6 +144,31 @@ class Fingerprint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class CachedFingerprint(Base):
+    """A model's task-vector fingerprint keyed by content: no audit reads it again.
+
+    ``content_key`` is the revision sha (a Hub commit, or the file-hash digest of a local
+    folder), ``base_key`` the base's; the base's own weight fingerprint has base_key "".
+    Homologues of a base are one indexed query on ``base_key`` (never a scan of the store).
+    """
+
+    __tablename__ = "fingerprint_cache"
+    __table_args__ = (
+        UniqueConstraint("content_key", "base_key", "analysis_version"),
+        Index("ix_fingerprint_cache_base", "base_key", "analysis_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    content_key: Mapped[str] = mapped_column(String(128))
+    base_key: Mapped[str] = mapped_column(String(128))
+    analysis_version: Mapped[str] = mapped_column(String(32))
+    repo_id: Mapped[str] = mapped_column(String(255))
+    base_repo_id: Mapped[str | None] = mapped_column(String(255))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Audit(Base):
     """One audit of one revision under one analysis version and configuration.
 

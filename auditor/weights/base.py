@@ -8,7 +8,6 @@ directly from B @ A. Analysis never needs a whole model in memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -44,11 +43,6 @@ class DeltaSource(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def iter_deltas(source: DeltaSource) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in source.keys():
-        yield name, source.delta(name)
 
 
 @runtime_checkable

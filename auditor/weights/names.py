@@ -179,29 +179,3 @@ def align_names(
         model_aliases=model_aliases,
         base_aliases=base_aliases,
     )
-
-
-class RenamedSource:
-    """A ``TensorSource`` exposing ``inner`` under other names (``names``: new -> inner name)."""
-
-    def __init__(self, inner: TensorSource, names: Mapping[str, str]) -> None:
-        self._inner = inner
-        self._names = dict(names)
-
-    def keys(self) -> list[str]:
-        return sorted(self._names)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._inner.shape(self._names[name])
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._inner.get(self._names[name])
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._inner.get_rows(self._names[name], start, stop)
-
-    def inner_name(self, name: str) -> str:
-        return self._names[name]
-
-    def close(self) -> None:
-        self._inner.close()

@@ -11,22 +11,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import random
-import re
 import threading
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from auditor.bounded import loads_json
 from auditor.errors import AuditorError
@@ -39,101 +34,16 @@ from auditor.hub.repo_folders import (
     iso,
     safe_relpath,
 )
+from auditor_testkit.hub.faults import CutResponse, FaultConfig, FaultInjector, error_response
+from auditor_testkit.hub.ranges import RANGE_RE, parse_range
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_MAX_RANGE_DIGITS = 19
 MAX_FORM_BYTES = 1_000_000
 _STATUS_FOR_CODE = {"RepoNotFound": 404, "RevisionNotFound": 404, "EntryNotFound": 404,
                     "GatedRepo": 401}
-
-
-@dataclass(frozen=True)
-class FaultConfig:
-    """Injected failures. ``paths`` names the affected endpoints: ``resolve-get``,
-    ``resolve-head``, ``api`` (models/tree/paths-info). ``max_faults`` caps how many are
-    injected in total (None: unlimited), which makes "fail once, then succeed" tests exact."""
-
-    rate_429: float = 0.0
-    retry_after: float = 1.0
-    rate_5xx: float = 0.0
-    rate_cut: float = 0.0
-    seed: int = 0
-    paths: frozenset[str] = frozenset({"resolve-get"})
-    max_faults: int | None = None
-
-
-class _FaultInjector:
-    def __init__(self, config: FaultConfig | None) -> None:
-        self.config = config
-        self._rng = random.Random(config.seed if config else 0)
-        self._lock = threading.Lock()
-        self.injected = 0
-
-    def pick(self, endpoint: str) -> str | None:
-        """'429', '5xx', 'cut' or None for this request."""
-        cfg = self.config
-        if cfg is None or endpoint not in cfg.paths:
-            return None
-        with self._lock:
-            if cfg.max_faults is not None and self.injected >= cfg.max_faults:
-                return None
-            roll = self._rng.random()
-            kind = None
-            if roll < cfg.rate_429:
-                kind = "429"
-            elif roll < cfg.rate_429 + cfg.rate_5xx:
-                kind = "5xx"
-            elif roll < cfg.rate_429 + cfg.rate_5xx + cfg.rate_cut:
-                kind = "cut" if endpoint == "resolve-get" else "5xx"
-            if kind is not None:
-                self.injected += 1
-            return kind
-
-    def response(self, kind: str) -> Response:
-        assert self.config is not None
-        if kind == "429":
-            retry = max(0, round(self.config.retry_after))
-            return _error(429, None, "rate limited (injected)", {"Retry-After": str(retry)})
-        status = 503 if self._rng.random() < 0.5 else 500
-        return _error(status, None, "server error (injected)")
-
-
-class _CutResponse(Response):
-    """Sends headers with the full Content-Length, part of the body, then drops the connection."""
-
-    def __init__(self, chunks: Iterator[bytes], total: int, send_bytes: int,
-                 headers: dict[str, str], status_code: int) -> None:
-        super().__init__(status_code=status_code, headers=headers)
-        self._chunks = chunks
-        self._send_bytes = send_bytes
-        self.headers["content-length"] = str(total)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        sent = 0
-        async for chunk in iterate_in_threadpool(self._chunks):
-            part = chunk[: self._send_bytes - sent]
-            if part:
-                await send({"type": "http.response.body", "body": part, "more_body": True})
-                sent += len(part)
-            if sent >= self._send_bytes:
-                break
-        await asyncio.sleep(0.01)  # let the partial body reach the socket before the cut
-        raise ConnectionAbortedError("connection cut (injected fault)")
-
-
-def _error(status: int, code: str | None, message: str,
-           headers: dict[str, str] | None = None) -> Response:
-    hdrs = dict(headers or {})
-    if code:
-        hdrs["X-Error-Code"] = code
-    hdrs["X-Error-Message"] = message
-    return JSONResponse({"error": message}, status_code=status, headers=hdrs)
 
 
 class HubApp:
@@ -146,7 +56,7 @@ class HubApp:
         # Behave like a mirror that ignores Range: every GET answers 200 with the whole body.
         self.ignore_range = ignore_range
         self.tokens = frozenset(tokens)
-        self.faults = _FaultInjector(faults)
+        self.faults = FaultInjector(faults)
         self.page_size = max(1, min(page_size, MAX_PAGE_SIZE))
         self._cards: dict[tuple[str, str], CardInfo] = {}
         self._model_types: dict[tuple[str, str], str | None] = {}
@@ -165,7 +75,7 @@ class HubApp:
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         # Unknown routes (including /api/agent-harnesses) get a plain 404.
-        return _error(404, None, "not found")
+        return error_response(404, None, "not found")
 
     # ----- helpers ---------------------------------------------------------------
     def _authorized(self, request: Request) -> bool:
@@ -317,13 +227,13 @@ class HubApp:
         try:
             return handler(fault == "cut")
         except RepoLookupError as exc:
-            return _error(_STATUS_FOR_CODE.get(exc.code, 404), exc.code, str(exc))
+            return error_response(_STATUS_FOR_CODE.get(exc.code, 404), exc.code, str(exc))
         except (ValueError, RecursionError, OSError) as exc:
             # A repo whose files break the server answers an error of its own (422: not
             # retried as a transient 5xx would be); other repos are unaffected.
             log.warning("%s: cannot serve: %s: %s", endpoint, type(exc).__name__,
                         str(exc)[:200])
-            return _error(422, None, "repository content cannot be served")
+            return error_response(422, None, "repository content cannot be served")
 
     # ----- endpoints -------------------------------------------------------------
     async def list_models(self, request: Request) -> Response:
@@ -343,7 +253,7 @@ class HubApp:
             limit = int(q.get("limit") or self.page_size)
             offset = int(base64.urlsafe_b64decode(q.get("cursor", "") + "==").decode() or 0)
         except ValueError:
-            return _error(400, None, "bad limit or cursor")
+            return error_response(400, None, "bad limit or cursor")
         page = max(1, min(limit, self.page_size))
         authorized = self._authorized(request)
         rows: list[dict[str, Any]] = []
@@ -443,7 +353,7 @@ class HubApp:
         # Starlette's form parser, which needs python-multipart.
         body = await request.body()
         if len(body) > MAX_FORM_BYTES:
-            return _error(413, None, "request body too large")
+            return error_response(413, None, "request body too large")
         fields = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True,
                            max_num_fields=10_000) if body else []
         paths = [v for k, v in fields if k == "paths"]
@@ -487,10 +397,10 @@ class HubApp:
         if self.ignore_range:
             del headers["Accept-Ranges"]
         if range_header and not head:
-            match = _RANGE_RE.match(range_header.strip().replace(" ", ""))
-            parsed = _parse_range(match, size) if match else None
+            match = RANGE_RE.match(range_header.strip().replace(" ", ""))
+            parsed = parse_range(match, size) if match else None
             if parsed is None:
-                return _error(416, None, "range not satisfiable",
+                return error_response(416, None, "range not satisfiable",
                               {"Content-Range": f"bytes */{size}"})
             start, end = parsed
             status = 206
@@ -501,29 +411,9 @@ class HubApp:
             return Response(status_code=200, headers=headers)
         chunks = self.store.iter_bytes(snap, entry, start, length)
         if cut and length > 0:
-            return _CutResponse(chunks, length, max(1, length // 2), headers, status)
+            return CutResponse(chunks, length, max(1, length // 2), headers, status)
         headers["Content-Length"] = str(length)
         return StreamingResponse(chunks, status_code=status, headers=headers)
-
-
-def _parse_range(match: re.Match[str], size: int) -> tuple[int, int] | None:
-    first, last = match.group(1), match.group(2)
-    if not first and not last:
-        return None
-    if not first:  # suffix range: the last N bytes
-        n = int(last) if len(last) <= _MAX_RANGE_DIGITS else size
-        if n == 0 or size == 0:
-            return None
-        return max(0, size - n), size - 1
-    # More digits than any file size: the start is past the end (416), an end is "to EOF".
-    # Checked before int(): a 5,000-digit number would raise (int max str digits).
-    if len(first) > _MAX_RANGE_DIGITS:
-        return None
-    start = int(first)
-    end = int(last) if last and len(last) <= _MAX_RANGE_DIGITS else size - 1
-    if start >= size or end < start:
-        return None
-    return start, min(end, size - 1)
 
 
 def create_app(root: Path, *, tokens: Collection[str] = (), faults: FaultConfig | None = None,

@@ -14,6 +14,7 @@ from auditor.schema import (
     AuditReport,
     BackdoorInfo,
     BarrierCurve,
+    CheckError,
     FileIssue,
     Finding,
     LineageEntry,
@@ -22,6 +23,7 @@ from auditor.schema import (
     ProtectionInfo,
     RuleMeta,
     Severity,
+    SkippedCheck,
     SubjectRef,
     Trigger,
 )
@@ -186,7 +188,9 @@ def backdoor_report() -> AuditReport:
         ],
         file_issues=[FileIssue(path=f"{SCRIPT_PAYLOAD}.json", kind="malformed",
                                message=IMG_PAYLOAD)],
-        errors=[],
+        errors=[CheckError(detector="barrier", kind="RepoNotFound",
+                           message=f"attacker/{IMG_PAYLOAD}: not found")],
+        skipped=[SkippedCheck(detector="protection", reason=SCRIPT_PAYLOAD)],
     )
 
 

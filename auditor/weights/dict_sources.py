@@ -1,4 +1,4 @@
-"""In-memory sources: for state dicts the factory or a test holds, and for aligned copies."""
+"""Tensor sources over in-memory dicts: state dicts the test kit or a test holds, aligned copies."""
 
 from __future__ import annotations
 
@@ -46,32 +46,3 @@ class DictDeltaSource:
 
     def close(self) -> None:
         self._deltas.clear()
-
-
-class SubtractDeltaSource:
-    """Task vector of a model against its base: ``model[name] - base[name]`` over shared names
-    of equal shape. Names on one side only or with another shape are left to the caller
-    (see ``auditor.weights.task_vectors`` for the full treatment with reports)."""
-
-    def __init__(self, model: object, base: object) -> None:
-        from auditor.weights.base import TensorSource
-
-        assert isinstance(model, TensorSource) and isinstance(base, TensorSource)
-        self._model = model
-        self._base = base
-        base_keys = set(base.keys())
-        self._keys = [
-            k for k in model.keys() if k in base_keys and model.shape(k) == base.shape(k)
-        ]
-
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._model.shape(name)
-
-    def delta(self, name: str) -> torch.Tensor:
-        return self._model.get(name) - self._base.get(name)
-
-    def close(self) -> None:
-        pass

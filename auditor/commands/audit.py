@@ -43,6 +43,11 @@ def register(app: typer.Typer) -> None:
         store: Annotated[
             bool, typer.Option("--store/--no-store", help="also record it in the database")
         ] = False,
+        stored: Annotated[
+            bool, typer.Option("--stored/--no-stored",
+                               help="also compare against the stored homologues of the base "
+                                    "(the store's and the fingerprint cache's)")
+        ] = True,
         fail_on: Annotated[str, typer.Option(
             "--fail-on", help="lowest severity that makes exit code 1: low, medium, high, "
                               "critical or never (info findings never fail)")] = "low",
@@ -65,7 +70,8 @@ def register(app: typer.Typer) -> None:
             fmt = "text" if output is None and sys.stdout.isatty() else "json"
         _run_audit(subject, revision=revision, base=base, against=list(against or ()),
                    fmt=fmt, output=output, endpoint=endpoint, store=store,
-                   fail_on=fail_on, quiet=quiet, local=True if local else None)
+                   fail_on=fail_on, quiet=quiet, local=True if local else None,
+                   stored=stored)
 
 
 def _fail(message: str) -> None:
@@ -75,18 +81,21 @@ def _fail(message: str) -> None:
 
 def _run_audit(subject: str, *, revision: str | None, base: str | None, against: list[str],
                fmt: str, output: Path | None, endpoint: str | None, store: bool,
-               fail_on: str, quiet: bool, local: bool | None = None) -> None:
+               fail_on: str, quiet: bool, local: bool | None = None,
+               stored: bool = True) -> None:
     import httpx
 
     from auditor.audit_store import load_store_context
     from auditor.errors import AuditorError
     from auditor.hub.client import HubClient
-    from auditor.orchestrator import _choose_base, audit_revision
+    from auditor.orchestrator import _choose_base, audit_revision, incomplete
     from auditor.reports import terminal
     from auditor.settings import Settings
     from auditor.weights.inventory import classify_files
 
-    overrides = {"hub_endpoint": endpoint} if endpoint else {}
+    overrides: dict[str, object] = {"hub_endpoint": endpoint} if endpoint else {}
+    if not stored:
+        overrides["compare_stored"] = False
     settings = Settings(**overrides)  # type: ignore[arg-type]
     client = HubClient.from_settings(settings)
     step = subject
@@ -103,6 +112,8 @@ def _run_audit(subject: str, *, revision: str | None, base: str | None, against:
             chosen_base, _ = _choose_base(client, resolved, base)
             known = load_store_context(settings, base_repo_id=chosen_base,
                                        subject_repo_id=resolved.repo_id)
+            if not stored:
+                known.homologues = {}
             outcome = audit_revision(
                 subject, revision=revision, base=base, against=against,
                 homologues=known.homologues, authorizations=known.authorizations,
@@ -117,7 +128,8 @@ def _run_audit(subject: str, *, revision: str | None, base: str | None, against:
                                          endpoint=client.endpoint)
         if step != subject:
             message = f"{step}: {message}"
-        report = terminal.error_report(subject=subject, revision=revision, message=message)
+        report = terminal.error_report(subject=subject, revision=revision, message=message,
+                                       kind=type(exc).__name__)
         _emit(report, fmt="json" if fmt == "text" else fmt, output=output, quiet=quiet,
               to_stdout=False)
         typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -127,8 +139,16 @@ def _run_audit(subject: str, *, revision: str | None, base: str | None, against:
     inv = classify_files(outcome.resolved.files)
     scanned = inv.has_weights or bool(inv.pickles)
     code = terminal.exit_code(report, scanned=scanned, fail_on=fail_on)
+    if code == ExitCode.CLEAN and incomplete(report):
+        # no findings after comparing against nothing is not a clean result
+        code = ExitCode.ERROR
+    # homologues: the store's and the fingerprint cache's (the report counts what lineage
+    # compared)
+    compared = report.coverage.get("candidates_compared")
+    homologues = (max(0, compared - len(against)) if compared is not None
+                  else len(known.homologues))
     summary = terminal.human_summary(report, candidates=len(against),
-                                     homologues=len(known.homologues), scanned=scanned,
+                                     homologues=homologues, scanned=scanned,
                                      code=code, fail_on=fail_on)
     if fmt == "text":
         if output is not None:

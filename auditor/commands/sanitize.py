@@ -1,4 +1,4 @@
-"""CLI commands of the analysis area: ``auditor sanitize``."""
+"""``auditor sanitize``: average a (possibly backdoored) model with benign homologues."""
 
 from __future__ import annotations
 
