@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 
 
+# The cache key under which a base model's own weight fingerprint is kept (no base of its own).
+BASE_WEIGHTS_KEY = ""
+
 @dataclass(frozen=True)
 class StageResult:
     """Base of every typed result a detector provides (subclasses are frozen dataclasses).
@@ -91,7 +94,8 @@ class AuditContext:
     timings: dict[str, float] = field(default_factory=dict)
     # Weight sources opened during the audit; the orchestrator closes them at the end.
     open_sources: list[TensorSource] = field(default_factory=list)
-    # The content-keyed fingerprint cache (auditor.store.fpcache), None when disabled,
+    # The content-keyed fingerprint cache (auditor.store.fpcache, handed in by the
+    # orchestrator: detectors never import the store), None when disabled,
     # and how many fingerprints it served in this audit.
     fp_cache: Any = None
     cache_hits: int = 0

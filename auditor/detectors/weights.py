@@ -8,7 +8,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from auditor.detectors.base import Detector
-from auditor.detectors.context import AuditContext, OpenModel, StageResult
+from auditor.detectors.context import (
+    BASE_WEIGHTS_KEY,
+    AuditContext,
+    OpenModel,
+    StageResult,
+)
 from auditor.errors import AuditorError, NonFiniteWeights, WeightsError
 from auditor.schema import FileIssue
 
@@ -242,16 +247,15 @@ def detect_weights(ctx: AuditContext) -> None:
 def _base_fingerprint(ctx: AuditContext, base_src: TensorSource) -> Fingerprint:
     """The base's own weight fingerprint, cached by its content like every other."""
     from auditor.analysis.fingerprint import fingerprint_weights
-    from auditor.store.fpcache import WEIGHTS_KEY
 
     assert ctx.base is not None
     cache, key = ctx.fp_cache, ctx.base.resolved.revision
-    hit = cache.get(key, WEIGHTS_KEY) if cache is not None else None
+    hit = cache.get(key, BASE_WEIGHTS_KEY) if cache is not None else None
     if hit is not None:
         return hit.fingerprint  # type: ignore[no-any-return]
     fp = fingerprint_weights(base_src)
     if cache is not None:
-        cache.put(content_key=key, base_key=WEIGHTS_KEY, repo_id=ctx.base.resolved.repo_id,
+        cache.put(content_key=key, base_key=BASE_WEIGHTS_KEY, repo_id=ctx.base.resolved.repo_id,
                   base_repo_id=None, fingerprint=fp, meta={})
     return fp
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from auditor import ANALYSIS_VERSION
+from auditor.detectors.context import BASE_WEIGHTS_KEY
 from auditor.store.models import CachedFingerprint
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The base's own weights fingerprint is stored under this base key.
-WEIGHTS_KEY = ""
+WEIGHTS_KEY = BASE_WEIGHTS_KEY
 
 _UPGRADE_LOCK = threading.Lock()
 _FACTORIES: dict[str, Any] = {}
