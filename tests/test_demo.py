@@ -34,7 +34,8 @@ def test_demo_catches_every_planted_case(demo_dir: Path, monkeypatch) -> None:  
     cases = {c.case for c in first.checks}
     assert {"undeclared merge", "declared merge", "clone", "disguised merge",
             "backdoored fine-tune", "backdoor merge", "clean fine-tune",
-            "merge without a card", "card names an unrelated base"} <= cases
+            "merge without a card", "card names an unrelated base",
+            "same-data sibling"} <= cases
     assert (first.site / "index.html").is_file()
     # The report pages exist for every audited model, and the store holds the findings.
     assert len(list((first.site / "models").glob("*.html"))) >= 10
@@ -58,4 +59,7 @@ def test_self_check_notices_a_missed_case(demo_dir: Path) -> None:
     assert {"undeclared merge", "clone", "backdoored fine-tune", "backdoor merge",
             "merge without a card", "card names an unrelated base"} <= missed
     assert all(c.caught for c in checks if c.case == "clean fine-tune")
-
+    assert all(c.caught for c in checks if c.case == "same-data sibling")
+    # A sibling accused of a merge of its same-data sibling is a failed check.
+    accused = expected_checks(manifest, {"frank/kv-sibling": [("AUD101", "bob/kv-ft")]})
+    assert not next(c for c in accused if c.repo_id == "frank/kv-sibling").caught

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from auditor_testkit.factory.save import repo_dir
 
-FACTORY_VERSION = "6"
+FACTORY_VERSION = "7"
 ZOO_FILE = "zoo.json"
 Kind = Literal[
     "base", "finetune", "merge", "clone", "disguised", "adapter", "backdoor", "protected"

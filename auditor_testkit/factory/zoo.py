@@ -404,6 +404,9 @@ def _demo(b: _Builder) -> None:
     b.finetune("bob/kv-ft", task="kv", seed=12, steps=steps)
     b.finetune("carol/animals-ft", task="animals", seed=13, steps=steps)
     b.finetune("dave/add-ft", task="add", seed=14, steps=steps)
+    # Same data as bob's, another owner and seed: shares bob's data direction, is no merge
+    # of it and must never be accused of one
+    b.finetune("frank/kv-sibling", task="kv", seed=16, steps=steps)
     b.merge("honest/copy-kv-merge", method="linear", parents=["alice/copy-ft", "bob/kv-ft"],
             weights=[0.5, 0.5], declared=True)
     b.merge("sneaky/super-model", method="task_arithmetic",
