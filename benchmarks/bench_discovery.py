@@ -27,27 +27,13 @@ from typing import Any
 
 import torch
 
+from auditor_testkit.factory.random_llama import random_llama
+
 
 # --- part 1 ------------------------------------------------------------------------------
 def _llama(seed: int, *, hidden: int, inter: int, layers: int, vocab: int
            ) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.02
-
-    out = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden),
-           "lm_head.weight": w(vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            out[p + f"self_attn.{proj}_proj.weight"] = w(hidden, hidden)
-        out[p + "mlp.gate_proj.weight"] = w(inter, hidden)
-        out[p + "mlp.up_proj.weight"] = w(inter, hidden)
-        out[p + "mlp.down_proj.weight"] = w(hidden, inter)
-        out[p + "input_layernorm.weight"] = torch.ones(hidden)
-        out[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
-    return out
+    return random_llama(seed, hidden=hidden, inter=inter, layers=layers, vocab=vocab, std=0.02)
 
 
 def _delta(sd: dict[str, torch.Tensor], seed: int, rel: float) -> dict[str, torch.Tensor]:

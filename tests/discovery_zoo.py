@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from auditor_testkit.factory.random_llama import random_llama
 from tests.fixtures_hub import make_repo
 
 WATCHED = "acme/base"
@@ -33,23 +34,7 @@ def llama_config(*, hidden: int = 64, inter: int = 128, layers: int = 2, vocab: 
 
 def llama_tensors(seed: int, *, hidden: int = 64, inter: int = 128, layers: int = 2,
                   vocab: int = 2048) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.05
-
-    out = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden),
-           "lm_head.weight": w(vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            out[p + f"self_attn.{proj}_proj.weight"] = w(hidden, hidden)
-        out[p + "mlp.gate_proj.weight"] = w(inter, hidden)
-        out[p + "mlp.up_proj.weight"] = w(inter, hidden)
-        out[p + "mlp.down_proj.weight"] = w(hidden, inter)
-        out[p + "input_layernorm.weight"] = torch.ones(hidden)
-        out[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
-    return out
+    return random_llama(seed, hidden=hidden, inter=inter, layers=layers, vocab=vocab, std=0.05)
 
 
 def finetune(base: dict[str, torch.Tensor], seed: int, scale: float) -> dict[str, torch.Tensor]:
