@@ -16,7 +16,7 @@ parent's ``weight * lambda_``, which is what every kept coordinate carries (befo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -69,16 +69,8 @@ def breadcrumbs_merge(
     dens = _per_parent(density, len(models), "density")
     if len(weights) != len(models):
         raise ValueError("one weight per model is needed")
-    keys = _check(models, base)
-    out: dict[str, torch.Tensor] = {}
-    for k in keys:
-        b = _f32(base[k])
-        taus = [_breadcrumb(_f32(m[k]) - b, d, gamma) for m, d in zip(models, dens, strict=True)]
-        if ties:
-            mixed = _elect_and_mix(taus, weights, normalize=False)
-        else:
-            mixed = sum(w * t for w, t in zip(weights, taus, strict=True))
-        out[k] = b + lambda_ * mixed
+    out = _mix_pruned(base, models, dens, weights, ties=ties, lambda_=lambda_,
+                      prune=lambda tau, d: _breadcrumb(tau, d, gamma))
     method = "breadcrumbs_ties" if ties else "breadcrumbs"
     cfg: dict[str, Any] = {
         "merge_method": method,
@@ -92,6 +84,30 @@ def breadcrumbs_merge(
         "dtype": "float32",
     }
     return MergeResult(out, cfg, method, tuple(float(w) * lambda_ for w in weights))
+
+
+def _mix_pruned(
+    base: StateDict,
+    models: Sequence[StateDict],
+    densities: Sequence[float],
+    weights: Sequence[float],
+    *,
+    ties: bool,
+    lambda_: float,
+    prune: Callable[[torch.Tensor, float], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Prune each parent's task vector (per its density), then mix: with TIES sign election
+    or linearly. Breadcrumbs and DELLA differ only in ``prune``."""
+    out: dict[str, torch.Tensor] = {}
+    for k in _check(models, base):
+        b = _f32(base[k])
+        taus = [prune(_f32(m[k]) - b, d) for m, d in zip(models, densities, strict=True)]
+        if ties:
+            mixed = _elect_and_mix(taus, weights, normalize=False)
+        else:
+            mixed = sum(w * t for w, t in zip(weights, taus, strict=True))
+        out[k] = b + lambda_ * mixed
+    return out
 
 
 def magprune(
@@ -129,18 +145,9 @@ def della_merge(
     dens = _per_parent(density, len(models), "density")
     if len(weights) != len(models):
         raise ValueError("one weight per model is needed")
-    keys = _check(models, base)
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for k in keys:
-        b = _f32(base[k])
-        taus = [magprune(_f32(m[k]) - b, density=d, epsilon=epsilon, gen=gen)
-                for m, d in zip(models, dens, strict=True)]
-        if ties:
-            mixed = _elect_and_mix(taus, weights, normalize=False)
-        else:
-            mixed = sum(w * t for w, t in zip(weights, taus, strict=True))
-        out[k] = b + lambda_ * mixed
+    out = _mix_pruned(base, models, dens, weights, ties=ties, lambda_=lambda_,
+                      prune=lambda tau, d: magprune(tau, density=d, epsilon=epsilon, gen=gen))
     method = "della" if ties else "della_linear"
     cfg: dict[str, Any] = {
         "merge_method": method,
