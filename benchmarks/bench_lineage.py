@@ -1,6 +1,9 @@
 """Lineage benchmark through the product path: served zoo, ``audit_revision``, rules.
 
-    .venv/bin/python benchmarks/bench_lineage.py [--seeds 0 1 2] [--root DIR] [--verbose]
+    .venv/bin/python benchmarks/bench_lineage.py [--seeds S1 S2 S3] [--root DIR] [--verbose]
+
+Without --seeds, three seeds are drawn at random each run (and printed), so the figures
+never come from one fixed zoo.
 
 For each seed the factory builds (or reuses) the ``lineage-hard`` zoo, whose structure,
 owners and coefficients are drawn from that seed (``auditor_testkit.factory.lineage_zoo``): same-
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 import tempfile
 import time
@@ -206,10 +210,14 @@ def _log_line(verbose: bool) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="default: three seeds drawn at random per run (printed)")
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "lineage-hard")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
+    if args.seeds is None:
+        args.seeds = random.SystemRandom().sample(range(1_000_000), 3)
+        print(f"seeds drawn for this run: {args.seeds}")
     logging.basicConfig(level=logging.ERROR)
     tally = Tally()
     t0 = time.perf_counter()
