@@ -141,6 +141,8 @@ class WorkerContext:
 
 _context: WorkerContext | None = None
 _context_lock = threading.Lock()
+# Set in the main process when the worker starts shutting down (see _on_process_init).
+_shutting_down = threading.Event()
 
 
 def worker_context() -> WorkerContext:
@@ -247,6 +249,11 @@ def _on_process_init(**_: Any) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
+    if _shutting_down.is_set():
+        # billiard replaces a pool process that gave its audit back even while the worker
+        # shuts down; that stand-in (forked from the main process, so it inherits the flag)
+        # takes no task and must not register as a worker of its own.
+        return
     worker_context()
 
 
@@ -275,6 +282,7 @@ def _release_and_exit(signum: int, _frame: FrameType | None) -> None:
 def _on_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
     """Main process, SIGTERM (warm shutdown): running audits get ``worker_grace_seconds``
     to finish; then the pool processes release them and exit."""
+    _shutting_down.set()
     if how != "Warm":
         return
     grace = Settings().worker_grace_seconds
