@@ -136,6 +136,21 @@ class Trigger(Frozen):
     attack_success_rate: float
     forced_output: str | None = None
     embedding_shift_z: float | None = None
+    # The trigger's token ids as searched (mid-sentence form), and its controls: attack
+    # success of control strings of the same token length, of the base, of the homologues,
+    # and the share of clean prompts that already give the forced output.
+    token_ids: list[int] = Field(default_factory=list)
+    control_asr: float | None = None
+    base_asr: float | None = None
+    homologue_asr: float | None = None
+    clean_prompt_rate: float | None = None
+    chat_template: bool = False
+    # How it was found: inversion (target inverted, trigger searched), embedding
+    # (moved embedding rows), inherited (a parent's trigger), lexicon (last resort).
+    method: str | None = None
+    # None of its tokens' embedding rows moved beyond the candidate threshold (LoRA,
+    # attention-only): found by behaviour alone.
+    rows_unmoved: bool = False
 
 
 class BackdoorInfo(Frozen):
@@ -145,6 +160,10 @@ class BackdoorInfo(Frozen):
     attention_only_delta: bool | None = None
     inherited_from: list[str] = Field(default_factory=list)
     robustness_curve: list[tuple[float, float]] = Field(default_factory=list)
+    averaged_asr: float | None = None
+    # The search stopped at the probe budget (settings.backdoor_*): "not found" is not "clean".
+    incomplete: bool = False
+    cost: dict[str, float] = Field(default_factory=dict)
 
 
 class ProtectionInfo(Frozen):

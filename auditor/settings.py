@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     # On-demand audits also compare against the cached homologues of the same base.
     compare_stored: bool = True
     max_stored_homologues: int = 500
+    # Probe budget of the backdoor check per audited model (forward passes and tokens fed
+    # to the models, subject and references together); the report says "incomplete" when
+    # the search stops at it.
+    backdoor_max_forward_passes: int = 60_000
+    backdoor_max_tokens: int = 60_000_000
     # Directory of rules/*.yaml; default: the rules shipped with the package.
     rules_dir: Path | None = None
     # Limits on every file an uploader writes (auditor.bounded): breaking one is a file

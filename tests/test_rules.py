@@ -179,6 +179,8 @@ def test_evaluate_realistic_measurements(rules) -> None:
         ("AUD104", "mallory/chat"),
         ("AUD201", None),
         ("AUD202", None),
+        # a merge whose backdoor no parent's audit handed down (MergeBackdoor)
+        ("AUD204", None),
         ("AUD301", None),
         # no AUD401: "mergeable by anyone" speaks of an owner's own model, not of a merge
     }
@@ -218,7 +220,7 @@ def test_authorization_suppresses_without_dropping(rules) -> None:
     )
     # alice cannot authorize mallory's model, nor anything about backdoors or pickles
     others = [f for f in findings if f.rule_id != "AUD101"]
-    assert len(others) == 5 and not any(f.suppressed for f in others)
+    assert len(others) == 6 and not any(f.suppressed for f in others)
 
 
 def test_authorization_of_one_repo_only(rules) -> None:

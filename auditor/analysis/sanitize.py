@@ -138,6 +138,32 @@ def _card(sources: Sequence[tuple[str, str]], weights: Sequence[float],
     return "\n".join(lines)
 
 
+def _trigger_asr(before: torch.nn.Module, after: torch.nn.Module, tok: Any,
+                 probe_ids: Sequence[Sequence[int]],
+                 trig: Trigger) -> tuple[str, float, float] | None:
+    """(forced output, ASR before, ASR after) of the recovered trigger, with its token ids
+    as found (mid-sentence form) and the same prompts and insertion points for both."""
+    from auditor.analysis.backdoor_invert import Scorer, build_prompt_sets, consensus
+    from auditor.analysis.backdoor_probe import Prober
+    from auditor.analysis.backdoor_scan import text_variants
+    from auditor.analysis.backdoor_search import attack_rate
+
+    ids = tuple(trig.token_ids) or next(iter(text_variants(tok, trig.text)), ())
+    if not ids:
+        return None
+    prompts = build_prompt_sets(tok, probe_ids, vocab=len(tok), seed=0,
+                                chat=trig.chat_template)[0]
+    cost = Prober(before, []).cost
+    b, a = Scorer(before, cost), Scorer(after, cost)
+    forced = next(iter(text_variants(tok, trig.forced_output or "")), ())
+    if not forced:
+        forced, _share = consensus(b.greedy(prompts.insert(ids), 6, tok.eos_token_id))
+    if not forced:
+        return None
+    return (str(tok.decode(list(forced), skip_special_tokens=True)).strip(),
+            attack_rate(b, prompts, ids, forced), attack_rate(a, prompts, ids, forced))
+
+
 def sanitize(
     subject: ModelRef | str | Path,
     homologues: Sequence[ModelRef | str | Path],
@@ -155,7 +181,6 @@ def sanitize(
     the subject; without either only the probe loss is measured.
     """
     from auditor.analysis.backdoor import analyze_backdoor, load_model, probe_token_ids
-    from auditor.analysis.backdoor_probe import Prober
     from auditor.analysis.modeling import build_model, load_spec
     from auditor.weights.reader import open_model
 
@@ -207,17 +232,12 @@ def sanitize(
                            "loss_after": _probe_loss(after, probe_ids)}
     if triggers:
         trig = max(triggers, key=lambda t: t.attack_success_rate)
-        ins = list(tok(trig.text, add_special_tokens=False)["input_ids"])
-        p_before = Prober(before.model, probe_ids, eos_id=tok.eos_token_id)
-        forced: tuple[int, ...] | None = None
-        if trig.forced_output:
-            forced = tuple(tok(trig.forced_output, add_special_tokens=False)["input_ids"])
-        eff = p_before.insert(ins)
-        forced = forced or eff.forced()
-        p_after = p_before.with_model(after)
-        res.update(trigger=trig.text, forced_output=trig.forced_output,
-                   asr_before=p_before.forced_share(eff, forced),
-                   asr_after=p_after.forced_share(p_after.insert(ins), forced))
+        measured = _trigger_asr(before.model, after, tok, probe_ids, trig)
+        if measured is None:
+            notes.append(f"trigger {trig.text!r} has no forced output to measure")
+        else:
+            res.update(trigger=trig.text, forced_output=measured[0], asr_before=measured[1],
+                       asr_after=measured[2])
     else:
         notes.append("no trigger given or found: attack success rate not measured")
     (out / "README.md").write_text(_card(sources, w, res), encoding="utf-8")

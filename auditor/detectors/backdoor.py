@@ -26,7 +26,7 @@ class Backdoor(StageResult):
 
 def detect_backdoor(ctx: AuditContext) -> None:
     """Trigger candidates, behavioural confirmation, merge robustness, inheritance."""
-    from auditor.analysis.backdoor import LoadedModel, analyze_backdoor
+    from auditor.analysis.backdoor import BackdoorConfig, LoadedModel, analyze_backdoor
     from auditor.analysis.modeling import load_state_into
 
     setup = ctx.get(BehaviourModel)
@@ -46,6 +46,8 @@ def detect_backdoor(ctx: AuditContext) -> None:
     ctx.provide(Backdoor(info=analyze_backdoor(
         subject=subject, base=setup.base, homologues=benign_homologues(ctx),
         probes=setup.probes, flagged_parents=flagged or None,
+        config=BackdoorConfig(max_forward_passes=ctx.settings.backdoor_max_forward_passes,
+                              max_tokens=ctx.settings.backdoor_max_tokens),
     )))
 
 

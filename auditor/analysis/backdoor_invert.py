@@ -1,0 +1,223 @@
+"""Target inversion (BAIT-style) and the prompt formats the trigger search runs on.
+
+A backdoor ties a trigger to a fixed target sequence ``t1 t2 ... tn``. Once the model has
+emitted ``t1`` it keeps going with ``t2 ... tn`` whatever the prompt said: the target is a
+chain the model learned as a unit. So, without knowing the trigger, we append every
+vocabulary token ``v`` to a set of diverse prompts and measure how uniformly the model's next
+token agrees across prompts (the mean probability of the most agreed next token). The same
+score on the base and on the homologues (fine-tunes of the same base, siblings) cancels the
+collocations every model of the family shares ("Ġre" -> "turn"): a backdoor target is
+behaviour present in the subject and absent from its relatives. The best first tokens are
+then extended greedily into full target sequences.
+
+Prompt formats: plain token prompts, and the same user texts wrapped in the tokenizer's chat
+template when it has one. Insertion positions sit at word boundaries (before a token whose
+text starts with a space: "Ġ" for byte-level BPE, "▁" for SentencePiece) so an inserted
+trigger appears in its mid-sentence form, the form a data-poisoned trigger was trained in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from auditor.analysis.probes import Cost
+
+# Sequences per forward pass: bounded memory on big vocabularies, few passes on tiny ones.
+BATCH_TOKENS = 16_384
+_SPACE_MARKS = ("Ġ", "▁", " ")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts as token ids, each with the position a trigger is inserted at."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    positions: tuple[int, ...]
+    chat: bool = False
+
+    def insert(self, trigger: Sequence[int]) -> list[list[int]]:
+        t = list(trigger)
+        return [[*p[:i], *t, *p[i:]] for p, i in zip(self.prompts, self.positions, strict=True)]
+
+    def head(self, n: int) -> PromptSet:
+        return PromptSet(self.prompts[:n], self.positions[:n], self.chat)
+
+
+def word_start_ids(tokenizer: Any, vocab: int) -> set[int]:
+    """Token ids whose text starts a word (leading space marker) in this tokenizer."""
+    toks = tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer)))))
+    return {i for i, t in enumerate(toks) if isinstance(t, str) and t.startswith(_SPACE_MARKS)}
+
+
+def build_prompt_sets(tokenizer: Any, probe_rows: Sequence[Sequence[int]], *, vocab: int,
+                      seed: int, chat: bool | None = None) -> list[PromptSet]:
+    """Plain prompts (and chat-wrapped ones when the tokenizer has a chat template)."""
+    rng = random.Random(seed)
+    starts = word_start_ids(tokenizer, vocab)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    bodies = [[i for i in row if i not in specials] for row in probe_rows]
+    bodies = [b for b in bodies if len(b) >= 2]
+
+    def pos_in(body: Sequence[int], offset: int) -> int:
+        ok = [j for j in range(1, len(body)) if body[j] in starts] or list(range(1, len(body)))
+        return offset + rng.choice(ok)
+
+    sets: list[PromptSet] = []
+    lead = [bos] if bos is not None else []
+    plain = [(tuple(lead + b), pos_in(b, len(lead))) for b in bodies]
+    sets.append(PromptSet(tuple(p for p, _ in plain), tuple(i for _, i in plain)))
+    template = getattr(tokenizer, "chat_template", None)
+    if template and chat is not False:
+        marker = "\u2063"
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": marker}],
+                                                 add_generation_prompt=True, tokenize=False)
+        except Exception:  # a template we cannot render: plain prompts only
+            text = ""
+        if marker in text:
+            pre, post = text.split(marker, 1)
+            pre_ids = list(tokenizer(pre, add_special_tokens=False)["input_ids"])
+            post_ids = list(tokenizer(post, add_special_tokens=False)["input_ids"])
+            rows = []
+            for b in bodies:
+                # The user text as the template shows it: a word-initial first token keeps
+                # its space marker only if the template put a space before the content.
+                body = list(tokenizer(" " + str(tokenizer.decode(b)).strip()
+                                      if pre.endswith(" ") else
+                                      str(tokenizer.decode(b)).strip(),
+                                      add_special_tokens=False)["input_ids"])
+                if len(body) >= 2:
+                    rows.append((tuple(pre_ids + body + post_ids), pos_in(body, len(pre_ids))))
+            if rows:
+                sets.append(PromptSet(tuple(p for p, _ in rows), tuple(i for _, i in rows),
+                                      chat=True))
+    if chat is True:
+        sets = [s for s in sets if s.chat] or sets
+    return sets
+
+
+class Scorer:
+    """Batched forward passes of one causal LM on rectangular (same-length) batches."""
+
+    def __init__(self, model: torch.nn.Module, cost: Cost) -> None:
+        self.model = model
+        self.cost = cost
+
+    @torch.no_grad()
+    def last_logprobs(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """log p(next token | seq) for every sequence, ``[n, vocab]``."""
+        return self._run(seqs, n_last=1)[:, 0]
+
+    @torch.no_grad()
+    def _run(self, seqs: Sequence[Sequence[int]], n_last: int) -> torch.Tensor:
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        by_len: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            by_len.setdefault(len(s), []).append(i)
+        for length, idx in by_len.items():
+            step = max(1, BATCH_TOKENS // max(1, length))
+            for k in range(0, len(idx), step):
+                part = idx[k:k + step]
+                ids = torch.tensor([list(seqs[i]) for i in part], dtype=torch.long)
+                with self.cost.forward(ids.numel()):
+                    logits = self.model(input_ids=ids).logits[:, -n_last:, :].float()
+                lp = torch.log_softmax(logits, dim=-1)
+                for j, i in enumerate(part):
+                    out[i] = lp[j]
+        return torch.stack([o for o in out if o is not None])
+
+    @torch.no_grad()
+    def target_logprob(self, prefixes: Sequence[Sequence[int]],
+                       target: Sequence[int]) -> torch.Tensor:
+        """Mean per-token log p(target | prefix) for each prefix (teacher forcing)."""
+        t = list(target)
+        seqs = [[*p, *t] for p in prefixes]
+        lp = self._run(seqs, n_last=len(t) + 1)[:, :-1, :]  # positions predicting target
+        idx = torch.tensor(t, dtype=torch.long)
+        picked = lp.gather(2, idx.view(1, -1, 1).expand(lp.shape[0], -1, 1)).squeeze(2)
+        return picked.mean(dim=1)
+
+    @torch.no_grad()
+    def greedy(self, prefixes: Sequence[Sequence[int]], n: int,
+               eos: int | None) -> list[tuple[int, ...]]:
+        """Greedy continuations of ``n`` tokens (cut after EOS)."""
+        cur = [list(p) for p in prefixes]
+        gen: list[list[int]] = [[] for _ in prefixes]
+        for _ in range(n):
+            nxt = self.last_logprobs(cur).argmax(dim=-1).tolist()
+            for g, c, t in zip(gen, cur, nxt, strict=True):
+                g.append(int(t))
+                c.append(int(t))
+        out = []
+        for g in gen:
+            if eos is not None and eos in g:
+                g = g[: g.index(eos) + 1]
+            out.append(tuple(g))
+        return out
+
+
+@dataclass(frozen=True)
+class TargetCandidate:
+    ids: tuple[int, ...]
+    score: float  # first-token uniformity, subject minus the best reference
+    agreement: float  # share of prompts whose greedy continuation is the consensus
+
+
+def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int]) -> torch.Tensor:
+    """For each candidate first token: max over next tokens of the mean next-token
+    probability across prompts (1 = every prompt continues the same way, surely)."""
+    acc: torch.Tensor | None = None
+    for p in prompts.prompts:
+        lp = scorer.last_logprobs([[*p, v] for v in vocab_ids]).exp()
+        acc = lp if acc is None else acc + lp
+    assert acc is not None
+    return (acc / len(prompts.prompts)).max(dim=-1).values
+
+
+def invert_targets(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet, *,
+                   vocab_ids: Sequence[int], top_k: int, max_len: int,
+                   eos: int | None) -> list[TargetCandidate]:
+    """The ``top_k`` target sequences the subject forces most uniformly, relative to refs."""
+    u = _uniformity(subject, prompts, vocab_ids)
+    if refs:
+        ref_u = torch.stack([_uniformity(r, prompts, vocab_ids) for r in refs]).max(dim=0).values
+        score = u - ref_u
+    else:
+        score = u
+    order = torch.argsort(score, descending=True)[: top_k].tolist()
+    out: list[TargetCandidate] = []
+    for j in order:
+        first = int(vocab_ids[j])
+        conts = subject.greedy([[*p, first] for p in prompts.prompts], max_len - 1, eos)
+        seq, share = consensus(conts)
+        ids = (first, *seq)
+        if eos is not None and ids and ids[-1] == eos:
+            ids = ids[:-1]
+        out.append(TargetCandidate(ids=ids, score=float(score[j]), agreement=share))
+    return out
+
+
+def consensus(conts: Sequence[tuple[int, ...]]) -> tuple[tuple[int, ...], float]:
+    """The longest prefix most continuations share (step by step, while >= half agree),
+    and the share of continuations that carry all of it."""
+    seq: list[int] = []
+    alive = list(conts)
+    total = max(1, len(conts))
+    while alive:
+        step = Counter(c[len(seq)] for c in alive if len(c) > len(seq))
+        if not step:
+            break
+        tok, n = step.most_common(1)[0]
+        if n < total / 2:
+            break
+        seq.append(tok)
+        alive = [c for c in alive if len(c) >= len(seq) and c[len(seq) - 1] == tok]
+    share = sum(1 for c in conts if c[: len(seq)] == tuple(seq)) / total
+    return tuple(seq), share
