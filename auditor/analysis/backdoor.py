@@ -292,7 +292,7 @@ def inherited_backdoor(
         for trig in triggers:
             f = measure_text_trigger(subject.model, subject.tokenizer, rows, trig.text,
                                      trig.forced_output, base=base_m, homologues=homs,
-                                     cost=cost, cfg=cfg.scan)
+                                     cost=cost, cfg=cfg.scan, known=True)
             if f is not None and f.check.confirmed:
                 found.append(_trigger_of(f, method="inherited", z=trig.embedding_shift_z))
                 if parent not in parents:

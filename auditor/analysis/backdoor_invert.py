@@ -71,6 +71,9 @@ def build_prompt_sets(tokenizer: Any, probe_rows: Sequence[Sequence[int]], *, vo
 
     sets: list[PromptSet] = []
     lead = [bos] if bos is not None else []
+    # Each body twice, at two insertion points (all bodies once first, so a head of the set
+    # stays diverse): twice the confirmation prompts for the same probe budget.
+    bodies = bodies + bodies
     plain = [(tuple(lead + b), pos_in(b, len(lead))) for b in bodies]
     sets.append(PromptSet(tuple(p for p, _ in plain), tuple(i for _, i in plain)))
     template = getattr(tokenizer, "chat_template", None)

@@ -46,7 +46,7 @@ class ScanConfig:
     invert_prompts: int = 6
     search_prompts: int = 6
     invert_refs: int = 3
-    confirm_prompts: int = 24
+    confirm_prompts: int = 32
     invert_top_k: int = 16
     targets_searched: int = 3
     max_target_len: int = 8
@@ -218,6 +218,7 @@ def measure_text_trigger(
     homologues: Sequence[torch.nn.Module],
     cost: Cost,
     cfg: ScanConfig,
+    known: bool = False,
 ) -> FoundTrigger | None:
     """A known trigger (a parent's) measured on the subject with its known target, in each
     tokenization a text can take (mid-sentence with a leading space, or as written)."""
@@ -241,7 +242,7 @@ def measure_text_trigger(
             for tgt in tgt_variants:
                 check = confirm(subj, base_s, homs, ps, trig_ids, tgt, allowed=allowed,
                                 n_controls=cfg.n_controls, seed=cfg.seed, min_asr=cfg.min_asr,
-                                margin=cfg.margin, max_clean=cfg.max_clean)
+                                margin=cfg.margin, max_clean=cfg.max_clean, known=known)
                 if best is None or check.asr > best.check.asr:
                     best = FoundTrigger(trigger_ids=tuple(trig_ids), target_ids=tuple(tgt),
                                         text=decode(trig_ids), target=decode(tgt),
