@@ -356,18 +356,34 @@ def subset_refit(
     subsets = np.array(
         [[(s >> i) & 1 for i in range(p)] for s in range(1, 2**p)], dtype=bool
     )  # (S, p)
+    sub_f = subsets.T.astype(float)
+    # a parent that did not move a coordinate cannot have survived there (fixed per call)
+    zero = x == 0
+    blocked = (zero.astype(float) @ sub_f) > 0 if zero.any() else None
     for _ in range(iterations):
         # prediction of every subset at every coordinate: (n, S)
-        contrib = x * c[None, :]
-        pred = contrib @ subsets.T.astype(float)
-        allowed = ~((x[:, None, :] == 0) & subsets[None, :, :]).any(axis=2)
-        err = np.where(allowed, np.abs(pred - y[:, None]), np.inf)
+        err = np.abs((x * c[None, :]) @ sub_f - y[:, None])
+        if blocked is not None:
+            err[blocked] = np.inf
         mask = subsets[np.argmin(err, axis=1)]  # (n, p)
         a = x * mask
-        new, *_ = np.linalg.lstsq(a, y, rcond=None)
+        new = _masked_lstsq(a, y)
         new = np.clip(new, 0.0, None)
         if np.allclose(new, c, atol=1e-7):
             c = new
             break
         c = new
     return c
+
+
+def _masked_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares through the (p x p) normal equations: p is at most a handful and n
+    tens of thousands, where an SVD of the (n x p) matrix is far slower; falls back to
+    the SVD when the normal matrix is near singular."""
+    ata = a.T @ a
+    d = np.sqrt(np.clip(np.diag(ata), 1e-300, None))
+    norm = ata / np.outer(d, d)
+    if np.linalg.cond(norm) < 1e8:
+        return np.linalg.solve(norm, (a.T @ y) / d) / d
+    sol, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return sol

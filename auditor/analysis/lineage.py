@@ -49,7 +49,7 @@ from auditor.analysis.signatures import (
     row_uniformity,
 )
 from auditor.analysis.similarity import GramStack, build_gram, cosine_report
-from auditor.analysis.sparse_fit import fit_sparse, recipe_coefficients
+from auditor.analysis.sparse_fit import fit_sparse, profile_signatures, recipe_coefficients
 from auditor.analysis.verdicts import (
     NULL_DESCRIPTION,
     FamilyNull,
@@ -336,9 +336,13 @@ def _sparse(
     if sf.conflict_both is not None:
         # read off the coordinate assignment: opposite-signed parents never both kept
         sigs["sign_election"] = 1.0 if sf.conflict_both < 0.02 else 0.0
-    method = guess_method(sigs, coefficients=sf.coefficients) or "dare_linear"
-    coefs = recipe_coefficients(sf, rescale=METHOD_REGISTRY[method].rescale)
+    # how each parent's entries were kept (by rank or at random, flat or graded) decides
+    # the rescaling; the coefficients never depend on the method name picked below
+    sigs.update(profile_signatures(sf))
+    method = guess_method(sigs, coefficients=sf.coefficients) or _fallback_method(sf.rescale)
+    coefs = recipe_coefficients(sf)
     sigs.update(exact_fraction=sf.exact_fraction, explained_nonzero=sf.explained)
+    sigs.update({f"null_gap:{p}": g for p, g in zip(sf.parents, sf.null_gaps, strict=True)})
     ok = sparse_accusable(sf.exact_fraction, sf.explained)
     reason = (f"{subject.zero_fraction:.0%} exact zeros; the parents reproduce "
               f"{sf.exact_fraction:.0%} of the kept coordinates exactly, R^2 {sf.explained:.3f}")
@@ -348,6 +352,12 @@ def _sparse(
         exact=sf.exact_fraction, method=method,
         reason=reason if ok else "not enough to accuse: " + reason, signatures=sigs,
     )
+
+
+def _fallback_method(rescale: str) -> str:
+    """The first sparse method of the registry with this rescaling."""
+    return next((m.name for m in METHOD_REGISTRY.values() if m.sparse and m.rescale == rescale),
+                "dare_linear")
 
 
 def _dense(

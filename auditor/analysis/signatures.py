@@ -186,17 +186,23 @@ def _election(sig: Mapping[str, float]) -> bool:
 
 
 def _outliers_dropped(sig: Mapping[str, float]) -> bool:
-    # Breadcrumbs: the largest entries are gone far more often than the mid-sized ones
+    # Breadcrumbs: the largest entries are cut, deterministically
+    if "outlier_keep" in sig:
+        return _z(sig, "drop_random") < 0.5 and _z(sig, "outlier_keep") < 0.5
     return _z(sig, "top_zero_fraction") > max(0.3, 2.0 * _z(sig, "mid_zero_fraction"))
 
 
 def _trimmed(sig: Mapping[str, float]) -> bool:
     # TIES: small magnitudes trimmed, large kept
+    if "drop_random" in sig:
+        return _z(sig, "drop_random") < 0.5 and not _outliers_dropped(sig)
     return _z(sig, "zero_magnitude_ratio", 1.0) < 0.6 and not _outliers_dropped(sig)
 
 
 def _magnitude_graded(sig: Mapping[str, float]) -> bool:
     # DELLA: drop rate falls with magnitude, gently (DARE: flat; TIES: a step)
+    if "drop_graded" in sig:
+        return _z(sig, "drop_graded") >= 0.5
     low, mid = _z(sig, "low_zero_fraction"), _z(sig, "mid_zero_fraction")
     return low > mid + 0.05 and not _trimmed(sig) and not _outliers_dropped(sig)
 

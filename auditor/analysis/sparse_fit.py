@@ -8,9 +8,22 @@ so the parents are chosen by how much of the subject's kept coordinates they rep
 not by how correlated they are: siblings share a data direction, not the merge's values.
 
 Densities may differ from parent to parent: a parent pruned to 30% still reproduces its
-own 30% exactly, so every parent is kept with its own coefficient. DARE and DELLA rescale
-survivors by 1/p; the effective coefficient is scaled back by each parent's own keep rate,
-measured as the share of its moved coordinates it still holds in the subject.
+own 30% exactly, so every parent is kept with its own coefficient.
+
+How each parent's entries were kept is read off the fit itself (``DropProfile``): the
+share of its entries kept against their magnitude rank. A magnitude cut (TIES trims the
+small entries, Breadcrumbs also the top outliers) keeps by rank, deterministically, and
+rescales nothing; a random drop keeps a share at every rank and rescales the survivors
+by 1/p: flat in rank for DARE, rising with rank for DELLA. The recipe coefficient
+(weight x lambda) is fitted with each entry divided by its own keep probability, so it
+does not depend on which method name the signatures pick.
+
+Every parent must earn its place against a null: its column is replaced by what the
+other parents explain of it plus the rest shuffled within each tensor (same values, no
+relation to the subject). The per-coordinate subset choice lets any extra column shave
+the residual a little, and a sibling of a parent or a merge containing one shares the
+parents' data direction; only a parent whose own values the subject carries fits
+clearly better than its shuffled stand-in.
 """
 
 from __future__ import annotations
@@ -21,18 +34,46 @@ from dataclasses import dataclass
 import numpy as np
 
 from auditor.analysis.attribution import subset_refit
-from auditor.analysis.fingerprint import Fingerprint
+from auditor.analysis.fingerprint import Fingerprint, sample_indices
 
 # |y - fit| below this share of |y| (plus a rounding floor): the coordinate is reproduced
 EXACT_RTOL = 1e-3
 MAX_PARENTS = 4
 PRESELECT = 12
+FORWARD_COORDS = 16384
 MIN_COEFFICIENT = 0.08
+# A parent must beat its shuffled stand-in by this much (R^2 + exact share)
+NULL_MARGIN = 0.02
+NULL_DRAWS = 2
+# Keep-by-rank profiles: rank explains at least this share of the keep/drop variance
+# (eta^2) for a magnitude cut; a random drop leaves ~0
+DETERMINISTIC = 0.5
+# DELLA: keep rate rising by at least this much from a row's smallest entry to its
+# largest, and by MIN_SLOPE_Z standard errors (DARE: flat)
+MIN_SLOPE = 0.03
+MIN_SLOPE_Z = 4.0
+MIN_ROW = 16  # sampled entries a row needs for a within-row rank
+PROFILE_BINS = 50
+MIN_PROFILE = 200
+
+
+@dataclass(frozen=True)
+class DropProfile:
+    """How one parent's entries were kept, against their magnitude rank (where all parents
+    move the same way, so no sign election removed anything)."""
+
+    keep_rate: float
+    determinism: float  # eta^2 of kept on the rank: ~1 magnitude cut, ~0 random drop
+    slope: float  # keep rate from a row's smallest entry to its largest (DELLA: 2 epsilon)
+    slope_se: float
+    intercept: float
+    top_kept: float  # keep rate of the top 0.5% by magnitude (Breadcrumbs: outliers gone)
+    mid_kept: float  # between the median and the 90th percentile
 
 
 @dataclass(frozen=True)
 class SparseFit:
-    """Sparse parents (names), effective coefficients, and the evidence behind them."""
+    """Sparse parents (names), coefficients, and the evidence behind them."""
 
     parents: tuple[str, ...]
     coefficients: tuple[float, ...]  # effective: as the kept coordinates carry them
@@ -42,12 +83,29 @@ class SparseFit:
     # where two parents pull opposite ways and the subject moved: the share that kept
     # both (a weighted sum); 0 under TIES sign election, which keeps one side only
     conflict_both: float | None = None
+    recipe: tuple[float, ...] = ()  # weight x lambda per parent (rescaling undone)
+    rescale: str = "none"  # none (magnitude cut) | dare (flat random) | della (graded)
+    profiles: tuple[DropProfile, ...] = ()
+    null_gaps: tuple[float, ...] = ()  # per parent: score over its shuffled stand-in
+    rejected: tuple[str, ...] = ()  # selected, then no better than a shuffled stand-in
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each sampled coordinate sits: its tensor and its row (for within-row ranks)."""
+
+    segments: tuple[slice, ...]
+    tensor_id: np.ndarray
+    rank_group: np.ndarray  # row where the row holds MIN_ROW samples, else the tensor
+
+
+Evaluation = tuple[np.ndarray, float, float, np.ndarray]  # coefs, R^2, exact, mask
 
 
 def _arrays(
     subject: Fingerprint, prints: Mapping[str, Fingerprint], keys: Sequence[str],
     base: Fingerprint | None,
-) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, _Layout]:
     y = np.concatenate([subject.tensors[k].sample.astype(np.float64) for k in keys])
     xs = {n: np.concatenate([fp.tensors[k].sample.astype(np.float64) for k in keys])
           for n, fp in prints.items()}
@@ -57,28 +115,67 @@ def _arrays(
     else:
         scale = np.zeros_like(y)
     # float32 weights minus float32 base: rounding at ~1e-6 of the weight's magnitude
-    return y, xs, 1e-6 * scale + 1e-12
+    return y, xs, 1e-6 * scale + 1e-12, _layout(subject, keys)
+
+
+def _layout(subject: Fingerprint, keys: Sequence[str]) -> _Layout:
+    segments: list[slice] = []
+    tid: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
+    start = 0
+    next_group = 0
+    for t, k in enumerate(keys):
+        tp = subject.tensors[k]
+        n = tp.sample.shape[0]
+        segments.append(slice(start, start + n))
+        tid.append(np.full(n, t, dtype=np.int64))
+        if len(tp.shape) >= 2:
+            width = int(np.prod(tp.shape[1:]))
+            rows = sample_indices(k, tp.shape, subject.sample_size)[:n] // width
+        else:
+            rows = np.zeros(n, dtype=np.int64)
+        _, inv, cnt = np.unique(rows, return_inverse=True, return_counts=True)
+        # rows too thinly sampled for a rank fall back to the whole tensor (one group)
+        g = np.where(cnt[inv] >= MIN_ROW, inv + 1, 0) + next_group
+        next_group += int(inv.max(initial=0)) + 2
+        groups.append(g)
+        start += n
+    return _Layout(tuple(segments), np.concatenate(tid), np.concatenate(groups))
+
+
+def _group_quantile(v: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Rank of each value within its group, as a share in [0, 1]."""
+    order = np.lexsort((v, group))
+    g = group[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
+    counts = np.diff(np.r_[starts, g.size])
+    pos = np.arange(g.size) - np.repeat(starts, counts)
+    q = np.empty(v.size)
+    q[order] = pos / np.maximum(np.repeat(counts, counts) - 1, 1)
+    return q
 
 
 def _assign(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Per coordinate, the subset of nonzero parents that best reproduces y: (n, p) mask."""
     p = x.shape[1]
     subsets = np.array([[(s >> i) & 1 for i in range(p)] for s in range(1, 2**p)], dtype=bool)
-    pred = (x * c[None, :]) @ subsets.T.astype(float)
-    allowed = ~((x[:, None, :] == 0) & subsets[None, :, :]).any(axis=2)
-    err = np.where(allowed, np.abs(pred - y[:, None]), np.inf)
+    sub_f = subsets.T.astype(float)
+    err = np.abs((x * c[None, :]) @ sub_f - y[:, None])
+    zero = x == 0
+    if zero.any():
+        err[(zero.astype(float) @ sub_f) > 0] = np.inf
     return subsets[np.argmin(err, axis=1)]
 
 
 def _evaluate(
     y: np.ndarray, x: np.ndarray, floor: np.ndarray, inits: Sequence[float] = (1.0,)
-) -> tuple[np.ndarray, float, float, np.ndarray]:
+) -> Evaluation:
     nz = y != 0
     yn, xn, fl = y[nz], x[nz], floor[nz]
     ls, *_ = np.linalg.lstsq(xn, yn, rcond=None)
     ls = np.clip(ls, 1e-3, None)
     modes = _ratio_modes(yn, xn, ls)
-    best: tuple[np.ndarray, float, float, np.ndarray] | None = None
+    best: Evaluation | None = None
     # the alternation has local optima: start from the exact ratios where they show,
     # then from the least-squares mix and from it scaled up (rescaled survivors carry
     # 1/(1-p) times the recipe's weight)
@@ -116,39 +213,98 @@ def _ratio_modes(y: np.ndarray, x: np.ndarray, fallback: np.ndarray) -> np.ndarr
     return out
 
 
-def _keep_rates(y: np.ndarray, x: np.ndarray, mask_nz: np.ndarray) -> np.ndarray:
-    """Share of each parent's moved coordinates that survive in the subject. Judged where
-    every parent moves the same way (no sign election there), so only the drop removes."""
+def _profiles(y: np.ndarray, x: np.ndarray, mask_nz: np.ndarray,
+              layout: _Layout) -> tuple[DropProfile, ...]:
+    """Each parent's keep-by-rank profile (see ``DropProfile``). Judged where every parent
+    moves the same way (no sign election there), so only the trim or drop removes."""
     nz = y != 0
     full = np.zeros(x.shape, dtype=bool)
     full[nz] = mask_nz
     s = np.sign(x)
     same = (np.abs(s.sum(axis=1)) == x.shape[1]) & (x != 0).all(axis=1)
-    rates = []
+    out = []
     for i in range(x.shape[1]):
         sel = same & (x[:, i] != 0)
-        rates.append(float(full[sel, i].mean()) if sel.any() else 1.0)
-    return np.asarray(rates)
+        if sel.sum() < MIN_PROFILE:
+            # too little to tell: read as a cut (no rescaling, the coefficient as fitted)
+            out.append(DropProfile(1.0, 1.0, 0.0, float("inf"), 1.0, 1.0, 1.0))
+            continue
+        mag = np.abs(x[:, i])
+        # TIES and Breadcrumbs rank within the tensor, DELLA within the row
+        tq = _group_quantile(mag, layout.tensor_id)[sel]
+        rq = _group_quantile(mag, layout.rank_group)[sel]
+        kept = full[sel, i].astype(np.float64)
+        det = max(_eta2(kept, tq), _eta2(kept, rq))
+        slope, se, icpt = _line(rq, kept)
+        top = kept[tq >= 0.995]
+        mid = kept[(tq >= 0.5) & (tq < 0.9)]
+        out.append(DropProfile(
+            keep_rate=float(kept.mean()), determinism=det, slope=slope, slope_se=se,
+            intercept=icpt, top_kept=float(top.mean()) if top.size else 1.0,
+            mid_kept=float(mid.mean()) if mid.size else 1.0))
+    return tuple(out)
 
 
-def fit_sparse(
-    subject: Fingerprint,
-    candidates: Mapping[str, Fingerprint],
-    *,
-    keys: Sequence[str],
-    order: Sequence[str],
-    base: Fingerprint | None = None,
-    min_gain: float = 0.02,
-) -> SparseFit:
-    """Forward selection of sparse parents among ``order`` (candidates, most related
-    first; the first ``PRESELECT`` are tried) by the share of the subject's kept
-    coordinates they reproduce."""
-    pool = [n for n in order if n in candidates][:PRESELECT]
-    y, xs, floor = _arrays(subject, {n: candidates[n] for n in pool}, keys, base)
+def _eta2(kept: np.ndarray, q: np.ndarray) -> float:
+    """Share of the keep/drop variance explained by the rank (binned)."""
+    var = float(kept.var())
+    if var <= 0:
+        return 1.0
+    b = np.minimum((q * PROFILE_BINS).astype(np.int64), PROFILE_BINS - 1)
+    cnt = np.bincount(b, minlength=PROFILE_BINS)
+    mean = np.bincount(b, weights=kept, minlength=PROFILE_BINS) / np.maximum(cnt, 1)
+    within = float(np.sum((kept - mean[b]) ** 2)) / kept.size
+    return 1.0 - within / var
+
+
+def _line(q: np.ndarray, kept: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares slope, its standard error, and intercept of kept on rank."""
+    qc = q - q.mean()
+    sxx = float(qc @ qc)
+    if sxx <= 0 or q.size < 3:
+        return 0.0, float("inf"), float(kept.mean())
+    slope = float(qc @ (kept - kept.mean())) / sxx
+    icpt = float(kept.mean() - slope * q.mean())
+    resid = kept - icpt - slope * q
+    se = float(np.sqrt(float(resid @ resid) / (q.size - 2) / sxx))
+    return slope, se, icpt
+
+
+def rescale_kind(profiles: Sequence[DropProfile]) -> str:
+    """``none`` for a magnitude cut (TIES, Breadcrumbs), ``dare`` for a flat random drop,
+    ``della`` for a random drop that keeps the larger entries more often."""
+    if not profiles or float(np.mean([p.determinism for p in profiles])) >= DETERMINISTIC:
+        return "none"
+    slope = float(np.mean([p.slope for p in profiles]))
+    se = float(np.sqrt(np.mean([p.slope_se ** 2 for p in profiles]) / len(profiles)))
+    return "della" if slope >= MIN_SLOPE and slope >= MIN_SLOPE_Z * se else "dare"
+
+
+def _keep_probability(
+    x: np.ndarray, profiles: Sequence[DropProfile], kind: str, layout: _Layout
+) -> np.ndarray:
+    """Per coordinate and parent, the probability its entry was kept (1 for a cut)."""
+    p = np.ones(x.shape)
+    if kind == "none":
+        return p
+    for i, prof in enumerate(profiles):
+        if kind == "dare":
+            p[:, i] = prof.keep_rate
+        else:
+            rq = _group_quantile(np.abs(x[:, i]), layout.rank_group)
+            p[:, i] = prof.intercept + prof.slope * rq
+    return np.clip(p, 0.02, 1.0)
+
+
+def _forward(
+    y: np.ndarray, xs: Mapping[str, np.ndarray], floor: np.ndarray, pool: Sequence[str],
+    min_gain: float,
+) -> list[str]:
+    """Forward selection by R^2 + exact share, then backward elimination."""
     chosen: list[str] = []
-    best = (np.zeros(0), 0.0, 0.0, np.zeros((0, 0), dtype=bool))
+    best: Evaluation = (np.zeros(0), 0.0, 0.0, np.zeros((0, 0), dtype=bool))
     while len(chosen) < MAX_PARENTS:
-        trial_best: tuple[float, str, tuple] | None = None
+        trial_best: tuple[float, str, Evaluation] | None = None
         for n in pool:
             if n in chosen:
                 continue
@@ -169,8 +325,6 @@ def fit_sparse(
         if len(keep) < len(chosen):
             chosen = [chosen[i] for i in keep]
             best = _evaluate(y, np.stack([xs[c] for c in chosen], axis=1), floor)
-    if not chosen:
-        return SparseFit((), (), 0.0, 0.0, ())
     # backward elimination: a parent the others make redundant (a merge of the parents
     # picked first, say) is dropped
     for n in list(chosen):
@@ -180,16 +334,109 @@ def fit_sparse(
         res = _evaluate(y, np.stack([xs[c] for c in rest], axis=1), floor)
         if res[1] + res[2] >= best[1] + best[2] - 0.005:
             chosen, best = rest, res
+    return chosen
+
+
+@dataclass(frozen=True)
+class _Final:
+    chosen: list[str]
+    x: np.ndarray  # the columns in the recipe's frame (divided by keep probabilities)
+    effective: Evaluation
+    recipe: Evaluation
+    profiles: tuple[DropProfile, ...]
+    kind: str
+
+
+def _final(
+    y: np.ndarray, xs: Mapping[str, np.ndarray], floor: np.ndarray, layout: _Layout,
+    chosen: list[str],
+) -> _Final:
+    inits = (1.0, 1.5, 2.0, 3.0)
     x = np.stack([xs[c] for c in chosen], axis=1)
-    best = _evaluate(y, x, floor, inits=(1.0, 1.5, 2.0, 3.0))
+    best = _evaluate(y, x, floor, inits=inits)
     keep = [i for i, c in enumerate(best[0]) if c >= MIN_COEFFICIENT]
     if 0 < len(keep) < len(chosen):
         chosen = [chosen[i] for i in keep]
-        x = np.stack([xs[c] for c in chosen], axis=1)
-        best = _evaluate(y, x, floor, inits=(1.0, 1.5, 2.0, 3.0))
-    rates = _keep_rates(y, x, best[3])
-    return SparseFit(tuple(chosen), tuple(float(c) for c in best[0]), best[1], best[2],
-                     tuple(float(r) for r in rates), _conflict_both(y, x, best[3]))
+        x = x[:, keep]
+        best = _evaluate(y, x, floor, inits=inits)
+    profiles = _profiles(y, x, best[3], layout)
+    kind = rescale_kind(profiles)
+    if kind == "none":
+        return _Final(chosen, x, best, best, profiles, kind)
+    # each entry divided by its own keep probability: the fit then carries the recipe's
+    # weight x lambda, and DELLA's rank-dependent 1/p no longer blurs the coordinates
+    xr = x / _keep_probability(x, profiles, kind, layout)
+    return _Final(chosen, xr, best, _evaluate(y, xr, floor, inits=inits), profiles, kind)
+
+
+def _null_gaps(
+    y: np.ndarray, x: np.ndarray, floor: np.ndarray, layout: _Layout, score: float
+) -> list[float]:
+    """Per parent, the fit's score over the best of ``NULL_DRAWS`` fits in which that
+    parent's column is replaced by a stand-in: the part the other parents explain, plus
+    the rest shuffled within each tensor."""
+    rng = np.random.default_rng(0)  # the null must not change from one audit to the next
+    gaps = []
+    for i in range(x.shape[1]):
+        others = np.delete(x, i, axis=1)
+        col = x[:, i]
+        if others.shape[1]:
+            beta, *_ = np.linalg.lstsq(others, col, rcond=None)
+            shared = others @ beta
+        else:
+            shared = np.zeros_like(col)
+        rest = col - shared
+        null_best = -np.inf
+        for _ in range(NULL_DRAWS):
+            shuffled = np.empty_like(rest)
+            for seg in layout.segments:
+                shuffled[seg] = rng.permutation(rest[seg])
+            xn = x.copy()
+            xn[:, i] = shared + shuffled
+            res = _evaluate(y, xn, floor)
+            null_best = max(null_best, res[1] + res[2])
+        gaps.append(score - null_best)
+    return gaps
+
+
+def fit_sparse(
+    subject: Fingerprint,
+    candidates: Mapping[str, Fingerprint],
+    *,
+    keys: Sequence[str],
+    order: Sequence[str],
+    base: Fingerprint | None = None,
+    min_gain: float = 0.02,
+) -> SparseFit:
+    """Forward selection of sparse parents among ``order`` (candidates, most related
+    first; the first ``PRESELECT`` are tried) by the share of the subject's kept
+    coordinates they reproduce; then every parent is tested against its shuffled
+    stand-in, and the weakest failing one dropped until all pass."""
+    pool = [n for n in order if n in candidates][:PRESELECT]
+    y, xs, floor, layout = _arrays(subject, {n: candidates[n] for n in pool}, keys, base)
+    # the selection tries many candidate sets: an even subsample of the coordinates is
+    # plenty to rank them; the final fit and the null test use every coordinate
+    step = max(1, -(-y.size // FORWARD_COORDS))
+    chosen = _forward(y[::step], {n: v[::step] for n, v in xs.items()}, floor[::step], pool,
+                      min_gain)
+    rejected: list[str] = []
+    while chosen:
+        fin = _final(y, xs, floor, layout, chosen)
+        chosen = fin.chosen
+        rec = fin.recipe
+        gaps = _null_gaps(y, fin.x, floor, layout, rec[1] + rec[2])
+        worst = int(np.argmin(gaps))
+        if gaps[worst] < NULL_MARGIN:
+            rejected.append(chosen[worst])
+            chosen = [c for j, c in enumerate(chosen) if j != worst]
+            continue
+        eff = fin.effective
+        return SparseFit(
+            tuple(chosen), tuple(float(c) for c in eff[0]), rec[1], rec[2],
+            tuple(p.keep_rate for p in fin.profiles), _conflict_both(y, fin.x, rec[3]),
+            recipe=tuple(float(c) for c in rec[0]), rescale=fin.kind, profiles=fin.profiles,
+            null_gaps=tuple(float(g) for g in gaps), rejected=tuple(rejected))
+    return SparseFit((), (), 0.0, 0.0, (), rejected=tuple(rejected))
 
 
 def _conflict_both(y: np.ndarray, x: np.ndarray, mask_nz: np.ndarray) -> float | None:
@@ -204,12 +451,32 @@ def _conflict_both(y: np.ndarray, x: np.ndarray, mask_nz: np.ndarray) -> float |
     return float((pos & neg)[conflict].mean())
 
 
-def recipe_coefficients(fit: SparseFit, *, rescale: str) -> tuple[float, ...]:
-    """The recipe's weight x lambda per parent: the effective coefficient, scaled back by
-    the keep rate where the method rescaled survivors (DARE: 1/(1-p); DELLA: 1/p)."""
-    if rescale == "none":
-        return fit.coefficients
-    return tuple(c * r for c, r in zip(fit.coefficients, fit.keep_rates, strict=True))
+def profile_signatures(fit: SparseFit) -> dict[str, float]:
+    """The drop profile as method signatures (``signatures.METHOD_REGISTRY`` reads them)."""
+    if not fit.profiles:
+        return {}
+    ps = fit.profiles
+    return {
+        "drop_determinism": float(np.mean([p.determinism for p in ps])),
+        "drop_slope": float(np.mean([p.slope for p in ps])),
+        "drop_random": float(fit.rescale != "none"),
+        "drop_graded": float(fit.rescale == "della"),
+        # top outliers kept relative to mid-sized entries (Breadcrumbs: ~0, TIES: 1)
+        "outlier_keep": float(np.mean([p.top_kept / max(p.mid_kept, 1e-6) for p in ps])),
+    }
 
 
-__all__ = ["SparseFit", "fit_sparse", "recipe_coefficients"]
+def recipe_coefficients(fit: SparseFit) -> tuple[float, ...]:
+    """The recipe's weight x lambda per parent: fitted with every entry divided by its own
+    keep probability (1 for a magnitude cut; DARE: 1 - p; DELLA: p(rank))."""
+    return fit.recipe or fit.coefficients
+
+
+__all__ = [
+    "DropProfile",
+    "SparseFit",
+    "fit_sparse",
+    "profile_signatures",
+    "recipe_coefficients",
+    "rescale_kind",
+]
