@@ -360,12 +360,17 @@ def subset_refit(
     # a parent that did not move a coordinate cannot have survived there (fixed per call)
     zero = x == 0
     blocked = (zero.astype(float) @ sub_f) > 0 if zero.any() else None
+    last: np.ndarray | None = None
     for _ in range(iterations):
         # prediction of every subset at every coordinate: (n, S)
         err = np.abs((x * c[None, :]) @ sub_f - y[:, None])
         if blocked is not None:
             err[blocked] = np.inf
-        mask = subsets[np.argmin(err, axis=1)]  # (n, p)
+        pick = np.argmin(err, axis=1)
+        if last is not None and np.array_equal(pick, last):
+            break  # same subsets, same least-squares solution: a fixed point
+        last = pick
+        mask = subsets[pick]  # (n, p)
         a = x * mask
         new = _masked_lstsq(a, y)
         new = np.clip(new, 0.0, None)

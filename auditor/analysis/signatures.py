@@ -16,6 +16,10 @@
   between the median and the 90th percentile. TIES trims the small ones only (low >> mid,
   top ~0); Breadcrumbs also drops the top outliers (top >> mid); DARE drops at random (all
   three alike); DELLA drops less the larger an entry (low > mid > top, gently).
+* ``drop_*`` / ``outlier_keep`` (sparse fits, from ``sparse_fit.profile_signatures``): each
+  parent's own keep-by-rank profile, read off the coordinate assignment. Where present they
+  decide: a magnitude cut (``drop_random`` 0: TIES; with ``outlier_keep`` ~0: Breadcrumbs),
+  a flat random drop (DARE) or one graded by rank (``drop_graded`` 1: DELLA).
 
 Which method a set of signatures means is decided by the method registry
 (``METHOD_REGISTRY``), one entry per merge method as in mergekit's method registry: each
