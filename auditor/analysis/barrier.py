@@ -134,13 +134,16 @@ def loss_path(
     points: int = 11,
     other_repo_id: str = "",
     model: torch.nn.Module | None = None,
+    start_loss: float | None = None,
 ) -> BarrierCurve:
     """Loss along ``(1 - alpha) a + alpha b`` for ``points`` alphas in [0, 1].
 
     The audit passes ``Settings.barrier_points``; the analysis never reads settings.
 
     ``model`` is an optional working model of ``spec`` to reuse (its weights are
-    overwritten); otherwise one is built. Cost goes to ``probes.cost``.
+    overwritten); otherwise one is built. Cost goes to ``probes.cost``. ``start_loss``:
+    the loss of ``a`` alone on these probes when already measured (several curves from one
+    subject share it; causal LMs only), so alpha 0 is not evaluated again.
     """
     if points < 3:
         raise ValueError("a barrier needs at least 3 points")
@@ -154,6 +157,9 @@ def loss_path(
         ref_b = model_log_probs(spec, work, probes=probes)
     losses: list[float] = []
     for alpha in alphas:
+        if alpha == 0.0 and start_loss is not None and spec.is_causal:
+            losses.append(float(start_loss))
+            continue
         interpolate_into(work, a, b, alpha)
         if not spec.is_causal:
             references = [(1.0 - alpha, ref_a), (alpha, ref_b)]
@@ -173,12 +179,20 @@ def function_distance(
     *,
     probes: ProbeSet,
     model: torch.nn.Module | None = None,
+    reference: Sequence[torch.Tensor] | None = None,
 ) -> float:
-    """Mean KL(p_a || p_b) of the two models' predictive distributions on the probes."""
+    """Mean KL(p_a || p_b) of the two models' predictive distributions on the probes.
+
+    ``reference``: ``a``'s per-batch log-probabilities (``model_log_probs``) when already
+    computed (one subject against several candidates), so ``a`` is not evaluated again.
+    """
     work = model if model is not None else build_model(spec, a)
-    if model is not None:
-        load_state_into(work, a)
-    ref = model_log_probs(spec, work, probes=probes)
+    if reference is not None:
+        ref = list(reference)
+    else:
+        if model is not None:
+            load_state_into(work, a)
+        ref = model_log_probs(spec, work, probes=probes)
     load_state_into(work, b)
     total, count = 0.0, 0
     for logp_a, (ids, mask) in zip(ref, probes.batches(), strict=True):

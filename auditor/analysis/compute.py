@@ -3,8 +3,8 @@
 * ``resolve_device``: ``AUDITOR_DEVICE`` = auto (CUDA when present, else the CPU), cpu,
   cuda or cuda:N.
 * ``compute_dtype``: the weights' own dtype (bf16/fp16) on a GPU, where it is safe and
-  fast; float32 on the CPU (CPU kernels for bf16 are slow and lose precision in losses)
-  unless a float32 copy would not fit the host budget.
+  fast; float32 on the CPU unless a float32 working model next to the subject's resident
+  copy would not fit the host budget (a 1B model and up, at the default 8 GiB).
 * ``attach_device_io``: hooks that move a model's inputs to its device and hand logits back
   on the CPU in float32, so every caller keeps its CPU tensors.
 * ``decode``: greedy or sampled continuation with a KV cache (one token per step after the
@@ -56,7 +56,14 @@ def compute_dtype(
 ) -> torch.dtype:
     if device.type == "cuda":
         return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
-    if host_budget is not None and stored != torch.float32 and 4 * n_params > host_budget:
+    # The behavioural stage holds the working model plus a resident copy of the subject
+    # in its stored dtype: float32 compute only when both fit in half the host budget (the
+    # rest: fingerprints, streamed blocks, the allocator's slack). Bigger models compute
+    # in their stored dtype, two copies in all (bf16 matmuls are fast on CPUs with
+    # AMX/AVX512-BF16, and losses are still taken in float32).
+    if host_budget is not None and stored != torch.float32 and (
+        (4 + stored.itemsize) * n_params > host_budget // 2
+    ):
         return stored
     return torch.float32
 

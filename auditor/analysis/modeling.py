@@ -273,6 +273,11 @@ def load_state_into(model: torch.nn.Module, state: Source) -> None:
     combine_into(model, [(1.0, state)])
 
 
+# Rows per block when combining a large tensor: the float32 temporaries stay at one block
+# per term (64 MB) instead of the whole tensor (a 128k x 4096 embedding is 2 GB in float32).
+_BLOCK_ELEMENTS = 1 << 24
+
+
 @torch.no_grad()
 def combine_into(
     model: torch.nn.Module, terms: Sequence[tuple[float, Source]]
@@ -280,7 +285,8 @@ def combine_into(
     """Write ``sum_i w_i * source_i`` into the model, tensor by tensor.
 
     Covers interpolation ((1-a), a), task arithmetic ((1 - sum l), l_1, ...) and task-vector
-    scaling with the base as one term. Only one tensor per source is live at a time.
+    scaling with the base as one term. Only one block of rows per source is live at a time
+    (in float32); a single term is copied in its stored dtype when the source has one.
     """
     if not terms:
         raise ValueError("combine_into needs at least one term")
@@ -289,21 +295,39 @@ def combine_into(
     for name, target in _param_targets(model).items():
         if name not in maps[0]:
             continue
-        acc: torch.Tensor | None = None
-        for (w, src), names in zip(sources, maps, strict=True):
-            t = src.get(names[name])
-            if tuple(t.shape) != tuple(target.shape):
+        for (_w, src), names in zip(sources, maps, strict=True):
+            shape = tuple(src.shape(names[name]))
+            if shape != tuple(target.shape):
                 raise AnalysisError(
-                    f"shape of {names[name]} is {tuple(t.shape)}, model needs "
-                    f"{tuple(target.shape)}"
+                    f"shape of {names[name]} is {shape}, model needs {tuple(target.shape)}"
                 )
-            if acc is None:
-                acc = t.mul_(w) if w != 1.0 else t
-            else:
-                acc.add_(t, alpha=w)
-            del t
-        assert acc is not None
-        target.copy_(acc.to(target.dtype))
+        if len(sources) == 1 and sources[0][0] == 1.0 and hasattr(sources[0][1], "get_stored"):
+            target.copy_(sources[0][1].get_stored(maps[0][name]))  # type: ignore[attr-defined]
+            continue
+        rows = target.shape[0] if target.dim() else 0
+        if target.numel() <= _BLOCK_ELEMENTS or rows < 2:
+            target.copy_(_weighted_sum(sources, maps, name, None))
+            continue
+        step = max(1, _BLOCK_ELEMENTS // (target.numel() // rows))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            target[start:stop].copy_(_weighted_sum(sources, maps, name, (start, stop)))
+
+
+def _weighted_sum(
+    sources: Sequence[tuple[float, TensorSource]], maps: Sequence[Mapping[str, str]],
+    name: str, rows: tuple[int, int] | None,
+) -> torch.Tensor:
+    acc: torch.Tensor | None = None
+    for (w, src), names in zip(sources, maps, strict=True):
+        t = src.get(names[name]) if rows is None else src.get_rows(names[name], *rows)
+        if acc is None:
+            acc = t.mul_(w) if w != 1.0 else t
+        else:
+            acc.add_(t, alpha=w)
+        del t
+    assert acc is not None
+    return acc
 
 
 def interpolate_into(model: torch.nn.Module, a: Source, b: Source, alpha: float) -> None:

@@ -58,9 +58,11 @@ def detect_barriers(ctx: AuditContext) -> None:
     ranked = sorted((e for e in entries.values() if e.repo_id in sources),
                     key=lambda e: (e.relation == "unrelated", -abs(e.cosine)))
     for entry in ranked[:top_k]:
+        # every curve starts at the subject alone: measured once, on the first curve
         curves.append(loss_path(setup.spec, setup.subject, sources[entry.repo_id],
                                 probes=setup.probes, points=points,
-                                other_repo_id=entry.repo_id, model=setup.work))
+                                other_repo_id=entry.repo_id, model=setup.work,
+                                start_loss=curves[0].losses[0]))
     by_repo = {c.other_repo_id: c for c in curves}
     ctx.provide(Barriers(curves=tuple(curves), lineage=tuple(
         e.model_copy(update={"barrier": by_repo[e.repo_id].barrier}) if e.repo_id in by_repo

@@ -76,6 +76,7 @@ def build_behaviour(ctx: AuditContext) -> None:
             tokenizer = load_tokenizer(tok_model.folder)
             # built on the meta device, loaded once on AUDITOR_DEVICE
             work = build_model(spec, base_src, device=resolve_device(ctx.settings.device))
+            subject_src = _resident(ctx, subject_src, work)
             budget, points = _probe_plan(ctx, spec)
             probes = build_probes(tokenizer=tokenizer, sampler=work,
                                   probe_file=ctx.settings.probe_file, seed=0, **budget)
@@ -86,6 +87,25 @@ def build_behaviour(ctx: AuditContext) -> None:
         return
     ctx.provide(BehaviourModel(spec=spec, tokenizer=tokenizer, work=work, probes=probes,
                                subject=subject_src, base=base_src, points=points))
+
+
+def _resident(ctx: AuditContext, source: TensorSource, work: Any) -> TensorSource:
+    """The subject read once and held in the working model's dtype: every curve point,
+    merge and scale of the behavioural checks combines it, and re-reading it from disk for
+    each would multiply the audit's reads. Two copies in all (this one and the working
+    model); a subject too large for that in the host budget is streamed instead."""
+    from auditor.weights.resident import ResidentSource
+
+    param = next(iter(work.parameters()), None)
+    if param is None:
+        return source
+    nbytes = sum(p.numel() for p in work.parameters()) * param.element_size()
+    budget = ctx.settings.host_memory_bytes
+    if budget is not None and 2 * nbytes > budget:
+        return source
+    resident = ResidentSource(source, dtype=param.dtype)
+    ctx.open_sources.append(resident)
+    return resident
 
 
 # Default probe set (build_probes): 16 sampled rows of 24 tokens, 32 texts of <= 32 tokens.

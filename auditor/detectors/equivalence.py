@@ -43,7 +43,8 @@ def _relative_weight_distance(subject: Any, candidate: Any, base: Any) -> float:
 
 def detect_function_equivalence(ctx: AuditContext) -> None:
     """Candidates whose predictions the subject reproduces while its weights are far apart."""
-    from auditor.analysis.barrier import function_distance
+    from auditor.analysis.barrier import function_distance, model_log_probs
+    from auditor.analysis.modeling import load_state_into
 
     setup = ctx.get(BehaviourModel)
     found: list[str] = []
@@ -53,10 +54,14 @@ def detect_function_equivalence(ctx: AuditContext) -> None:
     ranked = sorted(sources, key=lambda r: (
         r not in entries or entries[r].relation == "unrelated",
         -abs(entries[r].cosine) if r in entries else 0.0, r))
+    reference = None  # the subject's predictions: computed once, compared to each
     for repo_id in ranked[:2 * max(1, ctx.settings.behaviour_top_k)]:
         src = sources[repo_id]
+        if reference is None:
+            load_state_into(setup.work, setup.subject)
+            reference = model_log_probs(setup.spec, setup.work, probes=setup.probes)
         kl = function_distance(setup.spec, setup.subject, src, probes=setup.probes,
-                               model=setup.work)
+                               model=setup.work, reference=reference)
         if kl > EQUIVALENCE_KL:
             continue
         if _relative_weight_distance(setup.subject, src, setup.base) > (

@@ -33,7 +33,10 @@ class AdapterWeights:
         return t
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.get(name)[start:stop].clone()
+        t = self._base.get_rows(name, start, stop)
+        if name in self._delta_names:
+            t.add_(self._deltas.delta(name)[start:stop].to(t.dtype))
+        return t
 
     def close(self) -> None:
         # the base belongs to the audit (closed there); the adapter's own file is ours

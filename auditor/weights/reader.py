@@ -140,28 +140,44 @@ class SafetensorsModel:
             # safe_open's tensor views its copy-on-write mapping: an in-place edit by the
             # caller would show in the next read, so always hand out a copy.
             return tensor.to(torch.float32, copy=True)
-        fname, info = self._checked(name)
-        return self._pread(fname, info)
+        buf = self.get_stored(name)
+        return buf if buf.dtype == torch.float32 else buf.to(torch.float32)
 
-    def _pread(self, fname: str, info: TensorInfo) -> torch.Tensor:
+    def get_stored(self, name: str) -> torch.Tensor:
+        """The whole tensor in its stored dtype (bf16 stays bf16: half the memory)."""
+        fname, info = self._checked(name)
+        return self._pread(fname, info, 0, info.shape[0] if info.shape else 1)
+
+    def _pread(self, fname: str, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         # Read straight into a tensor of the stored dtype: unlike a mapping, these bytes are
         # not counted in RSS once converted, so peak memory is the tensors we hold, not the
-        # file (the mapped pages of a 10 GB shard would all show in RSS).
+        # file (the mapped pages of a 10 GB shard would all show in RSS). Rows of a
+        # row-major tensor are contiguous bytes, so a row range is one read too.
         dt = info.dtype_info
         assert dt.torch_dtype is not None
-        buf = torch.empty(info.shape, dtype=dt.torch_dtype)
-        if info.nbytes:
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        buf = torch.empty(shape, dtype=dt.torch_dtype)
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        nbytes = (stop - start) * row_bytes if info.shape else info.nbytes
+        if nbytes:
             view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
-            offset = self.headers[fname].data_start + info.begin
+            offset = self.headers[fname].data_start + info.begin + start * row_bytes
             done = 0
-            while done < info.nbytes:
+            while done < nbytes:
                 n = os.preadv(self._fd, [view[done:]], offset + done)
                 if n <= 0:
                     raise MalformedSafetensors(f"{fname}: file shrank while reading {info.name!r}")
                 done += n
-        return buf if buf.dtype == torch.float32 else buf.to(torch.float32)
+        return buf
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if self.read_mode == "pread":
+            fname, info = self._checked(name)
+            if not info.shape:
+                raise WeightsError(f"tensor {name!r} is a scalar: it has no rows")
+            start, stop = max(0, start), min(max(start, stop), info.shape[0])
+            part = self._pread(fname, info, start, max(start, stop))
+            return part if part.dtype == torch.float32 else part.to(torch.float32)
         handle, info = self._mapped(name)
         if not info.shape:
             raise WeightsError(f"tensor {name!r} is a scalar: it has no rows")
