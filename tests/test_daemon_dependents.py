@@ -114,3 +114,19 @@ def test_stored_homologues_are_the_base_family_only(store_session: Session) -> N
                                     exclude_repo_id="bob/ft", analysis_version="1")
     assert [h.repo_id for h in got] == ["alice/ft"]
     assert got[0].fingerprint == b"fp"
+
+
+def test_dependents_query_reads_only_the_family(store_session: Session) -> None:
+    from sqlalchemy import select
+
+    from auditor.store.models import Repo
+
+    catalog.upsert_repo(store_session, repo_id="a/in", family_base="org/base_1")
+    catalog.upsert_repo(store_session, repo_id="a/like", family_base="org/baseX1")
+    catalog.upsert_repo(store_session, repo_id="a/card", declared_base_models=["org/base_1"])
+    catalog.upsert_repo(store_session, repo_id="a/none")
+    store_session.commit()
+    got = store_session.scalars(
+        select(Repo.repo_id).where(queue._in_family({"org/base_1"}))).all()
+    # "_" is a LIKE wildcard: escaped, a look-alike base's repos are not loaded
+    assert sorted(got) == ["a/card", "a/in"]

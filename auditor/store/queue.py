@@ -7,12 +7,13 @@ must be durable (and visible to other workers) when the function returns.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, or_, select, update
+from sqlalchemy import Select, Text, and_, cast, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -417,6 +418,19 @@ def _missed(report: dict[str, Any] | None, other: str, other_flagged: bool) -> b
     )
 
 
+def _in_family(family: set[str]) -> Any:
+    """SQL pre-filter: repos whose family or declared bases' JSON text names one of
+    ``family`` (the exact test follows in Python). Only the family's done audits are
+    loaded, never the whole store's reports."""
+    conds = []
+    for base in sorted(family):
+        quoted = json.dumps(base).replace("\\", "\\\\").replace("%", "\\%") \
+            .replace("_", "\\_")
+        for column in (Repo.family_bases, Repo.declared_base_models):
+            conds.append(cast(column, Text).like(f"%{quoted}%", escape="\\"))
+    return or_(*conds)
+
+
 def requeue_dependents(session: Session, *, revision_id: int, analysis_version: str) -> list[str]:
     """After an audit is done, re-queue what ran with an incomplete comparison set.
 
@@ -437,13 +451,17 @@ def requeue_dependents(session: Session, *, revision_id: int, analysis_version: 
         return []
     repo, created = this
     family = set(family_of(repo))
+    if not family:
+        session.rollback()
+        return []
     rows = session.execute(
         select(Audit, Repo, Revision.created_at)
         .join(Revision, Audit.revision_id == Revision.id)
         .join(Repo, Revision.repo_pk == Repo.id)
         .join(Fingerprint, (Fingerprint.revision_id == Revision.id)
               & (Fingerprint.analysis_version == analysis_version))
-        .where(Audit.status == "done", Audit.analysis_version == analysis_version)
+        .where(Audit.status == "done", Audit.analysis_version == analysis_version,
+               _in_family(family))
     ).all()
 
     def flagged(audit: Audit) -> bool:
