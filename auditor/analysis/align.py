@@ -465,6 +465,7 @@ def align_to_base(
                 skipped.append(f"{a.group(1)}: attention tensors missing or shapes differ")
             else:
                 layers.append(la)
+        _compact(changed, subject)
     if not mlp_found and not attn_found:
         skipped.append("no Llama-style MLP/attention tensors: architecture not aligned")
     elif attn_found and not num_heads:
@@ -481,6 +482,23 @@ def align_to_base(
     )
     source: TensorSource = _OverlaySource(subject, changed) if changed else subject
     return AlignmentResult(source=source, report=report, changed=changed)
+
+
+def _compact(changed: dict[str, torch.Tensor], subject: TensorSource) -> None:
+    """Realigned tensors held in the subject's stored dtype (bf16 stays bf16): a disguised
+    1B model realigns nearly every layer, 4 GB in float32. The published values carry that
+    rounding already; undoing a permutation is exact in any dtype."""
+    info = getattr(subject, "info", None)
+    if info is None:
+        return
+    for name, t in changed.items():
+        try:
+            stored = info(name).dtype_info.torch_dtype
+        except (KeyError, AttributeError):
+            continue
+        if stored is not None and stored.is_floating_point and t.dtype != stored \
+                and stored.itemsize < t.element_size():
+            changed[name] = t.to(stored)
 
 
 def _int(v: object) -> int | None:

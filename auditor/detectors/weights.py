@@ -29,7 +29,7 @@ class ModelWeights:
     fingerprint: Fingerprint
     aligned: bool = False  # a function-preserving disguise was undone before comparing
     alignment: Any = None  # auditor.analysis.align's report (None for adapters)
-    source: TensorSource | None = None  # the weights compared (aligned when disguised)
+    source: TensorSource | None = None  # the weights compared (None when realigned)
     raw_source: TensorSource | None = None  # as published (adapters: base + their delta)
     adapter_exact: bool | None = None
     screen: Mapping[str, Any] | None = None  # the linear disguise screen's summary
@@ -129,8 +129,11 @@ def _fingerprint(
         ctx.file_issues.append(FileIssue(
             path=name, kind="vocab_resize",
             message=f"{role}: vocabulary resized from {old} to {new} rows; shared rows compared"))
-    return ModelWeights(fingerprint=fp, aligned=disguised, alignment=alignment, source=chosen,
-                        raw_source=src, screen=tap.screen.summary())
+    # The aligned overlay is not kept: it holds the realigned layers in float32 (a model's
+    # worth at 1B+), and nothing after the fingerprint reads it.
+    return ModelWeights(fingerprint=fp, aligned=disguised, alignment=alignment,
+                        source=None if disguised else chosen, raw_source=src,
+                        screen=tap.screen.summary())
 
 
 def _cached_fingerprint(
@@ -204,16 +207,28 @@ def _disguise_detected(report: Any, config: dict[str, Any]) -> bool:
 
 def detect_weights(ctx: AuditContext) -> None:
     """Stream the subject and its base, align the subject, fingerprint its task vector."""
-    from auditor.analysis.fingerprint import nonfinite_tensors
-
     if ctx.base is None or not ctx.subject.files:
         ctx.skip("no safetensors or adapter weights")
         return
+    from auditor.weights.resident import CachingSource
+
     try:
-        base_src = open_weights(ctx.base)
+        # every model's task vector reads the base: held after its first read (stored
+        # dtype), released when the fingerprints are done, so it is read once from disk
+        base_src = CachingSource(open_weights(ctx.base))
     except WeightsError as exc:
         raise AuditorError(f"base {ctx.base.resolved.repo_id}: {exc}") from exc
     ctx.open_sources.append(base_src)
+    try:
+        _detect_weights(ctx, base_src)
+    finally:
+        base_src.release()
+
+
+def _detect_weights(ctx: AuditContext, base_src: TensorSource) -> None:
+    from auditor.analysis.fingerprint import nonfinite_tensors
+
+    assert ctx.base is not None
     try:
         subject = _cached_fingerprint(ctx, ctx.subject, base_src, role="subject")
     except WeightsError as exc:

@@ -52,3 +52,59 @@ class ResidentSource:
 
     def close(self) -> None:
         self._tensors.clear()
+
+
+class CachingSource:
+    """``TensorSource`` that keeps each tensor of ``source`` (stored dtype) after its first
+    read, until ``release()``: the base of an audit is read by every model's task vector,
+    once from disk this way. After ``release()`` reads go to ``source`` again."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self._source = source
+        self._held: dict[str, torch.Tensor] = {}
+        self._stored = getattr(source, "get_stored", None)
+        self.holding = True
+
+    def __getattr__(self, attr: str) -> object:
+        # headers, dtype(), info() ... of the underlying reader
+        return getattr(self._source, attr)
+
+    def keys(self) -> list[str]:
+        return self._source.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._source.shape(name)
+
+    def _tensor(self, name: str) -> torch.Tensor | None:
+        if not self.holding:
+            return None
+        t = self._held.get(name)
+        if t is None:
+            t = self._stored(name) if self._stored is not None else self._source.get(name)
+            self._held[name] = t
+        return t
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._tensor(name)
+        return self._source.get(name) if t is None else t.to(torch.float32, copy=True)
+
+    def get_stored(self, name: str) -> torch.Tensor:
+        t = self._tensor(name)
+        if t is not None:
+            return t
+        return self._stored(name) if self._stored is not None else self._source.get(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self._tensor(name)
+        if t is None:
+            return self._source.get_rows(name, start, stop)
+        return t[start:stop].to(torch.float32, copy=True)
+
+    def release(self) -> None:
+        """Drop the held tensors (the behavioural stage needs the memory)."""
+        self.holding = False
+        self._held.clear()
+
+    def close(self) -> None:
+        self.release()
+        self._source.close()
