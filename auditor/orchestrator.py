@@ -230,8 +230,17 @@ def audit_revision(
     if previous is not None and detectors is None:
         detectors = INCREMENTAL_STAGES
     stages = select_stages(PIPELINE, list(detectors) if detectors is not None else None)
+    from auditor import orchestrator_cache as bcache
+
+    # the same models and settings measured before: the behavioural results are reused
+    bkey = bcache.behaviour_key(ctx) if detectors is None and previous is None else None
+    reused = bcache.lookup(ctx, bkey)
+    if reused is not None:
+        stages = [s for s in stages if s.name not in bcache.BEHAVIOUR_STAGES]
     try:
         run_stages(ctx, stages)
+        if reused is None:
+            bcache.store(ctx, bkey)
     finally:
         for source in ctx.open_sources:
             source.close()
@@ -239,6 +248,8 @@ def audit_revision(
     measured: dict[str, Any] = {}
     for result in ctx.results():  # in run order: a later stage refines an earlier field
         measured.update(result.measurements())
+    if reused is not None:
+        measured = bcache.apply_cached(measured, reused)
     subject_weights = ctx.find(SubjectWeights)
     if previous is not None:
         measured = _carry_over(measured, previous)
@@ -292,7 +303,8 @@ def audit_revision(
         skipped=ctx.skipped,
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
         coverage=_coverage(ctx, measurements.lineage, analysed=subject_weights is not None)
-        | ({"incremental": 1} if previous is not None else {}),
+        | ({"incremental": 1} if previous is not None else {})
+        | ({"behaviour_cached": 1} if reused is not None else {}),
         function_equivalent_to=measurements.function_equivalent_to,
         mergekit=measurements.mergekit,
     )

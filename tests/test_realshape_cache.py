@@ -153,3 +153,24 @@ def test_incremental_update_reads_no_weights_and_keeps_behaviour(
     assert update.report.coverage["fingerprints_cached"] == 2  # subject + ft1, not ft2
     assert update.report.barriers == full.report.barriers
     assert {e.repo_id for e in update.report.lineage} == {"org/ft1", "org/ft2"}
+
+
+def test_behaviour_results_reused_for_the_same_models(family: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    subject, base = str(family["ft3"]), str(family["base"])
+    first = audit_revision(subject, base=base, against=[str(family["ft1"])], settings=settings)
+    assert "behaviour" in first.report.timings, first.report.errors
+    assert "behaviour_cached" not in first.report.coverage
+    again = audit_revision(subject, base=base, against=[str(family["ft1"])], settings=settings)
+    assert again.report.coverage.get("behaviour_cached") == 1, first.report.errors
+    assert "barrier" not in again.report.timings  # no model built, no weight read for it
+    assert again.report.barriers == first.report.barriers
+    assert again.report.protection == first.report.protection
+    assert again.report.backdoor == first.report.backdoor
+    assert [e.barrier for e in again.report.lineage] == [e.barrier for e in first.report.lineage]
+    # another comparison set is another key: measured again
+    other = audit_revision(subject, base=base, against=[str(family["ft1"]), str(family["ft2"])],
+                           settings=settings)
+    assert "behaviour_cached" not in other.report.coverage
+    assert "behaviour" in other.report.timings
