@@ -136,6 +136,16 @@ def _run(args: dict[str, Any], env: dict[str, str], profile: Path | None = None
     raise SystemExit(f"stage {args['stage']} failed:\n{proc.stderr[-4000:]}")
 
 
+def _built(root: Path, name: str) -> bool:
+    """Built completely by an earlier run (``--keep DIR --seed S`` resumes)."""
+    return (root / ".built" / name.replace("/", "__")).is_file()
+
+
+def _mark(root: Path, name: str) -> None:
+    (root / ".built").mkdir(parents=True, exist_ok=True)
+    (root / ".built" / name.replace("/", "__")).touch()
+
+
 def build(root: Path, *, tiny: bool, rng: random.Random, small: bool = False) -> dict[str, Any]:
     from auditor_testkit.factory.realshape import (
         LLAMA_1B,
@@ -156,11 +166,12 @@ def build(root: Path, *, tiny: bool, rng: random.Random, small: bool = False) ->
     names = [f"{org}/ft-{rng.randrange(10**6)}" for _ in taus]
     paths: dict[str, Path] = {}
     t0 = time.perf_counter()
-    if (root / base / "config.json").is_file():  # --keep DIR --seed S resumes
+    if _built(root, base):  # --keep DIR --seed S resumes
         paths[base] = root / base
     else:
         paths[base] = write_model(root, base, Recipe(base_seed=base_seed), rs,
                                   card=CardSpec()).path
+        _mark(root, base)
     from auditor.weights.reader import open_model
 
     base_src = open_model(paths[base])
@@ -169,39 +180,52 @@ def build(root: Path, *, tiny: bool, rng: random.Random, small: bool = False) ->
     for name, tau in zip(names, taus, strict=True):
         if name in skip:
             continue
-        if (root / name / "config.json").is_file():  # --keep DIR --seed S resumes
+        if _built(root, name):
             paths[name] = root / name
             continue
         paths[name] = write_model(root, name, on_base(base_seed=base_seed, taus=(tau,),
                                                      coefs=(1.0,)), rs,
                                   card=CardSpec(base_model=base)).path
+        _mark(root, name)
         print(f"  built {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     ties = f"{org}/ties-{rng.randrange(1000)}"
     dare = f"{org}/dare-{rng.randrange(1000)}"
     dare_seed = rng.randrange(1000)
-    if not small:
-        paths[ties] = write_model(root, ties, on_base(base_seed=base_seed, taus=(taus[2], taus[3]),
-                                                 coefs=(1.0, 1.0), method="ties"), rs,
-                                  card=CardSpec(base_model=[names[2], names[3]],
+    merges = {ties: ((taus[2], taus[3]), (1.0, 1.0), "ties", (names[2], names[3])),
+              dare: ((taus[3], taus[4]), (0.5, 0.5), "dare", (names[3], names[4]))}
+    for name, (mtaus, mcoefs, mmethod, mparents) in merges.items():
+        if small:
+            continue
+        if _built(root, name):
+            paths[name] = root / name
+            continue
+        paths[name] = write_model(root, name, on_base(base_seed=base_seed, taus=mtaus,
+                                                     coefs=mcoefs, method=mmethod,
+                                                     mix_seed=dare_seed), rs,
+                                  card=CardSpec(base_model=list(mparents),
                                                 base_model_relation="merge")).path
-        paths[dare] = write_model(root, dare, on_base(base_seed=base_seed,
-                                                      taus=(taus[3], taus[4]),
-                                                      coefs=(0.5, 0.5), method="dare",
-                                                      mix_seed=dare_seed), rs,
-                                  card=CardSpec(base_model=[names[3], names[4]],
-                                                base_model_relation="merge")).path
+        _mark(root, name)
     lora = f"{org}/lora-{rng.randrange(1000)}"
-    paths[lora] = write_lora(root, lora, base_repo=base, rs=rs,
-                             seed=rng.randrange(1000)).path
+    lora_seed = rng.randrange(1000)
+    if _built(root, lora):
+        paths[lora] = root / lora
+    else:
+        paths[lora] = write_lora(root, lora, base_repo=base, rs=rs, seed=lora_seed).path
+        _mark(root, lora)
     method = rng.choice(["linear", "ta"])
     w = round(rng.uniform(0.3, 0.7), 3)
     coefs = (w, round(1 - w, 3)) if method == "linear" else (
         round(rng.uniform(0.4, 1.0), 3), round(rng.uniform(0.4, 1.0), 3))
     subject = f"thief{rng.randrange(1000)}/merged-{rng.randrange(1000)}"
-    paths[subject] = write_model(
-        root, subject, on_base(base_seed=base_seed, taus=(taus[0], taus[1]), coefs=coefs,
-                              method=method, disguise=Disguise(seed=rng.randrange(1000))),
-        rs, card=CardSpec(base_model=base)).path
+    disguise_seed = rng.randrange(1000)
+    if _built(root, subject):
+        paths[subject] = root / subject
+    else:
+        paths[subject] = write_model(
+            root, subject, on_base(base_seed=base_seed, taus=(taus[0], taus[1]), coefs=coefs,
+                                  method=method, disguise=Disguise(seed=disguise_seed)),
+            rs, card=CardSpec(base_model=base)).path
+        _mark(root, subject)
     print(f"  built the family in {time.perf_counter() - t0:.0f} s", flush=True)
     return {"rs": rs, "base": base, "paths": paths, "parents": names[:2], "coefs": coefs,
             "method": method, "subject": subject, "new_ft": names[5],
