@@ -144,3 +144,18 @@ def test_identical_evidence_gives_identical_relation(zoo: dict) -> None:
     assert a.cosine == pytest.approx(b.cosine, abs=1e-3)
     assert a.relation == b.relation == "unrelated"
     assert b.copy_of == "ft5" and a.copy_of is None
+
+
+def test_merge_made_from_the_subject_is_not_its_finetune_parent(zoo: dict) -> None:
+    """A fine-tune audited after someone merged it with its same-data sibling: the merge
+    carries nearly all of the subject (coefficient ~1, similar norm), which reads like a
+    further fine-tune the wrong way round. It is made *from* the subject: related only."""
+    taus = zoo["taus"]
+    own = task_vector(77)
+    sibling = {n: 0.7 * taus[0][n] + 0.71 * own[n] for n in SHAPES}
+    merged = {n: 0.76 * taus[0][n] + 0.31 * sibling[n] for n in SHAPES}
+    cands = {**{k: v for k, v in zoo["cands"].items() if k != "ft0"},
+             "sibling": fp(sibling), "sibling-ta": fp(merged)}
+    res = analyze_lineage(fp(taus[0]), cands, base_fingerprint=zoo["base_fp"])
+    assert res.parents() == []
+    assert res.entry("sibling-ta").relation == "related"

@@ -239,9 +239,14 @@ def _analyze(
     else:
         fit = _dense(subject, usable, fitted, rel, keys, base_fingerprint, stack, cidx, base_i,
                      fam, o, null)
+    derived = _derived_from_subject(stack, [cidx[n] for n in fitted], base_i,
+                                    fam.exact_threshold, rel, o.p_threshold)
+    if fit.verdict == "finetune" and set(fit.parents) & derived:
+        # the "parent" is an exact mix that holds the subject (a merge made from it, e.g.
+        # with a same-data sibling): the child, not the parent
+        fit.verdict, fit.reason = "derived", (
+            "the candidate is a combination that includes the subject: made from it")
     parents = fit.parents if fit.accusable or fit.verdict == "finetune" else []
-    derived = _derived_from_subject(stack, [cidx[n] for n in fitted if n not in parents],
-                                    base_i, fam.exact_threshold, rel, o.p_threshold)
 
     evidence = LineageEvidence(
         verdict=fit.verdict, explained_fraction=fit.explained, residual_ratio=fit.ratio,

@@ -298,16 +298,18 @@ def _keep_probability(
 
 def _forward(
     y: np.ndarray, xs: Mapping[str, np.ndarray], floor: np.ndarray, pool: Sequence[str],
-    min_gain: float,
+    min_gain: float, start: Sequence[str] = (),
 ) -> list[str]:
-    """Forward selection by R^2 + exact share, then backward elimination."""
-    chosen: list[str] = []
+    """Forward selection by R^2 + exact share (from ``start``), then backward elimination."""
+    chosen: list[str] = list(start)
     best: Evaluation = (np.zeros(0), 0.0, 0.0, np.zeros((0, 0), dtype=bool))
-    while len(chosen) < MAX_PARENTS:
+    if chosen:
+        best = _evaluate(y, np.stack([xs[c] for c in chosen], axis=1), floor)
+    for _ in range(2 * MAX_PARENTS):  # a parent may be added, then collapse
+        if len(chosen) >= MAX_PARENTS:
+            break
         trial_best: tuple[float, str, Evaluation] | None = None
-        for n in pool:
-            if n in chosen:
-                continue
+        for n in _shortlist(y, xs, pool, chosen, best):
             cols = [*chosen, n]
             res = _evaluate(y, np.stack([xs[c] for c in cols], axis=1), floor)
             # R^2 and exactness both count: a last small parent adds little R^2 but
@@ -335,6 +337,28 @@ def _forward(
         if res[1] + res[2] >= best[1] + best[2] - 0.005:
             chosen, best = rest, res
     return chosen
+
+
+def _shortlist(
+    y: np.ndarray, xs: Mapping[str, np.ndarray], pool: Sequence[str], chosen: Sequence[str],
+    best: Evaluation,
+) -> list[str]:
+    """The ``PRESELECT`` candidates most aligned with what the parents chosen so far leave
+    unexplained (the subject itself at first): in a family rich in siblings of one parent,
+    a smaller parent ranks low against the subject but first against the residual."""
+    nz = y != 0
+    r = y[nz]
+    if chosen:
+        x = np.stack([xs[c][nz] for c in chosen], axis=1)
+        r = r - (x * best[3] * best[0][None, :]).sum(axis=1)
+    rn = float(np.linalg.norm(r))
+
+    def align(n: str) -> float:
+        v = xs[n][nz]
+        return abs(float(v @ r)) / max(float(np.linalg.norm(v)) * rn, 1e-300)
+
+    rest = [n for n in pool if n not in chosen]
+    return sorted(rest, key=lambda n: -align(n))[:PRESELECT]
 
 
 @dataclass(frozen=True)
@@ -413,17 +437,17 @@ def fit_sparse(
     base: Fingerprint | None = None,
     min_gain: float = 0.02,
 ) -> SparseFit:
-    """Forward selection of sparse parents among ``order`` (candidates, most related
-    first; the first ``PRESELECT`` are tried) by the share of the subject's kept
+    """Forward selection of sparse parents among ``order`` (each round tries the
+    ``PRESELECT`` most aligned with the residual) by the share of the subject's kept
     coordinates they reproduce; then every parent is tested against its shuffled
     stand-in, and the weakest failing one dropped until all pass."""
-    pool = [n for n in order if n in candidates][:PRESELECT]
+    pool = [n for n in order if n in candidates]
     y, xs, floor, layout = _arrays(subject, {n: candidates[n] for n in pool}, keys, base)
     # the selection tries many candidate sets: an even subsample of the coordinates is
     # plenty to rank them; the final fit and the null test use every coordinate
     step = max(1, -(-y.size // FORWARD_COORDS))
-    chosen = _forward(y[::step], {n: v[::step] for n, v in xs.items()}, floor[::step], pool,
-                      min_gain)
+    ys, xss, fs = y[::step], {n: v[::step] for n, v in xs.items()}, floor[::step]
+    chosen = _forward(ys, xss, fs, pool, min_gain)
     rejected: list[str] = []
     while chosen:
         fin = _final(y, xs, floor, layout, chosen)
@@ -432,8 +456,12 @@ def fit_sparse(
         gaps = _null_gaps(y, fin.x, floor, layout)
         worst = int(np.argmin(gaps))
         if gaps[worst] < NULL_MARGIN:
+            # a stand-in (a sibling, or a merge holding one) may have kept the true
+            # parent out: the selection goes on from the parents that passed, without it
             rejected.append(chosen[worst])
-            chosen = [c for j, c in enumerate(chosen) if j != worst]
+            rest = [c for j, c in enumerate(chosen) if j != worst]
+            chosen = _forward(ys, xss, fs, [n for n in pool if n not in rejected], min_gain,
+                              start=rest)
             continue
         eff = fin.effective
         return SparseFit(
