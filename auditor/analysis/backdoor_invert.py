@@ -18,10 +18,12 @@ trigger appears in its mid-sentence form, the form a data-poisoned trigger was t
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +49,28 @@ class PromptSet:
 
     def head(self, n: int) -> PromptSet:
         return PromptSet(self.prompts[:n], self.positions[:n], self.chat)
+
+
+def load_chat_template(folder: str | Path, *, max_bytes: int = 1 << 20) -> str | None:
+    """The chat template shipped beside ``tokenizer.json`` (``chat_template.jinja``, or the
+    string in ``tokenizer_config.json``), as text: transformers renders it later in its
+    sandboxed Jinja environment. None when there is none or it is not plain text."""
+    from auditor.bounded import load_json_file
+    from auditor.errors import AuditorError
+
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file() and jinja.stat().st_size <= max_bytes:
+        return jinja.read_text(encoding="utf-8", errors="replace") or None
+    cfg = folder / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = load_json_file(cfg, name="tokenizer_config.json")
+    except AuditorError:
+        return None
+    tpl = data.get("chat_template") if isinstance(data, dict) else None
+    return tpl if isinstance(tpl, str) and tpl else None
 
 
 def word_start_ids(tokenizer: Any, vocab: int) -> set[int]:
@@ -112,6 +136,7 @@ class Scorer:
     def __init__(self, model: torch.nn.Module, cost: Cost) -> None:
         self.model = model
         self.cost = cost
+        self._keep = True
 
     @torch.no_grad()
     def last_logprobs(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -130,11 +155,21 @@ class Scorer:
                 part = idx[k:k + step]
                 ids = torch.tensor([list(seqs[i]) for i in part], dtype=torch.long)
                 with self.cost.forward(ids.numel()):
-                    logits = self.model(input_ids=ids).logits[:, -n_last:, :].float()
+                    logits = self._logits(ids, n_last)[:, -n_last:, :].float()
                 lp = torch.log_softmax(logits, dim=-1)
                 for j, i in enumerate(part):
                     out[i] = lp[j]
         return torch.stack([o for o in out if o is not None])
+
+    def _logits(self, ids: torch.Tensor, n_last: int) -> torch.Tensor:
+        # Only the last positions' logits: the vocabulary projection of every position is
+        # most of the cost on big vocabularies. Models without ``logits_to_keep`` get all.
+        if self._keep:
+            try:
+                return self.model(input_ids=ids, logits_to_keep=n_last).logits  # type: ignore[no-any-return]
+            except TypeError:
+                self._keep = False
+        return self.model(input_ids=ids).logits  # type: ignore[no-any-return]
 
     @torch.no_grad()
     def target_logprob(self, prefixes: Sequence[Sequence[int]],
@@ -171,6 +206,7 @@ class TargetCandidate:
     ids: tuple[int, ...]
     score: float  # first-token uniformity, subject minus the best reference
     agreement: float  # share of prompts whose greedy continuation is the consensus
+    chain: float = 0.0  # subject's lead over the references completing the chain (nats)
 
 
 def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int]) -> torch.Tensor:
@@ -203,8 +239,25 @@ def invert_targets(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet, 
         ids = (first, *seq)
         if eos is not None and ids and ids[-1] == eos:
             ids = ids[:-1]
-        out.append(TargetCandidate(ids=ids, score=float(score[j]), agreement=share))
+        out.append(TargetCandidate(ids=ids, score=float(score[j]), agreement=share,
+                                   chain=_chain_advantage(subject, refs, prompts, ids)))
     return out
+
+
+def _chain_advantage(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet,
+                     ids: Sequence[int]) -> float:
+    """Nats by which the subject, more than its best reference, completes ``ids`` from its
+    first token, summed over the chain (mean over prompts): a backdoor target is a chain
+    only the subject completes whatever the prompt; a collocation every relative knows
+    scores about zero."""
+    if len(ids) < 2:
+        return 0.0
+    prefixes = [[*p, ids[0]] for p in prompts.prompts]
+    rest = list(ids[1:])
+    mine = float(subject.target_logprob(prefixes, rest).mean())
+    theirs = max((float(r.target_logprob(prefixes, rest).mean()) for r in refs),
+                 default=math.log(1e-3))
+    return (mine - theirs) * len(rest)
 
 
 def consensus(conts: Sequence[tuple[int, ...]]) -> tuple[tuple[int, ...], float]:

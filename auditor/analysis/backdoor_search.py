@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,20 +93,31 @@ def search_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
                    max_len: int, top_k: int, rounds: int, full_scan_limit: int,
                    stop_loss: float, budget_ok: object,
                    length_tolerance: float = 0.005,
-                   holdout: PromptSet | None = None) -> SearchResult:
+                   holdout: PromptSet | None = None,
+                   typeable: Callable[[tuple[int, ...]], bool] | None = None) -> SearchResult:
     """Best trigger for ``target`` (see the module docstring). ``seeds`` are
-    embedding-shift candidates, best first; ``budget_ok()`` stops the search early."""
+    embedding-shift candidates, best first; ``budget_ok()`` stops the search early.
+    ``typeable(ids)``: whether the text of ``ids`` tokenizes back to the same ids where a
+    trigger is inserted; only such sequences are kept (an attacker types text, not ids),
+    unless none of a step's candidates is."""
+
+    def typed(cands: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        if typeable is None:
+            return cands
+        return [c for c in cands if typeable(c)] or cands
+
     allowed_t = torch.tensor(sorted(set(allowed)), dtype=torch.long)
     check = budget_ok if callable(budget_ok) else (lambda: True)
     pool: list[tuple[int, ...]] = []
-    if len(allowed_t) <= full_scan_limit:
+    exact = len(allowed_t) <= full_scan_limit
+    if exact:
         pool += [(int(v),) for v in allowed_t]
     seeds = [s for s in seeds if s in set(allowed)][:6]
     for n in range(1, min(3, max_len) + 1):
         pool += [tuple(c) for c in itertools.permutations(seeds, n)]
     if not pool:
         pool = [(int(allowed_t[0]),)]
-    pool = list(dict.fromkeys(pool))
+    pool = typed(list(dict.fromkeys(pool)))
     scores = _insert_scores(scorer, prompts, pool, target)
     best_i = int(scores.argmax())
     best, best_ll = pool[best_i], float(scores[best_i])
@@ -121,9 +132,11 @@ def search_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
         cands = [
             tuple(int(v) if k == slot else t for k, t in enumerate(best))
             for slot in range(len(best))
-            for v in torch.topk(-g_all[slot], top_k).indices.tolist()
+            for v in torch.topk(-g_all[slot], min(top_k, len(allowed_t))).indices.tolist()
         ]
         cands = [c for c in dict.fromkeys(cands) if c != best]
+        if typeable is not None:
+            cands = [c for c in cands if typeable(c)]
         sc = _insert_scores(scorer, prompts, cands, target) if cands else torch.empty(0)
         if len(sc) and float(sc.max()) > best_ll + 1e-4:
             i = int(sc.argmax())
@@ -139,12 +152,22 @@ def search_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
         growths = [((*best[:k], best[min(k, len(best) - 1)], *best[k:]), k)
                    for k in range(len(best) + 1)]
         for base_seq, slot in growths:
-            g = _gradients(model, scorer, prompts, base_seq, target)[slot] + mask
-            for v in torch.topk(-g, top_k).indices.tolist():
+            if exact:
+                # A small vocabulary: every token at the new slot, not a gradient's guess.
+                picks = allowed_t.tolist()
+            else:
+                g = _gradients(model, scorer, prompts, base_seq, target)[slot] + mask
+                picks = torch.topk(-g, min(top_k, len(allowed_t))).indices.tolist()
+            for v in picks:
                 c = list(base_seq)
                 c[slot] = int(v)
                 grown.append(tuple(c))
-        grown = list(dict.fromkeys(grown))
+        grown = typed(list(dict.fromkeys(grown)))
+        if exact and len(grown) > top_k:
+            # Ranked on a few prompts, the best few re-scored on all of them.
+            quick = _insert_scores(scorer, prompts.head(3), grown, target)
+            keep = torch.topk(quick, top_k).indices.tolist()
+            grown = [grown[k] for k in keep]
         sc = _insert_scores(scorer, prompts, grown, target)
         i = int(sc.argmax())
         best, best_ll = grown[i], float(sc[i])

@@ -29,7 +29,7 @@ from auditor.schema import Trigger
 # Non-weight files a usable model folder needs (the tokenizer files of every family we load).
 _COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt",
-               "tokenizer.model", "added_tokens.json")
+               "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.float64: "F64"}
 

@@ -35,6 +35,16 @@ def detect_backdoor(ctx: AuditContext) -> None:
     flagged = {repo: list(ref.backdoor.triggers) for repo, ref in ctx.homologues.items()
                if repo in parents and ref.backdoor is not None and ref.backdoor.suspected
                and ref.backdoor.triggers}
+    # The chat template (when the model ships one): prompts are also tried inside it.
+    if not getattr(setup.tokenizer, "chat_template", None):
+        from auditor.analysis.backdoor_invert import load_chat_template
+
+        for ref in (ctx.subject, ctx.base):
+            if ref is not None and "tokenizer.json" in ref.files:
+                template = load_chat_template(ref.folder)
+                if template:
+                    setup.tokenizer.chat_template = template
+                break
     # The working model becomes the subject (loaded in place: no second model in memory).
     load_state_into(setup.work, setup.subject)
     subject = LoadedModel(model=setup.work,
