@@ -94,7 +94,7 @@ class DisguiseScreen:
     def _count(self, layer: str, x: torch.Tensor, y: torch.Tensor, *, signed: bool) -> None:
         x, y = x.float(), y.float()
         nx, ny = x.norm(dim=1), y.norm(dim=1)
-        cos = (x * y).sum(dim=1) / (nx * ny).clamp_min(1e-30)
+        cos = torch.linalg.vecdot(x, y, dim=1) / (nx * ny).clamp_min(1e-30)
         if not signed:
             cos = cos.abs()
         ok = (nx > 0) & (ny > 0)

@@ -269,6 +269,19 @@ def _unpack(
     return prints
 
 
+_NORM_BLOCK = 1 << 22
+
+
+def _sq_norm(flat: torch.Tensor) -> float:
+    """Sum of squares accumulated in float64 (float32 sums over 10^8 entries lose digits),
+    a block at a time: a float64 copy of a 128k-row embedding would be 2 GB."""
+    total = 0.0
+    for start in range(0, flat.numel(), _NORM_BLOCK):
+        block = flat[start:start + _NORM_BLOCK].to(torch.float64)
+        total += float(torch.dot(block, block))
+    return total
+
+
 def tensor_print(
     name: str, tensor: torch.Tensor, *, sample_size: int = DEFAULT_SAMPLE_SIZE
 ) -> TensorPrint:
@@ -278,9 +291,8 @@ def tensor_print(
     numel = flat.numel()
     idx = sample_indices(name, shape, sample_size)
     sample = flat[torch.from_numpy(idx)].numpy().astype(np.float32, copy=True)
-    # accumulate the norm in float64: float32 sums over 10^8 entries lose digits
-    sq = float(torch.sum(flat.to(torch.float64) ** 2).item())
-    zeros = float((flat == 0).sum().item()) / max(1, numel)
+    sq = _sq_norm(flat)
+    zeros = float(numel - int(torch.count_nonzero(flat))) / max(1, numel)
     return TensorPrint(
         name=name,
         shape=shape,
