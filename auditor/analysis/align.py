@@ -252,16 +252,21 @@ def _solve_map(
     fs, fb, gs, gb = (t.double() for t in (f_s, f_b, g_s, g_b))
     hd = fs.shape[0]
     eye = torch.eye(hd, dtype=torch.float64)
-    gram = fs @ fs.T
-    a = fb @ fs.T @ torch.linalg.pinv(gram)
+    # Every term of the step is a product of hd x hd Gram matrices of the four blocks:
+    # computed once, the iterations never touch the (hd x hidden) blocks again.
+    fss, fbs = fs @ fs.T, fb @ fs.T
+    gss, gsb = gs @ gs.T, gs @ gb.T
+    a = fbs @ torch.linalg.pinv(fss)
     if not bool(torch.isfinite(a).all()) or torch.linalg.matrix_rank(a) < hd:
         return eye
     for _ in range(iterations):
-        p = a @ fs
-        s = torch.linalg.solve(a.T, gs)
-        lam, u = torch.linalg.eigh(p @ p.T)
-        mu, w = torch.linalg.eigh(s @ s.T)
-        c = (fb - p) @ p.T - s @ (gb - s).T
+        ppt = a @ fss @ a.T  # P P^T with P = A F_s
+        ai_t = torch.linalg.inv(a).T
+        sst = ai_t @ gss @ ai_t.T  # S S^T with S = A^-T G_s
+        lam, u = torch.linalg.eigh(0.5 * (ppt + ppt.T))
+        mu, w = torch.linalg.eigh(0.5 * (sst + sst.T))
+        # (F_b - P) P^T - S (G_b - S)^T
+        c = (fbs @ a.T - ppt) - (ai_t @ gsb - sst)
         denom = mu[:, None] + lam[None, :]
         denom = denom.clamp_min(1e-12 * float(denom.max()))
         e = w @ ((w.T @ c @ u) / denom) @ u.T
