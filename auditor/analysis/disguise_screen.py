@@ -76,9 +76,10 @@ class DisguiseScreen:
         if m:
             # gate rows are never rescaled by a function-preserving disguise (SiLU);
             # up rows and down columns may be, in either sign
-            rows = sub if m.group(2) != "down" else sub.T
-            brows = base if m.group(2) != "down" else base.T
-            self._count(f"layer.{m.group(1)}.mlp", rows, brows, signed=m.group(2) == "gate")
+            # down's units are its columns: reduced along dim 0, never transposed (a
+            # strided row reduction is several times slower)
+            self._count(f"layer.{m.group(1)}.mlp", sub, base, signed=m.group(2) == "gate",
+                        dim=0 if m.group(2) == "down" else 1)
             return
         a = _ATTN_RE.search(name)
         if a and self.num_heads:
@@ -91,10 +92,12 @@ class DisguiseScreen:
             self._count(f"layer.{a.group(1)}.attn", x.reshape(heads, -1),
                         y.reshape(heads, -1), signed=False)
 
-    def _count(self, layer: str, x: torch.Tensor, y: torch.Tensor, *, signed: bool) -> None:
+    def _count(self, layer: str, x: torch.Tensor, y: torch.Tensor, *, signed: bool,
+               dim: int = 1) -> None:
+        """Units are the rows of x and y (``dim`` 1) or their columns (``dim`` 0)."""
         x, y = x.float(), y.float()
-        nx, ny = x.norm(dim=1), y.norm(dim=1)
-        cos = torch.linalg.vecdot(x, y, dim=1) / (nx * ny).clamp_min(1e-30)
+        nx, ny = x.norm(dim=dim), y.norm(dim=dim)
+        cos = torch.linalg.vecdot(x, y, dim=dim) / (nx * ny).clamp_min(1e-30)
         if not signed:
             cos = cos.abs()
         ok = (nx > 0) & (ny > 0)

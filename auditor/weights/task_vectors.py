@@ -88,8 +88,10 @@ class ModelDeltaSource:
             out.sub_(self._base.get_rows(bname, 0, n))
             return out
         out = self._model.get(mname)
-        # In place: the base copy is freed right after, so peak is two tensors.
-        out.sub_(self._base.get(bname))
+        # In place: the base copy is freed right after, so peak is two tensors. A base
+        # that hands out its stored dtype (bf16) is subtracted as is, with no float32 copy.
+        stored = getattr(self._base, "get_stored", None)
+        out.sub_(stored(bname) if stored is not None else self._base.get(bname))
         return out
 
     def close(self) -> None:
