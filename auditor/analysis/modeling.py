@@ -320,11 +320,18 @@ def _weighted_sum(
 ) -> torch.Tensor:
     acc: torch.Tensor | None = None
     for (w, src), names in zip(sources, maps, strict=True):
-        t = src.get(names[name]) if rows is None else src.get_rows(names[name], *rows)
         if acc is None:
+            t = src.get(names[name]) if rows is None else src.get_rows(names[name], *rows)
             acc = t.mul_(w) if w != 1.0 else t
+            continue
+        # later terms are added as stored (bf16 into the float32 sum): no float32 copy
+        if rows is None and hasattr(src, "get_stored"):
+            t = src.get_stored(names[name])
+        elif rows is not None and hasattr(src, "get_stored_rows"):
+            t = src.get_stored_rows(names[name], *rows)
         else:
-            acc.add_(t, alpha=w)
+            t = src.get(names[name]) if rows is None else src.get_rows(names[name], *rows)
+        acc.add_(t, alpha=w)
         del t
     assert acc is not None
     return acc

@@ -170,6 +170,14 @@ class SafetensorsModel:
                 done += n
         return buf
 
+    def get_stored_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of dimension 0 in the stored dtype (one read)."""
+        fname, info = self._checked(name)
+        if not info.shape:
+            raise WeightsError(f"tensor {name!r} is a scalar: it has no rows")
+        start, stop = max(0, start), min(max(start, stop), info.shape[0])
+        return self._pread(fname, info, start, max(start, stop))
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if self.read_mode == "pread":
             fname, info = self._checked(name)

@@ -50,6 +50,10 @@ class ResidentSource:
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._tensors[name][start:stop].to(torch.float32, copy=True)
 
+    def get_stored_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """A view of the held rows (read-only by convention)."""
+        return self._tensors[name][start:stop]
+
     def close(self) -> None:
         self._tensors.clear()
 
