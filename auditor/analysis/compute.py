@@ -165,3 +165,31 @@ def probe_budget(
     flops = gpu_flops if device.type == "cuda" else cpu_flops
     tokens = flops / max(2.0 * n_params, 1.0) / max(planned_evaluations, 1)
     return int(max(floor, min(ceiling, tokens)))
+
+
+_ALLOCATOR_BOUND = False
+
+
+def bound_host_allocator() -> None:
+    """Serve every allocation of 1 MB and more by its own mapping (glibc ``mallopt``).
+
+    The audit allocates and frees tensors of tens of MB in turn (a block of rows, a
+    layer); glibc's adaptive threshold soon serves those from its heap, where freed
+    blocks fragment and stay resident: RSS climbs a model's worth above what is held.
+    Mapped blocks go back to the system when freed. A no-op where glibc is absent.
+    """
+    global _ALLOCATOR_BOUND
+    if _ALLOCATOR_BOUND:
+        return
+    _ALLOCATOR_BOUND = True
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixes it: no adaptive growth)
+    except (OSError, AttributeError):
+        return

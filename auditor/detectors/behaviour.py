@@ -64,10 +64,11 @@ def build_behaviour(ctx: AuditContext) -> None:
     elif config is None or tok_model is None or "tokenizer.json" not in tok_model.files:
         reason = "behavioural checks need config.json and tokenizer.json"
     if reason is None:
-        from auditor.analysis.compute import resolve_device
+        from auditor.analysis.compute import bound_host_allocator, resolve_device
         from auditor.analysis.modeling import build_model, load_tokenizer, spec_from_config
         from auditor.analysis.probes import build_probes
 
+        bound_host_allocator()
         try:
             spec = spec_from_config(config or {})
             if not spec.is_causal:

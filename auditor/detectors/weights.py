@@ -210,8 +210,10 @@ def detect_weights(ctx: AuditContext) -> None:
     if ctx.base is None or not ctx.subject.files:
         ctx.skip("no safetensors or adapter weights")
         return
+    from auditor.analysis.compute import bound_host_allocator
     from auditor.weights.resident import CachingSource
 
+    bound_host_allocator()  # freed blocks go back to the system, not to a fragmented heap
     try:
         # every model's task vector reads the base: held after its first read (stored
         # dtype), released when the fingerprints are done, so it is read once from disk
