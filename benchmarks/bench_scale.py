@@ -276,13 +276,15 @@ def _acceptance(results: dict[str, Any], r: dict[str, Any] | None,
               f"{peak <= 3 * size_gb}")
 
 
-def zoo_merge(work: Path, rng: random.Random, env: dict[str, str]) -> None:
+def zoo_merge(work: Path, rng: random.Random, env: dict[str, str], *,
+              root: Path | None = None, seed: int | None = None) -> None:
     """The tiny-zoo check: an on-demand audit of a merge against up to 30 candidates
-    (the ``lineage-hard`` zoo, its seed and the merge drawn at random; target <= 60 s)."""
+    (the ``lineage-hard`` zoo, its seed and the merge drawn at random; target <= 60 s).
+    ``root``/``seed``: a zoo already built there (e.g. by bench_lineage) is reused."""
     from auditor_testkit.factory.zoo import build_zoo
 
-    seed = rng.randrange(10**6)
-    root = work / f"zoo-{seed}"
+    seed = seed if seed is not None else rng.randrange(10**6)
+    root = root if root is not None else work / f"zoo-{seed}"
     t0 = time.perf_counter()
     m = build_zoo(root, spec="lineage-hard", seed=seed)
     print(f"  lineage-hard zoo seed {seed}: built in {time.perf_counter() - t0:.0f} s")
@@ -290,8 +292,9 @@ def zoo_merge(work: Path, rng: random.Random, env: dict[str, str]) -> None:
     subject = rng.choice(merges)
     pool = [e for e in m.published() if e.kind not in ("base",) and e.repo_id != subject.repo_id]
     cands = rng.sample(pool, min(30, len(pool)))
+    data = work / f"zoo-data-{rng.randrange(10**6)}"  # a fresh store: a cold audit
     r = _run({"stage": "zoo", "subject": str(m.path(root, subject.repo_id)),
-              "base": str(m.path(root, m.base.repo_id)), "data": str(root / "data"),
+              "base": str(m.path(root, m.base.repo_id)), "data": str(data),
               "tiny": True, "against": [str(m.path(root, c.repo_id)) for c in cands]}, env)
     by = {e["repo"].split("/")[-1]: e for e in r["lineage"]}
     print(f"(zoo) on-demand audit of {subject.repo_id} ({subject.method}) against "
@@ -320,6 +323,9 @@ def main() -> None:
                     "--keep). Stage a starts from an empty store; b needs a's store")
     ap.add_argument("--profile", type=Path, default=None,
                     help="write each stage's cProfile (cumulative and own time) to DIR")
+    ap.add_argument("--zoo-root", type=Path, default=None,
+                    help="with --zoo-merge: a lineage-hard zoo built there (with --zoo-seed)")
+    ap.add_argument("--zoo-seed", type=int, default=None)
     ap.add_argument("--zoo-merge", action="store_true",
                     help="instead: the tiny lineage-hard zoo, an on-demand audit of a merge "
                     "against 30 candidates (target <= 60 s)")
@@ -339,7 +345,7 @@ def main() -> None:
            "AUDITOR_HUB_ENDPOINT": f"http://127.0.0.1:{closed}"}
     try:
         if args.zoo_merge:
-            zoo_merge(work, rng, env)
+            zoo_merge(work, rng, env, root=args.zoo_root, seed=args.zoo_seed)
             return
         fam = build(work / "hub", tiny=args.tiny, rng=rng, small=args.small)
         paths = fam["paths"]
