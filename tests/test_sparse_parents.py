@@ -102,3 +102,17 @@ def test_drop_profiles_tell_cut_from_flat_and_graded_drops(zoo: dict) -> None:
     for sf in (ties, dare):
         assert dict(zip(sf.parents, sf.recipe, strict=True)) == pytest.approx(
             {"ft2": 0.7, "ft3": 0.5}, abs=0.05)
+
+
+def test_a_published_merge_holding_two_parents_gives_way_to_them(zoo: dict) -> None:
+    """A task-arithmetic merge of two of the parents and a non-parent explains the subject
+    well but never exactly; its members do (an exact TIES fit)."""
+    m, base = zoo["models"], zoo["base"]
+    ta = mk.task_arithmetic(base, [m["ft1-sibling"], m["ft1"], m["ft2"]],
+                            lambdas=[0.7, 0.38, 0.84])
+    cands = {**zoo["cands"], "ta-mix": _tv(zoo, ta.state_dict)}
+    r = ms.ties_dare_merge(base, [m["ft2"], m["ft1"], m["ft0"]], method="ties",
+                           density=[0.61, 0.4, 0.6], weights=[0.42, 0.45, 0.84], seed=1)
+    res = analyze_lineage(_tv(zoo, r.state_dict), cands, base_fingerprint=zoo["base_fp"])
+    assert _parents(res) == pytest.approx({"ft0": 0.84, "ft1": 0.45, "ft2": 0.42}, abs=0.02)
+    assert res.entry("ta-mix").relation != "merge_parent"

@@ -33,42 +33,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from auditor.analysis import drop_profile as dp
 from auditor.analysis.attribution import subset_refit
-from auditor.analysis.fingerprint import Fingerprint, sample_indices
+from auditor.analysis.drop_profile import DropProfile, Layout, rescale_kind
+from auditor.analysis.fingerprint import Fingerprint
 
 # |y - fit| below this share of |y| (plus a rounding floor): the coordinate is reproduced
 EXACT_RTOL = 1e-3
 MAX_PARENTS = 4
 PRESELECT = 12
 FORWARD_COORDS = 16384
+# A candidate is a published merge of others when they leave this share of its norm^2
+EXACT_MIX = 1e-4
 MIN_COEFFICIENT = 0.08
 # A parent must beat its shuffled stand-in by this much (R^2 + exact share)
 NULL_MARGIN = 0.02
 NULL_DRAWS = 2
-# Keep-by-rank profiles: rank explains at least this share of the keep/drop variance
-# (eta^2) for a magnitude cut; a random drop leaves ~0
-DETERMINISTIC = 0.5
-# DELLA: keep rate rising by at least this much from a row's smallest entry to its
-# largest, and by MIN_SLOPE_Z standard errors (DARE: flat)
-MIN_SLOPE = 0.03
-MIN_SLOPE_Z = 4.0
-MIN_ROW = 16  # sampled entries a row needs for a within-row rank
-PROFILE_BINS = 50
-MIN_PROFILE = 200
-
-
-@dataclass(frozen=True)
-class DropProfile:
-    """How one parent's entries were kept, against their magnitude rank (where all parents
-    move the same way, so no sign election removed anything)."""
-
-    keep_rate: float
-    determinism: float  # eta^2 of kept on the rank: ~1 magnitude cut, ~0 random drop
-    slope: float  # keep rate from a row's smallest entry to its largest (DELLA: 2 epsilon)
-    slope_se: float
-    intercept: float
-    top_kept: float  # keep rate of the top 0.5% by magnitude (Breadcrumbs: outliers gone)
-    mid_kept: float  # between the median and the 90th percentile
 
 
 @dataclass(frozen=True)
@@ -90,22 +70,13 @@ class SparseFit:
     rejected: tuple[str, ...] = ()  # selected, then no better than a shuffled stand-in
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where each sampled coordinate sits: its tensor and its row (for within-row ranks)."""
-
-    segments: tuple[slice, ...]
-    tensor_id: np.ndarray
-    rank_group: np.ndarray  # row where the row holds MIN_ROW samples, else the tensor
-
-
 Evaluation = tuple[np.ndarray, float, float, np.ndarray]  # coefs, R^2, exact, mask
 
 
 def _arrays(
     subject: Fingerprint, prints: Mapping[str, Fingerprint], keys: Sequence[str],
     base: Fingerprint | None,
-) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, _Layout]:
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, Layout]:
     y = np.concatenate([subject.tensors[k].sample.astype(np.float64) for k in keys])
     xs = {n: np.concatenate([fp.tensors[k].sample.astype(np.float64) for k in keys])
           for n, fp in prints.items()}
@@ -115,44 +86,7 @@ def _arrays(
     else:
         scale = np.zeros_like(y)
     # float32 weights minus float32 base: rounding at ~1e-6 of the weight's magnitude
-    return y, xs, 1e-6 * scale + 1e-12, _layout(subject, keys)
-
-
-def _layout(subject: Fingerprint, keys: Sequence[str]) -> _Layout:
-    segments: list[slice] = []
-    tid: list[np.ndarray] = []
-    groups: list[np.ndarray] = []
-    start = 0
-    next_group = 0
-    for t, k in enumerate(keys):
-        tp = subject.tensors[k]
-        n = tp.sample.shape[0]
-        segments.append(slice(start, start + n))
-        tid.append(np.full(n, t, dtype=np.int64))
-        if len(tp.shape) >= 2:
-            width = int(np.prod(tp.shape[1:]))
-            rows = sample_indices(k, tp.shape, subject.sample_size)[:n] // width
-        else:
-            rows = np.zeros(n, dtype=np.int64)
-        _, inv, cnt = np.unique(rows, return_inverse=True, return_counts=True)
-        # rows too thinly sampled for a rank fall back to the whole tensor (one group)
-        g = np.where(cnt[inv] >= MIN_ROW, inv + 1, 0) + next_group
-        next_group += int(inv.max(initial=0)) + 2
-        groups.append(g)
-        start += n
-    return _Layout(tuple(segments), np.concatenate(tid), np.concatenate(groups))
-
-
-def _group_quantile(v: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Rank of each value within its group, as a share in [0, 1]."""
-    order = np.lexsort((v, group))
-    g = group[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
-    counts = np.diff(np.r_[starts, g.size])
-    pos = np.arange(g.size) - np.repeat(starts, counts)
-    q = np.empty(v.size)
-    q[order] = pos / np.maximum(np.repeat(counts, counts) - 1, 1)
-    return q
+    return y, xs, 1e-6 * scale + 1e-12, dp.layout(subject, keys)
 
 
 def _assign(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -211,89 +145,6 @@ def _ratio_modes(y: np.ndarray, x: np.ndarray, fallback: np.ndarray) -> np.ndarr
         if counts[top] >= max(20, 0.02 * r.size):
             out[i] = float(np.median(r[bins == vals[top]]))
     return out
-
-
-def _profiles(y: np.ndarray, x: np.ndarray, mask_nz: np.ndarray,
-              layout: _Layout) -> tuple[DropProfile, ...]:
-    """Each parent's keep-by-rank profile (see ``DropProfile``). Judged where every parent
-    moves the same way (no sign election there), so only the trim or drop removes."""
-    nz = y != 0
-    full = np.zeros(x.shape, dtype=bool)
-    full[nz] = mask_nz
-    s = np.sign(x)
-    same = (np.abs(s.sum(axis=1)) == x.shape[1]) & (x != 0).all(axis=1)
-    out = []
-    for i in range(x.shape[1]):
-        sel = same & (x[:, i] != 0)
-        if sel.sum() < MIN_PROFILE:
-            # too little to tell: read as a cut (no rescaling, the coefficient as fitted)
-            out.append(DropProfile(1.0, 1.0, 0.0, float("inf"), 1.0, 1.0, 1.0))
-            continue
-        mag = np.abs(x[:, i])
-        # TIES and Breadcrumbs rank within the tensor, DELLA within the row
-        tq = _group_quantile(mag, layout.tensor_id)[sel]
-        rq = _group_quantile(mag, layout.rank_group)[sel]
-        kept = full[sel, i].astype(np.float64)
-        det = max(_eta2(kept, tq), _eta2(kept, rq))
-        slope, se, icpt = _line(rq, kept)
-        top = kept[tq >= 0.995]
-        mid = kept[(tq >= 0.5) & (tq < 0.9)]
-        out.append(DropProfile(
-            keep_rate=float(kept.mean()), determinism=det, slope=slope, slope_se=se,
-            intercept=icpt, top_kept=float(top.mean()) if top.size else 1.0,
-            mid_kept=float(mid.mean()) if mid.size else 1.0))
-    return tuple(out)
-
-
-def _eta2(kept: np.ndarray, q: np.ndarray) -> float:
-    """Share of the keep/drop variance explained by the rank (binned)."""
-    var = float(kept.var())
-    if var <= 0:
-        return 1.0
-    b = np.minimum((q * PROFILE_BINS).astype(np.int64), PROFILE_BINS - 1)
-    cnt = np.bincount(b, minlength=PROFILE_BINS)
-    mean = np.bincount(b, weights=kept, minlength=PROFILE_BINS) / np.maximum(cnt, 1)
-    within = float(np.sum((kept - mean[b]) ** 2)) / kept.size
-    return 1.0 - within / var
-
-
-def _line(q: np.ndarray, kept: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares slope, its standard error, and intercept of kept on rank."""
-    qc = q - q.mean()
-    sxx = float(qc @ qc)
-    if sxx <= 0 or q.size < 3:
-        return 0.0, float("inf"), float(kept.mean())
-    slope = float(qc @ (kept - kept.mean())) / sxx
-    icpt = float(kept.mean() - slope * q.mean())
-    resid = kept - icpt - slope * q
-    se = float(np.sqrt(float(resid @ resid) / (q.size - 2) / sxx))
-    return slope, se, icpt
-
-
-def rescale_kind(profiles: Sequence[DropProfile]) -> str:
-    """``none`` for a magnitude cut (TIES, Breadcrumbs), ``dare`` for a flat random drop,
-    ``della`` for a random drop that keeps the larger entries more often."""
-    if not profiles or float(np.mean([p.determinism for p in profiles])) >= DETERMINISTIC:
-        return "none"
-    slope = float(np.mean([p.slope for p in profiles]))
-    se = float(np.sqrt(np.mean([p.slope_se ** 2 for p in profiles]) / len(profiles)))
-    return "della" if slope >= MIN_SLOPE and slope >= MIN_SLOPE_Z * se else "dare"
-
-
-def _keep_probability(
-    x: np.ndarray, profiles: Sequence[DropProfile], kind: str, layout: _Layout
-) -> np.ndarray:
-    """Per coordinate and parent, the probability its entry was kept (1 for a cut)."""
-    p = np.ones(x.shape)
-    if kind == "none":
-        return p
-    for i, prof in enumerate(profiles):
-        if kind == "dare":
-            p[:, i] = prof.keep_rate
-        else:
-            rq = _group_quantile(np.abs(x[:, i]), layout.rank_group)
-            p[:, i] = prof.intercept + prof.slope * rq
-    return np.clip(p, 0.02, 1.0)
 
 
 def _forward(
@@ -361,6 +212,51 @@ def _shortlist(
     return sorted(rest, key=lambda n: -align(n))[:PRESELECT]
 
 
+def _exact_members(xs: Mapping[str, np.ndarray], name: str, others: Sequence[str]) -> list[str]:
+    """The candidates ``name`` is an exact non-negative mix of (a published merge of
+    them), or [] when it is not one."""
+    from scipy.optimize import nnls
+
+    v = xs[name]
+    vv = float(v @ v)
+    if vv <= 0 or not others:
+        return []
+    ranked = sorted(others, key=lambda n: -abs(float(xs[n] @ v))
+                    / max(float(np.linalg.norm(xs[n])), 1e-300))[:PRESELECT]
+    a = np.stack([xs[n] for n in ranked], axis=1)
+    coef, _ = nnls(a, v)
+    resid = v - a @ coef
+    if float(resid @ resid) > EXACT_MIX * vv:
+        return []
+    return [n for n, c in zip(ranked, coef, strict=True) if c >= 0.02]
+
+
+def _score(y: np.ndarray, xs: Mapping[str, np.ndarray], floor: np.ndarray,
+           chosen: Sequence[str]) -> float:
+    res = _evaluate(y, np.stack([xs[c] for c in chosen], axis=1), floor)
+    return res[1] + res[2]
+
+
+def _expand_merged(
+    y: np.ndarray, xs: Mapping[str, np.ndarray], floor: np.ndarray, pool: Sequence[str],
+    chosen: list[str], min_gain: float,
+) -> list[str]:
+    """A chosen candidate that is itself an exact mix of other candidates (a published
+    merge that holds some of the parents) stands in for them and blocks the exact fit:
+    its members are tried instead, and kept when they fit better."""
+    for name in list(chosen):
+        if name not in chosen:
+            continue
+        members = _exact_members(xs, name, [n for n in pool if n != name and n not in chosen])
+        trial = [n for n in chosen if n != name] + members
+        if not members or len(trial) > MAX_PARENTS:
+            continue
+        if _score(y, xs, floor, trial) >= _score(y, xs, floor, chosen) + min_gain:
+            chosen = _forward(y, xs, floor, [n for n in pool if n != name], min_gain,
+                              start=trial)
+    return chosen
+
+
 @dataclass(frozen=True)
 class _Final:
     chosen: list[str]
@@ -372,7 +268,7 @@ class _Final:
 
 
 def _final(
-    y: np.ndarray, xs: Mapping[str, np.ndarray], floor: np.ndarray, layout: _Layout,
+    y: np.ndarray, xs: Mapping[str, np.ndarray], floor: np.ndarray, layout: Layout,
     chosen: list[str],
 ) -> _Final:
     inits = (1.0, 1.5, 2.0, 3.0)
@@ -383,19 +279,19 @@ def _final(
         chosen = [chosen[i] for i in keep]
         x = x[:, keep]
         best = _evaluate(y, x, floor, inits=inits)
-    profiles = _profiles(y, x, best[3], layout)
-    kind = rescale_kind(profiles)
+    profs = dp.profiles(y, x, best[3], layout)
+    kind = rescale_kind(profs)
     if kind == "none":
-        return _Final(chosen, x, best, best, profiles, kind)
+        return _Final(chosen, x, best, best, profs, kind)
     # each entry divided by its own keep probability: the fit then carries the recipe's
     # weight x lambda, and DELLA's rank-dependent 1/p no longer blurs the coordinates
-    xr = x / _keep_probability(x, profiles, kind, layout)
+    xr = x / dp.keep_probability(x, profs, kind, layout)
     # survivors are already scaled back here: no need to start from scaled-up mixes
-    return _Final(chosen, xr, best, _evaluate(y, xr, floor), profiles, kind)
+    return _Final(chosen, xr, best, _evaluate(y, xr, floor), profs, kind)
 
 
 def _null_gaps(
-    y: np.ndarray, x: np.ndarray, floor: np.ndarray, layout: _Layout
+    y: np.ndarray, x: np.ndarray, floor: np.ndarray, layout: Layout
 ) -> list[float]:
     """Per parent, the fit's score over the best of ``NULL_DRAWS`` fits in which that
     parent's column is replaced by a stand-in: the part the other parents explain, plus
@@ -447,7 +343,7 @@ def fit_sparse(
     # plenty to rank them; the final fit and the null test use every coordinate
     step = max(1, -(-y.size // FORWARD_COORDS))
     ys, xss, fs = y[::step], {n: v[::step] for n, v in xs.items()}, floor[::step]
-    chosen = _forward(ys, xss, fs, pool, min_gain)
+    chosen = _expand_merged(ys, xss, fs, pool, _forward(ys, xss, fs, pool, min_gain), min_gain)
     rejected: list[str] = []
     while chosen:
         fin = _final(y, xs, floor, layout, chosen)
