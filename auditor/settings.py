@@ -101,9 +101,10 @@ class Settings(BaseSettings):
     max_stored_homologues: int = 500
     # Probe budget of the backdoor check per audited model (forward passes and tokens fed
     # to the models, subject and references together); the report says "incomplete" when
-    # the search stops at it.
-    backdoor_max_forward_passes: int = 60_000
-    backdoor_max_tokens: int = 60_000_000
+    # the search stops at it. About ten times what a tiny model's full search takes
+    # (~0.3-0.5 M tokens): a pathological search stays within minutes on 2 CPU cores.
+    backdoor_max_forward_passes: int = 20_000
+    backdoor_max_tokens: int = 4_000_000
     # Directory of rules/*.yaml; default: the rules shipped with the package.
     rules_dir: Path | None = None
     # Limits on every file an uploader writes (auditor.bounded): breaking one is a file
