@@ -159,3 +159,16 @@ def test_merge_made_from_the_subject_is_not_its_finetune_parent(zoo: dict) -> No
     res = analyze_lineage(fp(taus[0]), cands, base_fingerprint=zoo["base_fp"])
     assert res.parents() == []
     assert res.entry("sibling-ta").relation == "related"
+
+
+def test_mix_weighted_towards_one_sibling_is_a_merge_not_a_copy(zoo: dict) -> None:
+    """0.7 of one fine-tune and 0.3 of its same-data sibling is within a re-upload's
+    distance of the first, yet exactly a linear merge of the two."""
+    taus = zoo["taus"]
+    own = task_vector(78)
+    sibling = {n: 0.95 * taus[0][n] + 0.31 * own[n] for n in SHAPES}
+    mix = {n: 0.7 * taus[0][n] + 0.3 * sibling[n] for n in SHAPES}
+    cands = {**zoo["cands"], "sibling": fp(sibling)}
+    res = analyze_lineage(fp(mix), cands, base_fingerprint=zoo["base_fp"])
+    assert res.merge.is_merge
+    assert _parents(res) == pytest.approx({"ft0": 0.7, "sibling": 0.3}, abs=0.01)

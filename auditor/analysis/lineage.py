@@ -231,6 +231,10 @@ def _analyze(
     fitted = [n for n in names if n not in clones and n not in shadowed]
     fam = family_null(stack, [cidx[n] for n in fitted], null, p_threshold=o.p_threshold,
                       clone_cosine=o.clone_cosine)
+    merged = _merged_not_copied(stack, clones, fitted, cidx, base_i, fam.exact_threshold)
+    if merged:
+        clones -= merged
+        fitted = [n for n in names if n not in clones and n not in shadowed]
 
     typical_zero = float(np.median([fp.zero_fraction for fp in usable.values()]))
     sparse_subject = subject.zero_fraction > typical_zero + 0.05
@@ -432,6 +436,26 @@ def _dense(
         base_coefficient=afit.base_coefficient, layerwise=attribution.layerwise,
         per_layer=per_layer, signatures=sigs, attribution=attribution,
     )
+
+
+def _merged_not_copied(
+    stack: GramStack, clones: set[str], fitted: Sequence[str], cidx: Mapping[str, int],
+    base: int | None, threshold: float,
+) -> set[str]:
+    """Clone candidates the subject is an exact merge of, with other candidates: a mix
+    weighted 0.7 towards one of two same-data siblings is as close to it as a re-upload,
+    but a copy (cast, noise) never becomes exact by adding another model."""
+    out: set[str] = set()
+    pool = [cidx[n] for n in fitted]
+    for c in clones:
+        j = cidx[c]
+        scale = typical_norm(stack, [j, *pool])
+        if recipe_residual(stack, [j], base, scale) <= threshold:
+            continue  # the copy alone is exact
+        found = exact_search(stack, [j, *pool], base=base, threshold=threshold, scale=scale)
+        if found and j in found and len(found) >= 2:
+            out.add(c)
+    return out
 
 
 def _derived_from_subject(
