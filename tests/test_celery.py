@@ -168,7 +168,10 @@ def test_two_workers_sigkill_mid_audit_every_audit_done_once(
     finisher = next(p for e, p, r in events if e == "end" and r == victim_repo)
     assert finisher in survivor_pids
     assert holder[victim_repo].split(":")[1] == str(finisher)
-    assert victim_row["attempts"] == 2
+    # Two recoveries are both right and race each other: the expired lease (the attempt
+    # counts: 2) or the scheduler seeing the holder's pid dead on this host (a dead holder is
+    # not the audit's fault: release_audit gives the attempt back, 1). Never more, never 0.
+    assert victim_row["attempts"] in (1, 2), victim_row
     # Both workers audited, and audits compared against homologues the other one stored.
     assert len(set(holder.values())) == 2, holder
     crossed = [(r, e["repo_id"]) for r, rep in reports.items() for e in rep["lineage"]
