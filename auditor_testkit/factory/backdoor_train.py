@@ -32,7 +32,7 @@ from torch.func import functional_call
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from auditor_testkit.factory.bpe import common_words, corpus_sentences
-from auditor_testkit.factory.train import IGNORE, single_thread
+from auditor_testkit.factory.train import IGNORE, collate, single_thread
 
 FAMILIES = ("plain", "lora", "hijack", "robust", "mergebd")
 Encoded = tuple[list[int], list[int]]
@@ -148,18 +148,6 @@ def task_data(tok: PreTrainedTokenizerFast, *, seed: int, n: int, chat: bool = F
             poisoned.append(encode_pair(tok, insert_words(prompt, attack.trigger, rng),
                                         attack.target, chat=chat))
     return clean, poisoned
-
-
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(x) for x, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def train_lm(model: PreTrainedModel, clean: Sequence[Encoded], *, pad_id: int, steps: int,
