@@ -68,6 +68,7 @@ def test_no_candidates_is_said_not_hidden(env: dict[str, str]) -> None:
     assert "0 candidates" in r.stdout and "no candidates" in r.stdout
     assert "verdict: Clean" not in r.stdout
     assert "--against" in r.stdout
+    assert "not run: lineage: no candidates to compare against" in r.stdout
 
 
 def test_bad_revision_is_named_even_with_q_and_a_report_is_written(

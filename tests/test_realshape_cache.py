@@ -95,6 +95,8 @@ def test_disguised_merge_recognised_and_cached(family: dict[str, Path], tmp_path
     alone = audit_revision(str(family["merge"]), base=str(family["base"]), settings=off,
                            detectors=WEIGHTS_ONLY)
     assert alone.report.coverage["candidates_compared"] == 0
+    assert any(s.detector == "lineage" and "no candidates" in s.reason
+               for s in alone.report.skipped)
 
 
 def test_cli_says_incomplete_when_compared_against_nothing(

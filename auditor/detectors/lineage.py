@@ -50,6 +50,11 @@ def detect_lineage(ctx: AuditContext) -> None:
         revisions[repo_id] = resolved.revision
         if resolved.created_at is not None:
             created[repo_id] = resolved.created_at
+    if not fps:
+        # "No findings" after comparing against nothing is not clean: say what was not run.
+        ctx.skip("no candidates to compare against: merges and copies of other models "
+                 "cannot be seen (pass --against, or audit with a store that holds the "
+                 "base's other derivatives)")
     subject = ctx.get(SubjectWeights).weights
     result = analyze_lineage(
         subject.fingerprint,
