@@ -79,6 +79,8 @@ class LineageEvidence(Frozen):
     exact_fraction: float | None = None  # sparse merges: kept coordinates reproduced
     layer_consistency: float | None = None  # chi^2/dof of per-layer coefficients
     row_uniformity: float | None = None  # mean squared z of per-row coefficients
+    # least explained share a parent carries alone, over the unexplained rest
+    parent_own_share: float | None = None
     method: str | None = None  # the method signature (registry entry)
     frame: str = "aligned"  # aligned | raw: fitted on disguised weights as published
     null: str = ""  # what the evidence was tested against

@@ -172,3 +172,37 @@ def test_mix_weighted_towards_one_sibling_is_a_merge_not_a_copy(zoo: dict) -> No
     res = analyze_lineage(fp(mix), cands, base_fingerprint=zoo["base_fp"])
     assert res.merge.is_merge
     assert _parents(res) == pytest.approx({"ft0": 0.7, "sibling": 0.3}, abs=0.01)
+
+
+def test_merge_fine_tuned_further_is_a_merge_of_its_parents(zoo: dict) -> None:
+    """A task-arithmetic merge trained a little more on another task: not exact, but each
+    parent carries a share of its own far above the residual the fine-tune left."""
+    taus = zoo["taus"]
+    extra = task_vector(90, scale=0.011)
+    sub = {n: 0.5 * taus[0][n] + 0.6 * taus[1][n] + extra[n] for n in SHAPES}
+    res = analyze_lineage(fp(sub), zoo["cands"], base_fingerprint=zoo["base_fp"])
+    assert res.merge.is_merge
+    assert _parents(res) == pytest.approx({"ft0": 0.5, "ft1": 0.6}, abs=0.05)
+    ev = res.entry("ft0").evidence
+    assert ev is not None and ev.verdict == "finetuned_merge"
+    assert ev.parent_own_share is not None and ev.parent_own_share >= 3.0
+
+
+def test_sibling_trimmed_by_a_related_candidate_is_not_a_merge(zoo: dict) -> None:
+    """Same-data siblings (here: a shared update d, one of them also trained along e):
+    the subject fits as 0.85 of one plus 0.3 of the other with a small residual and
+    uniform shares, yet the second only trims what the first leaves, and the two explain
+    each other. No accusation (the old gate, residual and per-layer uniformity, accused)."""
+    d, e = task_vector(60), task_vector(61)
+    own = {k: task_vector(k, scale=0.01) for k in (62, 63, 64)}
+    a = {n: d[n] + own[62][n] for n in SHAPES}
+    b = {n: 0.5 * d[n] + e[n] + own[63][n] for n in SHAPES}
+    sub = {n: d[n] + 0.3 * e[n] + own[64][n] for n in SHAPES}
+    cands = {**zoo["cands"], "sib_a": fp(a), "sib_b": fp(b)}
+    res = analyze_lineage(fp(sub), cands, base_fingerprint=zoo["base_fp"])
+    assert not res.merge.is_merge
+    assert _parents(res) == {}
+    for name in ("sib_a", "sib_b"):
+        assert not res.entry(name).accusable
+    ev = res.entry("sib_a").evidence
+    assert ev is not None and ev.verdict == "sibling" and "own share" in ev.reason

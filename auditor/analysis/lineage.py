@@ -59,6 +59,7 @@ from auditor.analysis.verdicts import (
     recipe_residual,
     sparse_accusable,
     typical_norm,
+    unique_shares,
 )
 from auditor.errors import AnalysisError
 from auditor.schema import LineageEntry, LineageEvidence, MergeInfo, Relation
@@ -256,6 +257,7 @@ def _analyze(
         verdict=fit.verdict, explained_fraction=fit.explained, residual_ratio=fit.ratio,
         recipe_residual=fit.recipe_res, exact_fraction=fit.exact, layer_consistency=fit.layer_chi,
         row_uniformity=max(fit.row_z2.values(), default=None), method=fit.method,
+        parent_own_share=fit.own_share,
         frame=ctx.name, null=NULL_DESCRIPTION, null_pairs=fam.n_pairs,
         null_related_pairs=fam.n_related, sibling_residual=fam.sibling_residual,
         accusable=fit.accusable, reason=fit.reason,
@@ -320,6 +322,7 @@ class _Fit:
     recipe_res: float | None = None
     exact: float | None = None
     layer_chi: float | None = None
+    own_share: float | None = None
     row_z2: dict[str, float] = field(default_factory=dict)
     method: str | None = None
     reason: str = ""
@@ -420,18 +423,22 @@ def _dense(
         single_ft = (0.85 <= c <= 1.15 and stack.total[j, j] <= 1.05 * stack.total[0, 0]
                      and afit.explained_fraction >= 1.0 - 0.5 * fam.sibling_residual
                      and rows.get(pnames[0], 0.0) <= o.max_row_z2)
+    unique = unique_shares(stack.total, members, base_i, afit.explained_fraction)
+    parents_related = all(
+        relatedness(stack, a, b, null).p_value < o.p_threshold
+        for i, a in enumerate(members) for b in members[i + 1:])
     v = dense_verdict(
+        unique_shares=unique, parents_related=parents_related and len(members) >= 2,
         n_parents=len(members), coefficients=list(afit.coefficients),
         explained=afit.explained_fraction, recipe_res=rres, fam=fam,
-        layer_chi=attribution.layerwise_score, layerwise=attribution.layerwise,
-        row_z2=list(rows.values()), max_row_z2=o.max_row_z2, single_finetune=single_ft,
+        single_finetune=single_ft,
     )
     per_layer = {n: {g: f.coefficient_of(cidx[n]) for g, f in attribution.per_group.items()}
                  for n in pnames}
     return _Fit(
         pnames, coefs, verdict=v.verdict, accusable=v.accusable,
         explained=afit.explained_fraction, ratio=v.residual_ratio, recipe_res=v.recipe_residual,
-        layer_chi=attribution.layerwise_score, row_z2=rows,
+        layer_chi=attribution.layerwise_score, row_z2=rows, own_share=v.own_share,
         method=method if v.accusable else None, reason=v.reason,
         base_coefficient=afit.base_coefficient, layerwise=attribution.layerwise,
         per_layer=per_layer, signatures=sigs, attribution=attribution,
