@@ -206,3 +206,27 @@ def test_sibling_trimmed_by_a_related_candidate_is_not_a_merge(zoo: dict) -> Non
         assert not res.entry(name).accusable
     ev = res.entry("sib_a").evidence
     assert ev is not None and ev.verdict == "sibling" and "own share" in ev.reason
+
+
+def test_a_member_that_only_trims_the_residual_is_left_out(zoo: dict) -> None:
+    """Forward selection can take in a published merge of the same parents at ~0.02; kept,
+    its coefficient fails the fine-tuned-merge gate and hides the two real parents."""
+    from auditor.analysis.similarity import build_gram
+    from auditor.analysis.verdicts import drop_trimmers
+
+    taus = zoo["taus"]
+    r = mk.ties_merge(zoo["base"], [zoo["models"][0], zoo["models"][1]], density=0.5,
+                      weights=[0.9, 0.7], normalize=False)
+    pub = _tv(zoo, r.state_dict)
+    extra = task_vector(90, scale=0.011)
+    sub = {n: 0.75 * taus[0][n] + 0.8 * taus[1][n] + 0.03 * pub[n] + extra[n]
+           for n in SHAPES}
+    stack = build_gram([("s", fp(sub)), ("pub", fp(pub)), ("ft0", zoo["cands"]["ft0"]),
+                        ("ft1", zoo["cands"]["ft1"])])
+    assert sorted(drop_trimmers(stack.total, [1, 2, 3], None)) == [2, 3]
+    # a real third parent with a small coefficient stays: it explains far more on its own
+    # than the residual it leaves
+    sub3 = {n: 0.75 * taus[0][n] + 0.8 * taus[1][n] + 0.12 * taus[2][n] for n in SHAPES}
+    stack = build_gram([("s", fp(sub3)), ("ft2", zoo["cands"]["ft2"]),
+                        ("ft0", zoo["cands"]["ft0"]), ("ft1", zoo["cands"]["ft1"])])
+    assert sorted(drop_trimmers(stack.total, [1, 2, 3], None)) == [1, 2, 3]

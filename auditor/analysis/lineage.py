@@ -54,6 +54,7 @@ from auditor.analysis.verdicts import (
     NULL_DESCRIPTION,
     FamilyNull,
     dense_verdict,
+    drop_trimmers,
     exact_search,
     family_null,
     recipe_residual,
@@ -390,8 +391,7 @@ def _dense(
     if not members or recipe_residual(stack, members, base_i, scale) > fam.exact_threshold:
         exact = exact_search(stack, pool, base=base_i, threshold=fam.exact_threshold,
                              scale=scale)
-        if exact is not None:
-            members = exact
+        members = exact if exact is not None else drop_trimmers(stack.total, members, base_i)
     if not members:
         return _Fit([], {}, reason="no candidate explains a share of the subject")
     attribution = attribute(stack, members, base=base_i)

@@ -194,6 +194,28 @@ def unique_shares(
     return out
 
 
+def drop_trimmers(
+    gram: np.ndarray, members: Sequence[int], base: int | None
+) -> list[int]:
+    """Leave out members of a non-exact fit that only trim its residual: a coefficient
+    below ``MIN_SHARE`` and less explained on their own than the fit leaves unexplained.
+    Forward selection takes such a member in (a published merge of the same parents at
+    0.02, say), and one such member would hide that the others are the subject's
+    parents; at least two members are kept."""
+    kept = list(members)
+    while len(kept) > 2:
+        f = solve(gram, kept, base=base)
+        residual = 1.0 - f.explained_fraction
+        fitted = list(f.members)
+        own = unique_shares(gram, fitted, base, f.explained_fraction)
+        weak = [(u, j) for j, c, u in zip(fitted, f.coefficients, own, strict=True)
+                if c < MIN_SHARE and u < residual]
+        if not weak:
+            break
+        kept.remove(min(weak)[1])
+    return kept
+
+
 @dataclass(frozen=True)
 class DenseVerdict:
     verdict: str  # exact_merge | finetuned_merge | finetune | sibling | none
@@ -266,6 +288,7 @@ __all__ = [
     "DenseVerdict",
     "FamilyNull",
     "dense_verdict",
+    "drop_trimmers",
     "exact_search",
     "family_null",
     "group_residual",
