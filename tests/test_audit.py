@@ -211,3 +211,33 @@ def test_malformed_weights_are_an_error_not_clean(small_zoo, tmp_path: Path) -> 
     report = json.loads(result.stdout)
     assert report["lineage"] == [] and any(e["detector"] == "weights" for e in report["errors"])
     assert any(i["kind"] == "weights" for i in report["file_issues"])
+
+
+def test_reduced_compute_plan_cuts_protection_homologues(  # type: ignore[no-untyped-def]
+        small_zoo, hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compute budget too small for the full probe set (a large model on the CPU) makes
+    the protection check merge with fewer homologues, and the report says so. The second
+    audit finds every candidate's fingerprint in the cache (their weights are not read):
+    the protection check still gets its homologues, fetched when it needs them."""
+    import auditor.analysis.protection as protection
+
+    _, settings, client = hub
+    seen: list[int] = []
+    real = protection.assess_protection
+
+    def spy(*args, homologues, **kw):  # type: ignore[no-untyped-def]
+        seen.append(len(homologues))
+        return real(*args, homologues=homologues, **kw)
+
+    monkeypatch.setattr(protection, "assess_protection", spy)
+    against = ["alice/tiny-copy", "bob/tiny-kv", "dave/tiny-soup", "mallory/tiny-kv-v2"]
+    for flops in (None, 1.0):
+        s = settings if flops is None else settings.model_copy(update={"cpu_probe_flops": flops})
+        out = audit_revision("carol/tiny-animals", against=against, settings=s, client=client,
+                             detectors=["pickles", "weights", "lineage", "behaviour",
+                                        "protection"])
+        budget = [i.message for i in out.report.file_issues if i.kind == "budget"]
+        assert bool(budget) == (flops is not None)
+        if budget:
+            assert "protection merges with 2 homologues" in budget[0]
+    assert seen[0] >= 3 and seen[1] == 2

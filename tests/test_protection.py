@@ -54,6 +54,8 @@ def test_plain_finetune_is_not_merge_resistant(zoo: Trained) -> None:
     assert info.merged_loss_ratio is not None and info.merged_loss_ratio < 1.3
     scales = [s for s, _ in info.scale_curve]
     assert scales == sorted(scales) and 1.0 in scales and min(scales) <= 0.2
+    # the curve at s = 1 is the model alone (measured once, not combined again)
+    assert dict(info.scale_curve)[1.0] == a.own_loss
     # Every merge and sweep point was one pass over the probes, and the cost says so.
     assert a.cost is not None and a.cost.forward_passes > 0 and a.cost.seconds > 0
     assert set(a.reference_merged_losses) == {"linear", "ta0.75", "ta1"}

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from auditor.weights.base import TensorSource
 
 MAX_HOMOLOGUES = 3
+# Under a reduced compute plan the protection check merges with this many: its passes
+# grow with the homologue pairs (3 homologues: 30 passes, 2: 20).
+REDUCED_HOMOLOGUES = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class BehaviourModel(StageResult):
     # barrier points for this audit: Settings.barrier_points, fewer when the compute
     # budget cannot pay for them (a large model on the CPU)
     points: int = 11
+    # the compute budget cut the probe set: the checks run at their reduced plan (the
+    # protection check merges with fewer homologues)
+    reduced: bool = False
 
 
 def build_behaviour(ctx: AuditContext) -> None:
@@ -87,7 +93,8 @@ def build_behaviour(ctx: AuditContext) -> None:
         ctx.skip(reason or "no full weights")
         return
     ctx.provide(BehaviourModel(spec=spec, tokenizer=tokenizer, work=work, probes=probes,
-                               subject=subject_src, base=base_src, points=points))
+                               subject=subject_src, base=base_src, points=points,
+                               reduced=bool(budget)))
 
 
 def _resident(ctx: AuditContext, source: TensorSource, work: Any) -> TensorSource:
@@ -142,7 +149,8 @@ def _probe_plan(ctx: AuditContext, spec: Any) -> tuple[dict[str, int], int]:
     ctx.file_issues.append(FileIssue(
         path=ctx.subject.resolved.repo_id, kind="budget",
         message=f"behavioural checks on a reduced probe set (~{tokens} tokens per pass, "
-                f"{points} barrier points) to fit the compute budget; set "
+                f"{points} barrier points, protection merges with {REDUCED_HOMOLOGUES} "
+                "homologues) to fit the compute budget; set "
                 "AUDITOR_DEVICE=cuda or raise AUDITOR_CPU_PROBE_FLOPS for full curves"))
     return ({"n_sampled": max(2, round(16 * share)), "max_texts": max(2, round(32 * share)),
              "sample_length": 24, "max_length": 32}, points)
@@ -172,7 +180,12 @@ def benign_homologues(
     # asks: with hundreds of stored homologues an unreachable Hub must not cost one
     # timeout per homologue per stage.
     tried: dict[str, TensorSource | None] = ctx.__dict__.setdefault("_homologue_downloads", {})
-    for repo_id, ref in sorted(ctx.homologues.items()):
+    # Stored homologues, and candidates whose fingerprint came from the cache (their
+    # weights were not read this time): both are fetched, pinned, only when needed here.
+    revisions = {repo_id: ref.revision for repo_id, ref in ctx.homologues.items()}
+    revisions.update({repo_id: c.resolved.revision for repo_id, c in ctx.candidates.items()
+                      if repo_id not in sources})
+    for repo_id, revision in sorted(revisions.items()):
         if len(picked) >= MAX_HOMOLOGUES:
             break
         entry = entries.get(repo_id)
@@ -186,7 +199,7 @@ def benign_homologues(
         if len(tried) >= MAX_HOMOLOGUES:
             break
         try:
-            tried[repo_id] = download_weights(ctx, repo_id, ref.revision)
+            tried[repo_id] = download_weights(ctx, repo_id, revision)
             picked.append(tried[repo_id])  # type: ignore[arg-type]
         except AuditorError as exc:
             tried[repo_id] = None

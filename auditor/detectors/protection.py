@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from auditor.detectors.base import Detector
 from auditor.detectors.behaviour import (
+    REDUCED_HOMOLOGUES,
     BehaviourModel,
     benign_homologues,
     candidate_sources,
@@ -34,12 +35,13 @@ def detect_protection(ctx: AuditContext) -> None:
     from auditor.analysis.protection import assess_protection
 
     setup = ctx.get(BehaviourModel)
+    # Any homologue but its own parents and copies: merging with a sibling on a related
+    # task is exactly what a merger would do.
+    homologues = benign_homologues(ctx, relations=("unrelated", "related", "sibling"))
+    if setup.reduced:
+        homologues = homologues[:REDUCED_HOMOLOGUES]
     info = assess_protection(
-        setup.spec, setup.base, setup.subject,
-        # Any homologue but its own parents and copies: merging with a sibling on a related
-        # task is exactly what a merger would do.
-        homologues=benign_homologues(ctx, relations=("unrelated", "related", "sibling")),
-        probes=setup.probes,
+        setup.spec, setup.base, setup.subject, homologues=homologues, probes=setup.probes,
     )
     ctx.provide(Protection(info=_against_source(ctx, setup, info)))
 
