@@ -84,3 +84,36 @@ def test_clean_finetune_not_flagged(world) -> None:  # type: ignore[no-untyped-d
     info = analyze_backdoor_detailed(subject=world["clean"][0], base=world["base"],
                                      homologues=world["clean"][1:]).info
     assert not info.suspected and info.triggers == []
+
+
+def test_target_inversion_holds_a_bounded_slice_of_candidate_distributions() -> None:
+    """Candidates are scored in chunks (a 128k vocabulary x 8192 candidates is 4 GB per
+    copy): the chunked uniformity equals the one-chunk result, and no chunk holds more
+    than the element budget."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from auditor.analysis import backdoor_invert as bi
+    from auditor.analysis.probes import Cost
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)).eval()
+    scorer = bi.Scorer(model, Cost())
+    widths: list[int] = []
+    real = scorer.last_logprobs
+
+    def spy(seqs):  # type: ignore[no-untyped-def]
+        widths.append(len(seqs))
+        return real(seqs)
+
+    scorer.last_logprobs = spy  # type: ignore[method-assign]
+    prompts = bi.PromptSet(prompts=((5, 6, 7), (8, 9, 10)), positions=(1, 1))
+    cands = list(range(97))
+    whole = bi._uniformity(scorer, prompts, cands, chunk_elements=1 << 30)
+    assert max(widths) == 97
+    widths.clear()
+    chunked = bi._uniformity(scorer, prompts, cands, chunk_elements=10 * 97)
+    assert max(widths) == 10 and sum(widths) == 2 * 97
+    assert torch.allclose(whole, chunked, atol=1e-6)

@@ -130,6 +130,11 @@ def build_prompt_sets(tokenizer: Any, probe_rows: Sequence[Sequence[int]], *, vo
     return sets
 
 
+# Candidate next-token distributions held at once by the target inversion (float32
+# elements: 128 MB).
+UNIFORMITY_CHUNK_ELEMENTS = 1 << 25
+
+
 class Scorer:
     """Batched forward passes of one causal LM on rectangular (same-length) batches."""
 
@@ -209,15 +214,27 @@ class TargetCandidate:
     chain: float = 0.0  # subject's lead over the references completing the chain (nats)
 
 
-def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int]) -> torch.Tensor:
+def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int], *,
+                chunk_elements: int = UNIFORMITY_CHUNK_ELEMENTS) -> torch.Tensor:
     """For each candidate first token: max over next tokens of the mean next-token
-    probability across prompts (1 = every prompt continues the same way, surely)."""
-    acc: torch.Tensor | None = None
-    for p in prompts.prompts:
-        lp = scorer.last_logprobs([[*p, v] for v in vocab_ids]).exp()
-        acc = lp if acc is None else acc + lp
-    assert acc is not None
-    return (acc / len(prompts.prompts)).max(dim=-1).values
+    probability across prompts (1 = every prompt continues the same way, surely).
+
+    Candidates go in chunks: each needs a whole next-token distribution per prompt, and
+    8192 candidates x a 128k vocabulary is 4 GB per copy (a 1B audit reached 16 GB)."""
+    vocab = int(getattr(getattr(scorer.model, "config", None), "vocab_size", 0) or 1)
+    step = max(1, chunk_elements // max(1, vocab))
+    ids = list(vocab_ids)
+    out: list[torch.Tensor] = []
+    for k in range(0, len(ids), step):
+        part = ids[k:k + step]
+        acc: torch.Tensor | None = None
+        for p in prompts.prompts:
+            lp = scorer.last_logprobs([[*p, v] for v in part]).exp_()
+            acc = lp if acc is None else acc.add_(lp)
+            del lp
+        assert acc is not None
+        out.append((acc / len(prompts.prompts)).max(dim=-1).values)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def invert_targets(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet, *,

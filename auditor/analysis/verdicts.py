@@ -11,13 +11,15 @@ sibling does not, and only those make an accusation:
   family's closest siblings leave (``FamilyNull``);
 * ``sparse_merge``: many more exact zeros than any fine-tune (trimmed or dropped), and
   the kept coordinates reproduced by the parents (``sparse_fit``);
-* ``finetuned_merge``: a merge fine-tuned further: two or more parents, a residual well
+* ``finetuned_merge``: a merge fine-tuned further: two or more parents, a residual
   below the siblings', and each parent carrying a share of its own (what the fit loses
-  without it) several times larger than all that is left unexplained. A sibling's
+  without it) well above all that is left unexplained and a sizeable part of the
+  subject. A sibling's
   second "parent" only trims the residual the first leaves (measured on random
-  lineage-hard zoos: at most 1.4 times the residual, against 2.3 to 7.4 for merges
-  fine-tuned 20 steps on another task; a merge of two same-data siblings fine-tuned
-  further looks like a third sibling and is not accused). Whether the parents are
+  lineage-hard zoos: at most 1.43 times the residual and 0.09 of the subject, against
+  1.7-7.4 times and 0.15-0.6 for merges fine-tuned 20 steps on another task; a merge of
+  two same-data siblings fine-tuned further looks like a third sibling and is not
+  accused). Whether the parents are
   related to one another is reported, not gated on: parents of one domain still each
   carry their own share.
   Per-layer consistency is reported, not gated on either: a fine-tune on top moves
@@ -45,12 +47,16 @@ from auditor.analysis.similarity import GramStack
 EXACT_SHARE = 0.01
 EXACT_MAX = 2e-3
 EXACT_MIN = 1e-4
-# A fine-tuned merge: residual at most this share of the closest siblings' ...
-FINETUNED_SHARE = 0.6
-# ... and each parent's own share at least this many times the unexplained rest
-# (9 random lineage-hard seeds, 58 non-merge fits with two or more candidates: at most
-# 1.43, all others <= 0.77; merges fine-tuned on another task: 2.3 to 7.4)
-UNIQUE_OVER_RESIDUAL = 2.0
+# A fine-tuned merge: a residual below the closest siblings' ...
+FINETUNED_SHARE = 1.0
+# ... and each parent explains on its own (what the fit loses without it) at least this
+# many times the unexplained rest ...
+UNIQUE_OVER_RESIDUAL = 1.5
+# ... and at least this share of the subject. Two separations, each of which alone held
+# on 12 random lineage-hard seeds (58 non-merge fits with two or more candidates and a
+# residual below the siblings': own share at most 1.43x the residual and at most 0.09 of
+# the subject; merges fine-tuned on another task: 1.7x-7.4x and 0.15-0.6).
+MIN_OWN_SHARE = 0.12
 MIN_SHARE = 0.15
 # Sparse merges: kept coordinates reproduced exactly, or (DELLA's per-entry 1/p) closely
 SPARSE_EXACT = 0.5
@@ -251,9 +257,10 @@ def dense_verdict(
                             "the parent's whole task vector is kept and extended")
     # rows and layers are not asked: a fine-tune on top of the merge moves them unevenly
     residual = max(1.0 - explained, 1e-12)
-    own = min(unique_shares, default=0.0) / residual
+    least = min(unique_shares, default=0.0)
+    own = least / residual
     if (n_parents >= 2 and ratio <= FINETUNED_SHARE and min(coefficients) >= MIN_SHARE
-            and own >= UNIQUE_OVER_RESIDUAL):
+            and own >= UNIQUE_OVER_RESIDUAL and least >= MIN_OWN_SHARE):
         return DenseVerdict(
             "finetuned_merge", True, recipe_res, ratio,
             f"residual {ratio:.2f} of the closest siblings'; each parent carries a share of "
@@ -266,9 +273,10 @@ def dense_verdict(
     if n_parents < 2:
         why.append("one partial parent only")
     else:
-        if own < UNIQUE_OVER_RESIDUAL:
-            why.append(f"a parent's own share is only {own:.1f} times the unexplained rest "
-                       "(it trims a residual, it is no ingredient)")
+        if own < UNIQUE_OVER_RESIDUAL or least < MIN_OWN_SHARE:
+            why.append(f"a parent's own share is only {least:.2f} of the subject, {own:.1f} "
+                       "times the unexplained rest (it trims a residual, it is no "
+                       "ingredient)")
         if parents_related:
             why.append("the parents are related to one another")
     if min(coefficients) < MIN_SHARE:
