@@ -428,7 +428,7 @@ def _dense(
         relatedness(stack, a, b, null).p_value < o.p_threshold
         for i, a in enumerate(members) for b in members[i + 1:])
     v = dense_verdict(
-        unique_shares=unique, parents_related=parents_related and len(members) >= 2,
+        own_shares=unique, parents_related=parents_related and len(members) >= 2,
         n_parents=len(members), coefficients=list(afit.coefficients),
         explained=afit.explained_fraction, recipe_res=rres, fam=fam,
         single_finetune=single_ft,

@@ -14,17 +14,14 @@ sibling does not, and only those make an accusation:
 * ``finetuned_merge``: a merge fine-tuned further: two or more parents, a residual
   below the siblings', and each parent carrying a share of its own (what the fit loses
   without it) well above all that is left unexplained and a sizeable part of the
-  subject. A sibling's
-  second "parent" only trims the residual the first leaves (measured on random
-  lineage-hard zoos: at most 1.43 times the residual and 0.09 of the subject, against
-  1.7-7.4 times and 0.15-0.6 for merges fine-tuned 20 steps on another task; a merge of
-  two same-data siblings fine-tuned further looks like a third sibling and is not
-  accused). Whether the parents are
-  related to one another is reported, not gated on: parents of one domain still each
-  carry their own share.
-  Per-layer consistency is reported, not gated on either: a fine-tune on top moves
-  layers unevenly, and same-seed siblings trained at other learning rates keep uniform
-  shares.
+  subject. A sibling's second "parent" only trims the residual the first leaves
+  (measured on random lineage-hard zoos: at most 1.43 times the residual and 0.09 of the
+  subject, against 1.7-7.4 times and 0.15-0.6 for merges fine-tuned 20 steps on another
+  task; a merge of two same-data siblings fine-tuned further looks like a third sibling
+  and is not accused). Whether the parents are related to one another, and per-layer
+  consistency, are reported, not gated on: parents of one domain still each carry their
+  own share, a fine-tune on top moves layers unevenly, and same-seed siblings trained at
+  other learning rates keep uniform shares.
 
 Everything else (a fit with a large residual) is at most a sibling: related, never a
 parent, never a finding against its owner.
@@ -241,7 +238,7 @@ def dense_verdict(
     recipe_res: float,
     fam: FamilyNull,
     single_finetune: bool,
-    unique_shares: Sequence[float] = (),
+    own_shares: Sequence[float] = (),
     parents_related: bool = False,
 ) -> DenseVerdict:
     ratio = (1.0 - explained) / max(fam.sibling_residual, 1e-12)
@@ -257,7 +254,7 @@ def dense_verdict(
                             "the parent's whole task vector is kept and extended")
     # rows and layers are not asked: a fine-tune on top of the merge moves them unevenly
     residual = max(1.0 - explained, 1e-12)
-    least = min(unique_shares, default=0.0)
+    least = min(own_shares, default=0.0)
     own = least / residual
     if (n_parents >= 2 and ratio <= FINETUNED_SHARE and min(coefficients) >= MIN_SHARE
             and own >= UNIQUE_OVER_RESIDUAL and least >= MIN_OWN_SHARE):
@@ -281,7 +278,6 @@ def dense_verdict(
             why.append("the parents are related to one another")
     if min(coefficients) < MIN_SHARE:
         why.append(f"a parent's coefficient is below {MIN_SHARE}")
-
     return DenseVerdict("sibling", False, recipe_res, ratio,
                         "not enough to accuse: " + "; ".join(why or ["no recipe fits"]),
                         own_share=own if n_parents >= 2 else None)
