@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     probe_file: Path | None = None
     barrier_points: int = 11
-    # Behavioural checks: "auto" runs them on CUDA when present, else on the CPU.
+    # Behavioural checks: "auto" runs them on CUDA when present, else on the CPU
+    # (``auditor worker --queues gpu`` sets "cuda").
     device: str = "auto"
     # Compute budget of one audit's forward passes (FLOPs, about 2 x params per token); the
     # probe set shrinks to fit it, so a 1B model on 2 CPU cores stays within minutes while
@@ -122,8 +123,6 @@ class Settings(BaseSettings):
     queue_prefix: str = "auditor"
     # Route audits with behavioural checks to the gpu queue (only when GPU workers run).
     gpu_queue: bool = False
-    # torch device of behavioural checks; ``auditor worker --queues gpu`` sets "cuda".
-    device: str = "cpu"
     # Seconds between a worker's heartbeats in the store (``auditor status``).
     worker_heartbeat_seconds: float = 10.0
     # Celery workers' audit lease, retries and SIGTERM grace (``auditor worker`` options).

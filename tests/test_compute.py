@@ -60,7 +60,14 @@ def test_kv_cache_decoding_equals_full_reruns() -> None:
     assert fed == [ids.numel()] + [2] * 5
 
 
-def test_device_setting() -> None:
+def test_device_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from auditor.settings import Settings
+
+    monkeypatch.delenv("AUDITOR_DEVICE", raising=False)
+    # the default picks CUDA when present (one setting, not overridden further down)
+    assert Settings().device == "auto"
+    monkeypatch.setenv("AUDITOR_DEVICE", "cpu")
+    assert Settings().device == "cpu"
     assert resolve_device("cpu").type == "cpu"
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == want

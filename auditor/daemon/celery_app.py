@@ -74,6 +74,16 @@ def queue_name(settings: Settings, kind: str) -> str:
     return f"{settings.queue_prefix}.{kind}"
 
 
+def _device_name(spec: str) -> str:
+    """What the heartbeat shows: the device "auto" resolves to on this worker."""
+    try:
+        from auditor.analysis.compute import resolve_device
+
+        return resolve_device(spec).type
+    except Exception:  # a bad AUDITOR_DEVICE fails the audit, not the heartbeat
+        return spec
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings`` (broker, queue names)."""
     settings = settings or Settings()
@@ -132,7 +142,7 @@ class WorkerContext:
         try:
             with self.lock, self.factory() as session:
                 heartbeat(session, worker_id=self.worker_id, pid=self.pid,
-                          queues=self.queues, device=self.settings.device,
+                          queues=self.queues, device=_device_name(self.settings.device),
                           current_audit_id=self.current, done=done, failed=failed,
                           stopped=stopped)
         except Exception as exc:  # a DB hiccup must not fail the audit: next beat retries
