@@ -296,13 +296,14 @@ def zoo_merge(work: Path, rng: random.Random, env: dict[str, str], *,
     r = _run({"stage": "zoo", "subject": str(m.path(root, subject.repo_id)),
               "base": str(m.path(root, m.base.repo_id)), "data": str(data),
               "tiny": True, "against": [str(m.path(root, c.repo_id)) for c in cands]}, env)
-    by = {e["repo"].split("/")[-1]: e for e in r["lineage"]}
+    # owner/name: two owners may publish the same name (copy-ft9)
+    by = {"/".join(e["repo"].split("/")[-2:]): e for e in r["lineage"]}
     print(f"(zoo) on-demand audit of {subject.repo_id} ({subject.method}) against "
           f"{len(cands)} candidates: wall {r['wall_s']} s (<= 60 s: {r['wall_s'] <= 60}); "
           f"peak RSS {r['peak_rss_mb']} MB")
     print(f"    stages {r['timings']}")
     for p in subject.parents:
-        e = by.get(p.repo_id.split("/")[-1])
+        e = by.get(p.repo_id)
         print(f"    parent {p.repo_id} (coefficient {p.coefficient}, among the candidates: "
               f"{p.repo_id in {c.repo_id for c in cands}}): "
               f"{(e['relation'], e['coefficient']) if e else 'not reported'}")
