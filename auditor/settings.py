@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     # (~0.3-0.5 M tokens): a pathological search stays within minutes on 2 CPU cores.
     backdoor_max_forward_passes: int = 20_000
     backdoor_max_tokens: int = 4_000_000
+    # ... and in compute (FLOPs, about 2 x params per token): the token cap above is what a
+    # tiny model's search may take; at 1B parameters 4 M tokens would be ~1e16 FLOPs, hours
+    # on 2 CPU cores. The search's tokens shrink to fit these (the report says incomplete,
+    # AUD205, when it stops there): ~2-5 minutes of a 1B model on 2 cores.
+    backdoor_cpu_flops: float = 2e13
+    backdoor_gpu_flops: float = 2e15
     # Directory of rules/*.yaml; default: the rules shipped with the package.
     rules_dir: Path | None = None
     # Limits on every file an uploader writes (auditor.bounded): breaking one is a file

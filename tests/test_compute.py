@@ -110,3 +110,26 @@ def test_probe_budget_scales_with_model_size() -> None:
                            cpu_flops=4e12, gpu_flops=2e15)
     assert small == 4096 and big_gpu == 4096
     assert 48 <= big_cpu < 100
+
+
+def test_backdoor_search_tokens_fit_the_compute_budget() -> None:
+    """A tiny model keeps the full token cap; a 1B model's search shrinks to the FLOPs the
+    CPU budget pays for (hours of tokens would otherwise be spent on 2 cores)."""
+    from auditor.detectors.backdoor import search_tokens
+    from auditor.settings import Settings
+
+    settings = Settings(device="cpu")
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512,
+            "intermediate_size": 64, "num_attention_heads": 4}
+    assert search_tokens(settings, tiny) == settings.backdoor_max_tokens
+    llama_1b = {"hidden_size": 2048, "num_hidden_layers": 16, "vocab_size": 128256,
+                "intermediate_size": 8192, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "tie_word_embeddings": True}
+    got = search_tokens(settings, llama_1b)
+    params = count_params(llama_1b)
+    assert 1.0e9 < params < 1.5e9
+    assert got == int(settings.backdoor_cpu_flops / (2 * params))
+    assert got < settings.backdoor_max_tokens / 100
+    # a larger budget buys more, never beyond the token cap
+    more = search_tokens(Settings(device="cpu", backdoor_cpu_flops=4e13), llama_1b)
+    assert more == pytest.approx(2 * got, rel=1e-3)

@@ -14,6 +14,7 @@ from auditor.detectors.weights import CandidateWeights
 
 if TYPE_CHECKING:
     from auditor.schema import BackdoorInfo
+    from auditor.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,19 @@ def detect_backdoor(ctx: AuditContext) -> None:
         subject=subject, base=setup.base, homologues=benign_homologues(ctx),
         probes=setup.probes, flagged_parents=flagged or None,
         config=BackdoorConfig(max_forward_passes=ctx.settings.backdoor_max_forward_passes,
-                              max_tokens=ctx.settings.backdoor_max_tokens),
+                              max_tokens=search_tokens(ctx.settings, setup.spec.config)),
     )))
+
+
+def search_tokens(settings: Settings, config: Mapping[str, Any]) -> int:
+    """The search's token budget: ``backdoor_max_tokens``, less when the model is so large
+    that those tokens would not fit the compute budget of its device."""
+    from auditor.analysis.compute import count_params, resolve_device
+
+    flops = (settings.backdoor_gpu_flops if resolve_device(settings.device).type == "cuda"
+             else settings.backdoor_cpu_flops)
+    fits = int(flops / max(2.0 * count_params(config), 1.0))
+    return max(1, min(settings.backdoor_max_tokens, fits))
 
 
 DETECTOR = Detector("backdoor", detect_backdoor,
