@@ -34,12 +34,12 @@ from auditor.analysis.backdoor_probe import (
     control_ids,
     judge_insertion,
 )
+from auditor.analysis.backdoor_refs import reference_models
 from auditor.analysis.backdoor_scan import (
     FoundTrigger,
     ScanConfig,
     measure_text_trigger,
     merge_robustness,
-    reference_model,
     scan_backdoors,
 )
 from auditor.analysis.backdoor_weights import (
@@ -49,7 +49,7 @@ from auditor.analysis.backdoor_weights import (
     token_shifts,
     trigger_candidates,
 )
-from auditor.analysis.probes import Cost, CostReport, ProbeSet
+from auditor.analysis.probes import Cost, CostBudget, CostReport, ProbeSet
 from auditor.errors import AnalysisError
 from auditor.schema import BackdoorInfo, Trigger
 from auditor.weights.base import TensorSource
@@ -84,6 +84,10 @@ class BackdoorConfig:
     max_forward_passes: int = 20_000
     max_tokens: int = 50_000_000
     max_homologues: int = 3
+    # Host memory for copies of the model as references (None: a copy each). When two
+    # copies plus one per reference exceed it, the references share the subject's module
+    # (``backdoor_refs``): slower, but a 1B model stays at two copies.
+    reference_memory_bytes: int | None = None
     scan: ScanConfig = field(default_factory=ScanConfig)
     seed: int = 0
 
@@ -209,20 +213,6 @@ def _encode_trigger(tokenizer: Any, text: str) -> list[int]:
     return [] if not ids or (unk is not None and unk in ids) else ids
 
 
-class _Budget:
-    def __init__(self, cost: Cost, limit: int, max_tokens: int) -> None:
-        self.cost, self.start, self.limit = cost, cost.forward_passes, limit
-        self.start_tokens, self.max_tokens = cost.tokens, max_tokens
-
-    @property
-    def exhausted(self) -> bool:
-        return (self.cost.forward_passes - self.start >= self.limit
-                or self.cost.tokens - self.start_tokens >= self.max_tokens)
-
-    def ok(self) -> bool:
-        return not self.exhausted
-
-
 def _controls(prober: Prober, around: Sequence[int], *, vocab: int, exclude: set[int],
               cfg: BackdoorConfig) -> list[InsertionEffect]:
     # A few spare controls: judge_insertion drops those that are part of a forced output.
@@ -283,9 +273,13 @@ def inherited_backdoor(
     cost = cost if cost is not None else Cost()
     rows = probe_token_ids(subject.tokenizer, probes, sampler=subject.model,
                            max_probes=cfg.max_probes, seed=cfg.seed)
-    base_m = reference_model(subject.model, _as_weights(base)) if base is not None else None
-    homs = [reference_model(subject.model, _as_weights(h))
-            for h in homologues[: cfg.max_homologues]]
+    ref_w = [_as_weights(h) for h in homologues[: cfg.max_homologues]]
+    if base is not None:
+        ref_w.insert(0, _as_weights(base))
+    models, shared = reference_models(subject.model, subject.weights, ref_w,
+                                      memory_bytes=cfg.reference_memory_bytes)
+    base_m = models[0] if base is not None else None
+    homs = models[1:] if base is not None else models
     found: list[Trigger] = []
     parents: list[str] = []
     for parent, triggers in flagged_parent_triggers.items():
@@ -297,12 +291,14 @@ def inherited_backdoor(
                 found.append(_trigger_of(f, method="inherited", z=trig.embedding_shift_z))
                 if parent not in parents:
                     parents.append(parent)
+    if shared is not None:
+        shared.close()
     return BackdoorInfo(suspected=bool(parents), triggers=found, inherited_from=parents)
 
 
 # ------------------------------------------------------------------ entry point
 def _embedding_path(subject: LoadedModel, prober: Prober, cands: Sequence[TokenShift],
-                    lexicon: bool, budget: _Budget, cfg: BackdoorConfig,
+                    lexicon: bool, budget: CostBudget, cfg: BackdoorConfig,
                     exclude: set[int]) -> list[TriggerTest]:
     """Single moved tokens (then pairs of the best three) judged by insertion, and the
     lexicon as a last resort: the path for backdoors the inversion did not confirm."""
@@ -362,7 +358,7 @@ def analyze_backdoor_detailed(
         subject = load_model(model_dir)
     cost = cost if cost is not None else Cost()
     start = cost.snapshot()
-    budget = _Budget(cost, cfg.max_forward_passes, cfg.max_tokens)
+    budget = CostBudget(cost, cfg.max_forward_passes, cfg.max_tokens)
     tok = subject.tokenizer
     specials = _special_ids(tok)
     base_w = _as_weights(base)
@@ -382,11 +378,15 @@ def analyze_backdoor_detailed(
     # 2. list-free scan
     rows = probe_token_ids(tok, probes, sampler=subject.model, max_probes=cfg.max_probes,
                            seed=cfg.seed)
-    base_m = reference_model(subject.model, base_w)
-    hom_m = [reference_model(subject.model, h) for h in hom_w]
+    models, shared = reference_models(subject.model, subject.weights, [base_w, *hom_w],
+                                      memory_bytes=cfg.reference_memory_bytes)
+    base_m, hom_m = models[0], models[1:]
+    # the inversion tries first tokens whose rows moved most first: when the budget cannot
+    # pay for the whole vocabulary (a large model on the CPU), those are the likeliest
     found = scan_backdoors(subject.model, tok, rows, base=base_m, homologues=hom_m,
                            seeds=[c.token_id for c in above], cost=cost,
-                           budget_ok=budget.ok, cfg=cfg.scan)
+                           budget_ok=budget.ok, cfg=cfg.scan,
+                           priority=[s.token_id for s in ranked])
 
     def z_of(ids: Sequence[int]) -> float | None:
         zs = [shift_of[i].score for i in ids if i in shift_of]
@@ -419,6 +419,10 @@ def analyze_backdoor_detailed(
                 method = "lexicon" if tuple(t.insert_ids) in lexicon_ids else "embedding"
                 triggers.append(_trigger_of(f, method=method, z=z_of(t.insert_ids)))
 
+    del base_m, hom_m, models
+    if shared is not None:
+        shared.close()  # the subject's own weights back, the references' views gone
+
     # 4. merge robustness of the strongest trigger
     curve: list[tuple[float, float]] = []
     averaged: float | None = None
@@ -441,7 +445,6 @@ def analyze_backdoor_detailed(
         inherited = list(inh.inherited_from)
         known = {t.text for t in triggers}
         triggers += [t for t in inh.triggers if t.text not in known]
-    del base_m, hom_m
     if budget.exhausted:
         notes.append("probe budget exhausted before the search finished")
     spent = cost.snapshot().minus(start)

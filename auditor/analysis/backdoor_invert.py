@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,17 +215,23 @@ class TargetCandidate:
 
 
 def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int], *,
-                chunk_elements: int = UNIFORMITY_CHUNK_ELEMENTS) -> torch.Tensor:
+                chunk_elements: int = UNIFORMITY_CHUNK_ELEMENTS,
+                budget_ok: Callable[[], bool] | None = None) -> torch.Tensor:
     """For each candidate first token: max over next tokens of the mean next-token
     probability across prompts (1 = every prompt continues the same way, surely).
 
     Candidates go in chunks: each needs a whole next-token distribution per prompt, and
-    8192 candidates x a 128k vocabulary is 4 GB per copy (a 1B audit reached 16 GB)."""
+    8192 candidates x a 128k vocabulary is 4 GB per copy (a 1B audit reached 16 GB).
+    ``budget_ok``: checked before each chunk after the first; candidates not reached when
+    it says no are NaN (a 128k vocabulary on a 1B model is days of CPU)."""
     vocab = int(getattr(getattr(scorer.model, "config", None), "vocab_size", 0) or 1)
     step = max(1, chunk_elements // max(1, vocab))
     ids = list(vocab_ids)
     out: list[torch.Tensor] = []
     for k in range(0, len(ids), step):
+        if k and budget_ok is not None and not budget_ok():
+            out.append(torch.full((len(ids) - k,), float("nan")))
+            break
         part = ids[k:k + step]
         acc: torch.Tensor | None = None
         for p in prompts.prompts:
@@ -239,15 +245,25 @@ def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int], *,
 
 def invert_targets(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet, *,
                    vocab_ids: Sequence[int], top_k: int, max_len: int,
-                   eos: int | None) -> list[TargetCandidate]:
-    """The ``top_k`` target sequences the subject forces most uniformly, relative to refs."""
-    u = _uniformity(subject, prompts, vocab_ids)
-    if refs:
-        ref_u = torch.stack([_uniformity(r, prompts, vocab_ids) for r in refs]).max(dim=0).values
-        score = u - ref_u
+                   eos: int | None,
+                   budget_ok: Callable[[], bool] | None = None) -> list[TargetCandidate]:
+    """The ``top_k`` target sequences the subject forces most uniformly, relative to refs.
+
+    ``vocab_ids`` in the order to try them. When the budget stops the subject's pass early,
+    the references score only the subject's ``top_k`` most uniform candidates."""
+    u = _uniformity(subject, prompts, vocab_ids, budget_ok=budget_ok)
+    reached = torch.nonzero(~torch.isnan(u)).flatten()
+    if len(reached) < len(u):
+        reached = reached[torch.argsort(u[reached], descending=True)[: top_k]]
+    score = torch.full_like(u, float("-inf"))
+    if refs and len(reached):
+        sub = [vocab_ids[i] for i in reached.tolist()]
+        ref_u = torch.stack([_uniformity(r, prompts, sub) for r in refs]).max(dim=0).values
+        score[reached] = u[reached] - ref_u
     else:
-        score = u
-    order = torch.argsort(score, descending=True)[: top_k].tolist()
+        score[reached] = u[reached]
+    order = [j for j in torch.argsort(score, descending=True)[: top_k].tolist()
+             if score[j] > float("-inf")]
     out: list[TargetCandidate] = []
     for j in order:
         first = int(vocab_ids[j])

@@ -79,15 +79,6 @@ class FoundTrigger:
     target_score: float
 
 
-def reference_model(subject: torch.nn.Module, weights: Any) -> torch.nn.Module:
-    """A copy of the subject's module holding other weights (the base, a homologue)."""
-    from auditor.analysis.modeling import combine_into
-
-    work = copy.deepcopy(subject)
-    combine_into(work, [(1.0, weights)])
-    return work.eval()
-
-
 def allowed_tokens(tokenizer: Any, vocab: int) -> list[int]:
     """Ids a trigger or target may use: not special, with visible text."""
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -107,10 +98,16 @@ def scan_backdoors(
     cost: Cost,
     budget_ok: Callable[[], bool],
     cfg: ScanConfig,
+    priority: Sequence[int] = (),
 ) -> list[FoundTrigger]:
-    """Confirmed (trigger, target) pairs, best first (see the module docstring)."""
+    """Confirmed (trigger, target) pairs, best first (see the module docstring).
+    ``priority``: token ids the target inversion tries first (the rest follow)."""
     vocab = int(subject.get_input_embeddings().weight.shape[0])
     allowed = allowed_tokens(tokenizer, vocab)
+    allowed_set = set(allowed)
+    first = [i for i in dict.fromkeys(priority) if i in allowed_set]
+    firsts = set(first)
+    order = first + [i for i in allowed if i not in firsts]
     eos = getattr(tokenizer, "eos_token_id", None)
     subj = Scorer(subject, cost)
     base_s = Scorer(base, cost) if base is not None else None
@@ -124,8 +121,8 @@ def scan_backdoors(
             break
         targets = invert_targets(subj, refs[: cfg.invert_refs],
                                  prompts.head(cfg.invert_prompts),
-                                 vocab_ids=allowed, top_k=cfg.invert_top_k,
-                                 max_len=cfg.max_target_len, eos=eos)
+                                 vocab_ids=order, top_k=cfg.invert_top_k,
+                                 max_len=cfg.max_target_len, eos=eos, budget_ok=budget_ok)
         targets = drop_fragments([t for t in targets if t.agreement >= cfg.min_agreement
                                   and decode(t.ids).strip()])
         # A backdoor target is a long chain the model completes from its first token on
@@ -331,12 +328,14 @@ def merge_robustness(
     cost: Cost,
 ) -> tuple[list[tuple[float, float]], float | None]:
     """Attack success at ``base + r * tau`` per r, and after averaging with homologues."""
-    from auditor.analysis.modeling import combine_into, load_state_into, with_task_vector_scaled
-    from auditor.weights.dict_sources import DictTensorSource
-
     # The subject's own model is the working copy (no deepcopy: one model in memory); its
     # weights are written back from the source afterwards. Weights held in memory may
     # alias the model's own tensors (``from_module``): those small models get a copy.
+    from auditor.analysis.backdoor_refs import own_weights
+    from auditor.analysis.modeling import combine_into, load_state_into, with_task_vector_scaled
+    from auditor.weights.dict_sources import DictTensorSource
+
+    own_weights(subject)  # the module is rewritten here: it must end with its own weights
     in_memory = isinstance(subject_weights, DictTensorSource)
     work = copy.deepcopy(subject) if in_memory else subject
     scorer = Scorer(work, cost)

@@ -50,6 +50,9 @@ def _insert_scores(scorer: Scorer, prompts: PromptSet, cands: Sequence[Sequence[
 
 
 def _embedding(model: torch.nn.Module) -> torch.Tensor:
+    from auditor.analysis.backdoor_refs import own_weights
+
+    own_weights(model)  # a reference's weights may still be loaded in a shared module
     emb = model.get_input_embeddings()
     if emb is None:
         raise ValueError("model has no input embeddings")

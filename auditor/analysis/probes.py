@@ -312,3 +312,21 @@ def _pad(
         input_ids=ids, attention_mask=mask, origins=tuple(origins),
         batch_size=batch_size, mask_token_id=mask_id, cost=cost,
     )
+
+
+class CostBudget:
+    """Forward passes and tokens spent since it was made, against two limits."""
+
+    def __init__(self, cost: Cost, limit: int, max_tokens: int) -> None:
+        self.cost, self.start, self.limit = cost, cost.forward_passes, limit
+        self.start_tokens, self.max_tokens = cost.tokens, max_tokens
+
+    @property
+    def exhausted(self) -> bool:
+        return (self.cost.forward_passes - self.start >= self.limit
+                or self.cost.tokens - self.start_tokens >= self.max_tokens)
+
+    def ok(self) -> bool:
+        return not self.exhausted
+
+
