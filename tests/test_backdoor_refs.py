@@ -50,6 +50,10 @@ def test_views_answer_as_copies_and_the_subject_keeps_its_own_weights() -> None:
     assert shared is not None
     assert torch.allclose(_logits(views[0], ids), want_a, atol=1e-5)
     assert torch.allclose(_logits(views[1], ids), want_b, atol=1e-5)
+    # generation through a view keeps the module's fast path (KV cache, last logits only)
+    from auditor.analysis.compute import _forward_params
+
+    assert "logits_to_keep" in _forward_params(views[0])
     # the subject called directly after a view: its own weights are loaded back first
     assert torch.allclose(_logits(subject, ids), want_s, atol=1e-5)
     assert torch.allclose(_logits(views[1], ids), want_b, atol=1e-5)
@@ -86,8 +90,8 @@ def test_budgeted_inversion_tries_the_priority_tokens_and_scores_only_what_it_re
 
     cut = bi.invert_targets(subject, [ref], prompts, vocab_ids=order, top_k=4, max_len=2,
                             eos=None, budget_ok=one_chunk)
-    assert calls["n"] == 1 and cut
-    assert all(t.ids[0] in priority for t in cut)
+    # one chunk of the subject's pass, then one candidate's chain: the budget said no
+    assert len(cut) == 1 and cut[0].ids[0] in priority[:10]
     fed = ref.cost.tokens
     # 4 candidates x 2 prompts (and their chains), far from the 97 x 2 of a full pass
     assert 0 < fed < 97 * 2 * 4 // 4
@@ -97,3 +101,21 @@ def test_budgeted_inversion_tries_the_priority_tokens_and_scores_only_what_it_re
                                eos=None, budget_ok=lambda: True)
     assert [t.ids for t in full_a] == [t.ids for t in full_b]
     assert [round(t.score, 5) for t in full_a] == [round(t.score, 5) for t in full_b]
+
+
+def test_inversion_chunks_fit_what_the_budget_has_left() -> None:
+    """With 40 tokens left, a chunk takes only as many candidates as 40 tokens pay for."""
+    subject = bi.Scorer(_model(0), Cost())
+    prompts = bi.PromptSet(prompts=((5, 6, 7), (8, 9, 10)), positions=(1, 1))
+    per_candidate = 2 * 4  # two prompts of 3 tokens, plus the candidate
+    left = {"tokens": 40}
+    start = subject.cost.tokens
+
+    def tokens_left() -> int:
+        return max(0, left["tokens"] - (subject.cost.tokens - start))
+
+    u = bi._uniformity(subject, prompts, list(range(97)), budget_ok=lambda: tokens_left() > 0,
+                       tokens_left=tokens_left)
+    reached = int((~torch.isnan(u)).sum())
+    assert reached == 40 // per_candidate
+    assert subject.cost.tokens - start == reached * per_candidate

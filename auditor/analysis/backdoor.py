@@ -386,7 +386,8 @@ def analyze_backdoor_detailed(
     found = scan_backdoors(subject.model, tok, rows, base=base_m, homologues=hom_m,
                            seeds=[c.token_id for c in above], cost=cost,
                            budget_ok=budget.ok, cfg=cfg.scan,
-                           priority=[s.token_id for s in ranked])
+                           priority=[s.token_id for s in ranked],
+                           tokens_left=budget.tokens_left)
 
     def z_of(ids: Sequence[int]) -> float | None:
         zs = [shift_of[i].score for i in ids if i in shift_of]

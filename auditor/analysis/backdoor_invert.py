@@ -32,6 +32,7 @@ from auditor.analysis.probes import Cost
 
 # Sequences per forward pass: bounded memory on big vocabularies, few passes on tiny ones.
 BATCH_TOKENS = 16_384
+LOGIT_ELEMENTS = 1 << 25
 _SPACE_MARKS = ("Ġ", "▁", " ")
 
 
@@ -149,22 +150,33 @@ class Scorer:
         return self._run(seqs, n_last=1)[:, 0]
 
     @torch.no_grad()
-    def _run(self, seqs: Sequence[Sequence[int]], n_last: int) -> torch.Tensor:
+    def _run(self, seqs: Sequence[Sequence[int]], n_last: int,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """log-probs of the last ``n_last`` positions, ``[n, n_last, vocab]``, or what
+        ``reduce`` keeps of each batch's (so that only a batch's worth is ever held)."""
         out: list[torch.Tensor | None] = [None] * len(seqs)
         by_len: dict[int, list[int]] = {}
         for i, s in enumerate(seqs):
             by_len.setdefault(len(s), []).append(i)
         for length, idx in by_len.items():
-            step = max(1, BATCH_TOKENS // max(1, length))
+            # Batches of at most BATCH_TOKENS tokens and LOGIT_ELEMENTS float32 logits:
+            # 1365 sequences x 9 kept positions x a 128k vocabulary would be 6 GB at once.
+            step = max(1, min(BATCH_TOKENS // max(1, length),
+                              LOGIT_ELEMENTS // max(1, n_last * self._vocab())))
             for k in range(0, len(idx), step):
                 part = idx[k:k + step]
                 ids = torch.tensor([list(seqs[i]) for i in part], dtype=torch.long)
                 with self.cost.forward(ids.numel()):
                     logits = self._logits(ids, n_last)[:, -n_last:, :].float()
                 lp = torch.log_softmax(logits, dim=-1)
+                kept = reduce(lp) if reduce is not None else lp
+                del logits, lp
                 for j, i in enumerate(part):
-                    out[i] = lp[j]
+                    out[i] = kept[j]
         return torch.stack([o for o in out if o is not None])
+
+    def _vocab(self) -> int:
+        return int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 1)
 
     def _logits(self, ids: torch.Tensor, n_last: int) -> torch.Tensor:
         # Only the last positions' logits: the vocabulary projection of every position is
@@ -182,10 +194,13 @@ class Scorer:
         """Mean per-token log p(target | prefix) for each prefix (teacher forcing)."""
         t = list(target)
         seqs = [[*p, *t] for p in prefixes]
-        lp = self._run(seqs, n_last=len(t) + 1)[:, :-1, :]  # positions predicting target
         idx = torch.tensor(t, dtype=torch.long)
-        picked = lp.gather(2, idx.view(1, -1, 1).expand(lp.shape[0], -1, 1)).squeeze(2)
-        return picked.mean(dim=1)
+
+        def pick(lp: torch.Tensor) -> torch.Tensor:
+            lp = lp[:, :-1, :]  # the positions predicting the target
+            return lp.gather(2, idx.view(1, -1, 1).expand(lp.shape[0], -1, 1)).squeeze(2)
+
+        return self._run(seqs, n_last=len(t) + 1, reduce=pick).mean(dim=1)
 
     @torch.no_grad()
     def greedy(self, prefixes: Sequence[Sequence[int]], n: int,
@@ -216,23 +231,31 @@ class TargetCandidate:
 
 def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int], *,
                 chunk_elements: int = UNIFORMITY_CHUNK_ELEMENTS,
-                budget_ok: Callable[[], bool] | None = None) -> torch.Tensor:
+                budget_ok: Callable[[], bool] | None = None,
+                tokens_left: Callable[[], int] | None = None) -> torch.Tensor:
     """For each candidate first token: max over next tokens of the mean next-token
     probability across prompts (1 = every prompt continues the same way, surely).
 
     Candidates go in chunks: each needs a whole next-token distribution per prompt, and
     8192 candidates x a 128k vocabulary is 4 GB per copy (a 1B audit reached 16 GB).
     ``budget_ok``: checked before each chunk after the first; candidates not reached when
-    it says no are NaN (a 128k vocabulary on a 1B model is days of CPU)."""
+    it says no are NaN (a 128k vocabulary on a 1B model is days of CPU). ``tokens_left``:
+    chunks no larger than what the budget has left (one chunk of a 1B model on all
+    prompts is twice a CPU budget)."""
     vocab = int(getattr(getattr(scorer.model, "config", None), "vocab_size", 0) or 1)
     step = max(1, chunk_elements // max(1, vocab))
+    per_candidate = sum(len(p) + 1 for p in prompts.prompts)
     ids = list(vocab_ids)
     out: list[torch.Tensor] = []
-    for k in range(0, len(ids), step):
+    k = 0
+    while k < len(ids):
         if k and budget_ok is not None and not budget_ok():
-            out.append(torch.full((len(ids) - k,), float("nan")))
             break
-        part = ids[k:k + step]
+        width = step
+        if tokens_left is not None:
+            width = max(1, min(step, tokens_left() // max(1, per_candidate)))
+        part = ids[k:k + width]
+        k += len(part)
         acc: torch.Tensor | None = None
         for p in prompts.prompts:
             lp = scorer.last_logprobs([[*p, v] for v in part]).exp_()
@@ -240,18 +263,21 @@ def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int], *,
             del lp
         assert acc is not None
         out.append((acc / len(prompts.prompts)).max(dim=-1).values)
+    if k < len(ids):
+        out.append(torch.full((len(ids) - k,), float("nan")))
     return torch.cat(out) if out else torch.zeros(0)
 
 
 def invert_targets(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet, *,
                    vocab_ids: Sequence[int], top_k: int, max_len: int,
                    eos: int | None,
-                   budget_ok: Callable[[], bool] | None = None) -> list[TargetCandidate]:
+                   budget_ok: Callable[[], bool] | None = None,
+                   tokens_left: Callable[[], int] | None = None) -> list[TargetCandidate]:
     """The ``top_k`` target sequences the subject forces most uniformly, relative to refs.
 
     ``vocab_ids`` in the order to try them. When the budget stops the subject's pass early,
     the references score only the subject's ``top_k`` most uniform candidates."""
-    u = _uniformity(subject, prompts, vocab_ids, budget_ok=budget_ok)
+    u = _uniformity(subject, prompts, vocab_ids, budget_ok=budget_ok, tokens_left=tokens_left)
     reached = torch.nonzero(~torch.isnan(u)).flatten()
     if len(reached) < len(u):
         reached = reached[torch.argsort(u[reached], descending=True)[: top_k]]
@@ -266,6 +292,8 @@ def invert_targets(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet, 
              if score[j] > float("-inf")]
     out: list[TargetCandidate] = []
     for j in order:
+        if out and budget_ok is not None and not budget_ok():
+            break  # each candidate's chain costs a few hundred sequences more
         first = int(vocab_ids[j])
         conts = subject.greedy([[*p, first] for p in prompts.prompts], max_len - 1, eos)
         seq, share = consensus(conts)

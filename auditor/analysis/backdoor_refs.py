@@ -81,6 +81,11 @@ class SwappedModel:
     def eval(self) -> SwappedModel:
         return self
 
+    @property
+    def wrapped_module(self) -> torch.nn.Module:
+        """The module it runs (whose forward takes its arguments)."""
+        return self._shared.module
+
     def __getattr__(self, name: str) -> Any:
         # config, get_input_embeddings().weight.shape ...: the module's (same architecture)
         return getattr(self._shared.module, name)

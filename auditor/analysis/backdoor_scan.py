@@ -99,6 +99,7 @@ def scan_backdoors(
     budget_ok: Callable[[], bool],
     cfg: ScanConfig,
     priority: Sequence[int] = (),
+    tokens_left: Callable[[], int] | None = None,
 ) -> list[FoundTrigger]:
     """Confirmed (trigger, target) pairs, best first (see the module docstring).
     ``priority``: token ids the target inversion tries first (the rest follow)."""
@@ -122,7 +123,8 @@ def scan_backdoors(
         targets = invert_targets(subj, refs[: cfg.invert_refs],
                                  prompts.head(cfg.invert_prompts),
                                  vocab_ids=order, top_k=cfg.invert_top_k,
-                                 max_len=cfg.max_target_len, eos=eos, budget_ok=budget_ok)
+                                 max_len=cfg.max_target_len, eos=eos, budget_ok=budget_ok,
+                                 tokens_left=tokens_left)
         targets = drop_fragments([t for t in targets if t.agreement >= cfg.min_agreement
                                   and decode(t.ids).strip()])
         # A backdoor target is a long chain the model completes from its first token on

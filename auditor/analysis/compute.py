@@ -148,9 +148,11 @@ def decode(
 def _forward_params(model: torch.nn.Module) -> set[str]:
     import inspect
 
+    # a view that runs another module (``backdoor_refs.SwappedModel``) takes its arguments
+    module = getattr(model, "wrapped_module", model)
     try:
-        return set(inspect.signature(type(model).forward).parameters)
-    except (TypeError, ValueError):
+        return set(inspect.signature(type(module).forward).parameters)
+    except (AttributeError, TypeError, ValueError):
         return set()
 
 

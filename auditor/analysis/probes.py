@@ -329,4 +329,7 @@ class CostBudget:
     def ok(self) -> bool:
         return not self.exhausted
 
+    def tokens_left(self) -> int:
+        return max(0, self.max_tokens - (self.cost.tokens - self.start_tokens))
+
 

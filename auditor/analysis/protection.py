@@ -172,9 +172,12 @@ def assess_protection(
     probes: ProbeSet,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     scales: Sequence[float] = DEFAULT_SCALES,
+    work: torch.nn.Module | None = None,
 ) -> ProtectionInfo:
-    """``ProtectionInfo`` of ``model`` (see ``assess_protection_detailed``)."""
+    """``ProtectionInfo`` of ``model`` (see ``assess_protection_detailed``). ``work``: the
+    audit's working model, overwritten here (None: a model of its own is built, one more
+    copy in memory: 2.5 GB at 1B)."""
     return assess_protection_detailed(
         spec, base, model, homologues=homologues, probes=probes, lambdas=lambdas,
-        scales=scales,
+        scales=scales, work=work,
     ).info

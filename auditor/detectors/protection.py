@@ -40,8 +40,10 @@ def detect_protection(ctx: AuditContext) -> None:
     homologues = benign_homologues(ctx, relations=("unrelated", "related", "sibling"))
     if setup.reduced:
         homologues = homologues[:REDUCED_HOMOLOGUES]
+    # merged into the audit's one working model: no third copy of the model in memory
     info = assess_protection(
         setup.spec, setup.base, setup.subject, homologues=homologues, probes=setup.probes,
+        work=setup.work,
     )
     ctx.provide(Protection(info=_against_source(ctx, setup, info)))
 
