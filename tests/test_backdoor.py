@@ -115,3 +115,25 @@ def test_robust_backdoor_is_merge_robust(bd_zoo) -> None:
     assert a.info.merge_robust is True
     curve = dict(a.info.robustness_curve)
     assert curve[0.2] >= 0.5
+
+
+def test_delta_profile_in_row_blocks_equals_the_whole_tensor_sums() -> None:
+    """Large tensors go in row blocks (a 128k-row embedding in float64 took 7 GB): the
+    relative norms are the whole-tensor ones."""
+    import math
+
+    g = torch.Generator().manual_seed(3)
+    base = {"model.embed_tokens.weight": torch.randn(1100, 4096, generator=g),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=g),
+            "model.norm.weight": torch.randn(64, generator=g)}
+    sub = {k: v + 0.01 * (i + 1) * torch.randn(v.shape, generator=g)
+           for i, (k, v) in enumerate(base.items())}
+    prof = delta_profile(DictTensorSource(sub), DictTensorSource(base))
+
+    def rel(k: str) -> float:
+        return math.sqrt(float((sub[k] - base[k]).double().square().sum())
+                         / float(base[k].double().square().sum()))
+
+    assert prof.embedding == pytest.approx(rel("model.embed_tokens.weight"), rel=1e-9)
+    assert prof.attention == pytest.approx(rel("model.layers.0.self_attn.q_proj.weight"),
+                                           rel=1e-9)
