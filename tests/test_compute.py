@@ -131,5 +131,23 @@ def test_backdoor_search_tokens_fit_the_compute_budget() -> None:
     assert got == int(settings.backdoor_cpu_flops / (2 * params))
     assert got < settings.backdoor_max_tokens / 100
     # a larger budget buys more, never beyond the token cap
-    more = search_tokens(Settings(device="cpu", backdoor_cpu_flops=4e13), llama_1b)
+    more = search_tokens(Settings(device="cpu",
+                                  backdoor_cpu_flops=2 * settings.backdoor_cpu_flops), llama_1b)
     assert more == pytest.approx(2 * got, rel=1e-3)
+
+
+def test_output_head_runs_on_a_contiguous_input() -> None:
+    """With ``logits_to_keep`` the head's input is a strided slice; matmul then broadcast
+    the head's weight per sequence (8 GB for 16 sequences at 1B). The built model's head
+    sees a contiguous input, and the logits are those of the full pass."""
+    _ref, state = _reference()
+    model = build_model(spec_from_config(LLAMA), state, device="cpu")
+    seen: list[bool] = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, LLAMA["vocab_size"], (3, 7))
+    with torch.no_grad():
+        last = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        full = model(input_ids=ids).logits[:, -1]
+    assert seen == [True, True]
+    assert torch.allclose(last, full, atol=1e-5)

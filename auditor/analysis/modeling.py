@@ -235,7 +235,20 @@ def build_model(
     model.requires_grad_(False)
     load_state_into(model, state)
     attach_device_io(model, dev)
+    _contiguous_head_input(model)
     return model
+
+
+def _contiguous_head_input(model: torch.nn.Module) -> None:
+    """The output head gets a contiguous input. With ``logits_to_keep`` its input is a
+    strided slice of the last positions, and ``matmul`` then broadcasts the head's weight
+    per sequence instead of folding the batch: a [batch, 2048, 128256] copy (8 GB for 16
+    sequences of a 1B model, 137 GB for 261), 40 s a call on the CPU. Same result."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, torch.nn.Module):
+        head.register_forward_pre_hook(
+            lambda _m, args: (args[0].contiguous(), *args[1:]) if args else None)
 
 
 def _materialise(cls: Any, config: Any, dev: torch.device, dtype: torch.dtype) -> Any:
