@@ -46,7 +46,7 @@ def test_views_answer_as_copies_and_the_subject_keeps_its_own_weights() -> None:
 
     # no room: views of the subject's own module
     size = module_bytes(subject)
-    views, shared = reference_models(subject, own, [wa, wb], memory_bytes=3 * size)
+    views, shared = reference_models(subject, own, [wa, wb], memory_bytes=size)
     assert shared is not None
     assert torch.allclose(_logits(views[0], ids), want_a, atol=1e-5)
     assert torch.allclose(_logits(views[1], ids), want_b, atol=1e-5)

@@ -84,10 +84,11 @@ class BackdoorConfig:
     max_forward_passes: int = 20_000
     max_tokens: int = 50_000_000
     max_homologues: int = 3
-    # Host memory for copies of the model as references (None: a copy each). When two
-    # copies plus one per reference exceed it, the references share the subject's module
-    # (``backdoor_refs``): slower, but a 1B model stays at two copies.
-    reference_memory_bytes: int | None = None
+    # Memory for copies of the model as references, all together (None: a copy each).
+    # Beyond it the references share the subject's module (``backdoor_refs``): a few
+    # weight loads more, and a 1B model stays at two copies (one reference copy was 2.5 GB
+    # over the 3x-the-model peak).
+    reference_memory_bytes: int | None = 256 << 20
     scan: ScanConfig = field(default_factory=ScanConfig)
     seed: int = 0
 

@@ -8,7 +8,9 @@ subject's own module: its weights are loaded into the module when it runs, and t
 subject's own weights are loaded back before the subject runs again (a forward pre-hook),
 or before anything reads or rewrites the module's weights (``own_weights``). Views are used
 in phases (the subject over the whole vocabulary, then each reference), so the loads stay
-few next to the forward passes.
+few next to the forward passes. Copies are kept for models whose copies together stay
+small (``BackdoorConfig.reference_memory_bytes``): an audit's peak stays at two copies of
+any model worth counting.
 """
 
 from __future__ import annotations
@@ -106,13 +108,13 @@ def reference_models(
     subject: torch.nn.Module, own: Any, references: Sequence[Any], *,
     memory_bytes: int | None,
 ) -> tuple[list[Any], SharedWeights | None]:
-    """A model per reference weight set: copies of the subject's module while two copies of
-    the subject plus one per reference fit ``memory_bytes`` (None: always copies), else
-    views of the subject's own module. Returns the models and the sharing (to ``close``)."""
+    """A model per reference weight set: copies of the subject's module while all the
+    copies together fit ``memory_bytes`` (None: always copies), else views of the subject's
+    own module. Returns the models and the sharing (to ``close``)."""
     from auditor.analysis.modeling import combine_into
 
     size = module_bytes(subject)
-    if memory_bytes is None or size * (2 + len(references)) <= memory_bytes:
+    if memory_bytes is None or size * len(references) <= memory_bytes:
         out: list[Any] = []
         for weights in references:
             work = copy.deepcopy(subject)

@@ -58,8 +58,7 @@ def detect_backdoor(ctx: AuditContext) -> None:
         subject=subject, base=setup.base, homologues=benign_homologues(ctx),
         probes=setup.probes, flagged_parents=flagged or None,
         config=BackdoorConfig(max_forward_passes=ctx.settings.backdoor_max_forward_passes,
-                              max_tokens=search_tokens(ctx.settings, setup.spec.config),
-                              reference_memory_bytes=ctx.settings.host_memory_bytes),
+                              max_tokens=search_tokens(ctx.settings, setup.spec.config)),
     )))
 
 
