@@ -162,7 +162,7 @@ class Scorer:
             # Batches of at most BATCH_TOKENS tokens and LOGIT_ELEMENTS float32 logits:
             # 1365 sequences x 9 kept positions x a 128k vocabulary would be 6 GB at once.
             step = max(1, min(BATCH_TOKENS // max(1, length),
-                              LOGIT_ELEMENTS // max(1, n_last * self._vocab())))
+                              LOGIT_ELEMENTS // max(1, n_last * self.vocab_size())))
             for k in range(0, len(idx), step):
                 part = idx[k:k + step]
                 ids = torch.tensor([list(seqs[i]) for i in part], dtype=torch.long)
@@ -175,7 +175,7 @@ class Scorer:
                     out[i] = kept[j]
         return torch.stack([o for o in out if o is not None])
 
-    def _vocab(self) -> int:
+    def vocab_size(self) -> int:
         return int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 1)
 
     def _logits(self, ids: torch.Tensor, n_last: int) -> torch.Tensor:
@@ -242,8 +242,7 @@ def _uniformity(scorer: Scorer, prompts: PromptSet, vocab_ids: Sequence[int], *,
     it says no are NaN (a 128k vocabulary on a 1B model is days of CPU). ``tokens_left``:
     chunks no larger than what the budget has left (one chunk of a 1B model on all
     prompts is twice a CPU budget)."""
-    vocab = int(getattr(getattr(scorer.model, "config", None), "vocab_size", 0) or 1)
-    step = max(1, chunk_elements // max(1, vocab))
+    step = max(1, chunk_elements // scorer.vocab_size())
     per_candidate = sum(len(p) + 1 for p in prompts.prompts)
     ids = list(vocab_ids)
     out: list[torch.Tensor] = []

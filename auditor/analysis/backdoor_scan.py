@@ -106,9 +106,7 @@ def scan_backdoors(
     vocab = int(subject.get_input_embeddings().weight.shape[0])
     allowed = allowed_tokens(tokenizer, vocab)
     allowed_set = set(allowed)
-    first = [i for i in dict.fromkeys(priority) if i in allowed_set]
-    firsts = set(first)
-    order = first + [i for i in allowed if i not in firsts]
+    order = list(dict.fromkeys([i for i in priority if i in allowed_set] + allowed))
     eos = getattr(tokenizer, "eos_token_id", None)
     subj = Scorer(subject, cost)
     base_s = Scorer(base, cost) if base is not None else None
