@@ -133,6 +133,7 @@ def audit_revision(
     previous: Mapping[str, Any] | None = None,
     local: bool | None = None,
     authorizations: Sequence[Any] = (),
+    defer_behaviour: bool = False,
 ) -> AuditOutcome:
     """Audit one pinned revision of ``subject`` (a Hub repo id or a local folder).
 
@@ -148,6 +149,9 @@ def audit_revision(
     subclasses for what makes an audit impossible (missing repo, gated, no base).
     ``local``: None reads a path-like spec (``./x``, absolute) as a folder; the daemon passes
     False so a crawled repo id is never resolved on local disk.
+    ``defer_behaviour`` (the daemon's first pass): where ``behaviour_deferred`` says so, run
+    only the weight stages and report the behavioural checks as pending (coverage
+    ``behaviour_deferred``); the caller queues the second pass.
     """
     from auditor.rules.engine import evaluate
     from auditor.rules.loader import load_rules
@@ -237,6 +241,15 @@ def audit_revision(
     reused = bcache.lookup(ctx, bkey)
     if reused is not None:
         stages = [s for s in stages if s.name not in bcache.BEHAVIOUR_STAGES]
+    deferred = (defer_behaviour and reused is None and detectors is None
+                and previous is None and behaviour_deferred(ctx))
+    if deferred:
+        stages = [s for s in stages if s.name not in bcache.BEHAVIOUR_STAGES]
+        ctx.add_error(
+            "behavioural checks (barriers, equivalence, protection, backdoor) deferred to a "
+            f"second pass: a {_model_bytes(ctx) / 1e9:.1f} GB model on the CPU; it is queued "
+            "behind the weight analyses" + (" on the gpu queue" if settings.gpu_queue else ""),
+            kind="Deferred", detector="behaviour")
     try:
         run_stages(ctx, stages)
         if reused is None:
@@ -304,7 +317,8 @@ def audit_revision(
         timings={k: round(v, 4) for k, v in ctx.timings.items()},
         coverage=_coverage(ctx, measurements.lineage, analysed=subject_weights is not None)
         | ({"incremental": 1} if previous is not None else {})
-        | ({"behaviour_cached": 1} if reused is not None else {}),
+        | ({"behaviour_cached": 1} if reused is not None else {})
+        | ({"behaviour_deferred": 1} if deferred else {}),
         function_equivalent_to=measurements.function_equivalent_to,
         mergekit=measurements.mergekit,
     )
@@ -318,6 +332,34 @@ def audit_revision(
 
 # What an incremental update runs: the fingerprint (a cache hit), lineage and the rules.
 INCREMENTAL_STAGES = ("pickles", "weights", "lineage")
+
+
+def _model_bytes(ctx: AuditContext) -> int:
+    """Bytes of the full weights the behavioural checks would run: the subject's, or its
+    base's for an adapter (base + delta is a model of the base's size)."""
+    def size(model: OpenModel | None) -> int:
+        if model is None:
+            return 0
+        return sum(n for p, n in model.resolved.files.items()
+                   if p.endswith(".safetensors") and not p.startswith("adapter_") and n > 0)
+
+    return max(size(ctx.subject), size(ctx.base))
+
+
+def behaviour_deferred(ctx: AuditContext) -> bool:
+    """Whether a daemon's first pass leaves the behavioural checks to a second one: on a
+    CPU device, always when a gpu queue takes them, else for models above
+    ``Settings.defer_behaviour_bytes``."""
+    settings = ctx.settings
+    if ctx.base is None or settings.defer_behaviour_bytes <= 0:
+        return False
+    from auditor.analysis.compute import resolve_device
+
+    try:
+        on_cpu = resolve_device(settings.device).type == "cpu"
+    except Exception:  # a bad AUDITOR_DEVICE: the behavioural stages report it themselves
+        return False
+    return on_cpu and (settings.gpu_queue or _model_bytes(ctx) > settings.defer_behaviour_bytes)
 
 
 def _carry_over(measured: dict[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:

@@ -127,8 +127,15 @@ class Settings(BaseSettings):
     broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672//")
     # Queue names are ``<prefix>.cpu`` and ``<prefix>.gpu`` (tests use a random prefix).
     queue_prefix: str = "auditor"
-    # Route audits with behavioural checks to the gpu queue (only when GPU workers run).
+    # Route the behavioural pass of audits to the gpu queue (only when GPU workers run):
+    # cpu workers then analyse the weights of every model and defer its behavioural checks.
     gpu_queue: bool = False
+    # Daemon audits on the CPU of models whose weight files exceed this many bytes run in
+    # two passes: weights, lineage and rules first (the report says what is pending), the
+    # behavioural checks in a second pass queued behind every first pass (on the gpu queue
+    # with ``gpu_queue``). At 1B parameters those checks take minutes on 2 cores, the
+    # weight analysis seconds: a day's uploads get their lineage verdicts first. 0: never.
+    defer_behaviour_bytes: int = 512 * 1024**2
     # Seconds between a worker's heartbeats in the store (``auditor status``).
     worker_heartbeat_seconds: float = 10.0
     # Celery workers' audit lease, retries and SIGTERM grace (``auditor worker`` options).

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from auditor.store import policy, queries
 from tests.celery_support import (
@@ -276,6 +276,14 @@ def test_gpu_worker_sigterm_gives_the_audit_back(
     with factory() as session:
         policy.watch_add(session, repo_id=BASE)
         crawl_base(session, client, BASE, config_hash=analysis_config_hash(settings))
+    with factory() as session:
+        # A cpu worker's first pass is done and deferred the behavioural checks: the
+        # second pass is what goes to the gpu queue.
+        from auditor.store.models import Audit
+        session.execute(update(Audit).values(
+            status="done", behaviour_pending=True,
+            report={"subject": {"repo_id": derivative}, "coverage": {"behaviour_deferred": 1}}))
+        session.commit()
     script = tmp_path / "worker.py"
     script.write_text(WORKER_CLI.format(root=str(REPO_ROOT), args=[
         "--queues", "gpu", "--grace-seconds", "1", "--lease-seconds", "120"]))

@@ -81,7 +81,9 @@ class _NoHub:
         return SimpleNamespace(revision="a" * 40, files={})
 
 
-def test_route_sends_behavioural_audits_to_gpu_only_when_enabled() -> None:
+def test_route_sends_behavioural_passes_to_gpu_only_when_enabled() -> None:
+    from dataclasses import replace
+
     from auditor.daemon.celery_scheduler import route
 
     full = DueAudit(audit_id=1, state=(), repo_id="o/m", sha="s", files=frozenset(
@@ -90,10 +92,15 @@ def test_route_sends_behavioural_audits_to_gpu_only_when_enabled() -> None:
         {"adapter_model.safetensors", "adapter_config.json", "config.json",
          "tokenizer.json"}))
     unknown = DueAudit(audit_id=3, state=(), repo_id="o/u", sha="s", files=None)
+    first = (full, adapter, unknown)
+    second = tuple(replace(a, behaviour_pending=True) for a in first)
     on = Settings(gpu_queue=True, queue_prefix="p")
     off = Settings(gpu_queue=False, queue_prefix="p")
-    assert [route(on, a) for a in (full, adapter, unknown)] == ["p.gpu", "p.cpu", "p.cpu"]
-    assert {route(off, a) for a in (full, adapter, unknown)} == {"p.cpu"}
+    # First passes (weights, lineage) run on cpu workers; the behavioural pass of a model
+    # the checks can run goes to gpu.
+    assert [route(on, a) for a in first] == ["p.cpu", "p.cpu", "p.cpu"]
+    assert [route(on, a) for a in second] == ["p.gpu", "p.cpu", "p.cpu"]
+    assert {route(off, a) for a in first + second} == {"p.cpu"}
 
 
 def test_heartbeats_and_workers_seen(store_session: Session) -> None:

@@ -14,9 +14,9 @@ from auditor.schema import (
     ProtectionInfo,
     SubjectRef,
 )
-from auditor.store import catalog, queue
+from auditor.store import catalog, dependents, queue
+from auditor.store.dependents import requeue_dependents
 from auditor.store.models import Audit
-from auditor.store.queue import requeue_dependents
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 BASE = "org/base"
@@ -127,6 +127,6 @@ def test_dependents_query_reads_only_the_family(store_session: Session) -> None:
     catalog.upsert_repo(store_session, repo_id="a/none")
     store_session.commit()
     got = store_session.scalars(
-        select(Repo.repo_id).where(queue._in_family({"org/base_1"}))).all()
+        select(Repo.repo_id).where(dependents._in_family({"org/base_1"}))).all()
     # "_" is a LIKE wildcard: escaped, a look-alike base's repos are not loaded
     assert sorted(got) == ["a/card", "a/in"]

@@ -22,7 +22,7 @@ from prometheus_client import Gauge
 
 from auditor.daemon import metrics
 from auditor.daemon.celery_app import QUEUE_KINDS, TASK_NAME, make_app, queue_name
-from auditor.daemon.celery_store import DueAudit, due_audits, workers_seen
+from auditor.daemon.celery_store import DueAudit, due_audits, running_audit_ids, workers_seen
 from auditor.daemon.scheduler import Daemon
 from auditor.store import catalog, queries
 from auditor.store.queries import pending_count
@@ -49,11 +49,15 @@ WORKERS_SEEN = Gauge("auditor_workers_seen", "Workers with a heartbeat in the la
 
 
 def route(settings: Settings, audit: DueAudit) -> str:
-    """The queue of an audit: behavioural checks go to ``gpu`` when GPU workers are
-    deployed (``AUDITOR_GPU_QUEUE=1``), everything else (weight analysis) to ``cpu``.
-    An audit is one task whichever queue runs it (the same code path); the route only
-    sends the audits that will run models to the machines that run them fast."""
-    kind = "gpu" if settings.gpu_queue and audit.behavioural else "cpu"
+    """The queue of an audit. With GPU workers deployed (``AUDITOR_GPU_QUEUE=1``), an
+    audit runs in two passes: the weight analysis (fingerprint, lineage, rules) on a
+    ``cpu`` worker, which defers the behavioural checks (``Settings.defer_behaviour_bytes``,
+    ``orchestrator.behaviour_deferred``), then the behavioural pass on ``gpu``. Models the
+    behavioural checks cannot run (adapters alone, pickles, unknown files) stay on ``cpu``.
+    Either pass is the same task and code path; the route only sends the work that runs
+    models to the machines that run them fast."""
+    kind = ("gpu" if settings.gpu_queue and audit.behaviour_pending and audit.behavioural
+            else "cpu")
     return queue_name(settings, kind)
 
 
@@ -95,6 +99,7 @@ class Dispatcher:
         with self._lock:
             with self.session_factory() as session:
                 due = due_audits(session)
+                running = running_audit_ids(session)
             depths = self.queue_depths()
             now = time.monotonic()
             todo: list[tuple[DueAudit, str]] = []
@@ -114,8 +119,10 @@ class Dispatcher:
                         self.app.send_task(TASK_NAME, args=[audit.audit_id], queue=queue,
                                            routing_key=queue, producer=producer)
                         self._sent[audit.audit_id] = (audit.state, now)
-            # Forget what is no longer queued (running, done): keeps the map small.
-            keep = {a.audit_id for a in due}
+            # Forget what is no longer queued nor running (done, failed): keeps the map
+            # small. A running audit is remembered: given back (shutdown), its message is
+            # redelivered by the broker, and publishing again would only duplicate it.
+            keep = {a.audit_id for a in due} | running
             for audit_id in [a for a in self._sent if a not in keep]:
                 del self._sent[audit_id]
             self.published += len(todo)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from auditor.store.db import begin_write
 from auditor.store.models import Audit, Repo, Revision, WorkerHeartbeat, utcnow
+from auditor.store.queue import due
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,11 @@ def claim_audit(session: Session, audit_id: int, *, worker_id: str, lease_second
     """
     begin_write(session)
     now = utcnow()
-    due = and_(Audit.status == "queued",
-               or_(Audit.next_attempt_at.is_(None), Audit.next_attempt_at <= now))
     expired = and_(Audit.status == "running", Audit.lease_expires_at < now,
                    Audit.attempts < max_attempts)
     result = session.execute(
         update(Audit)
-        .where(Audit.id == audit_id, or_(due, expired))
+        .where(Audit.id == audit_id, or_(due(now), expired))
         .values(status="running", worker_id=worker_id, started_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=Audit.attempts + 1, next_attempt_at=None)
@@ -78,6 +77,7 @@ class DueAudit:
     repo_id: str
     sha: str
     files: frozenset[str] | None  # None: the crawl did not list them (no route known yet)
+    behaviour_pending: bool = False  # the second pass: only the behavioural checks are left
 
     @property
     def behavioural(self) -> bool:
@@ -96,12 +96,12 @@ def due_audits(session: Session, *, limit: int = 10_000) -> list[DueAudit]:
     now = utcnow()
     rows = session.execute(
         select(Audit.id, Audit.attempts, Audit.queued_at, Revision.files, Revision.sha,
-               Repo.repo_id)
+               Repo.repo_id, Audit.behaviour_pending)
         .join(Revision, Revision.id == Audit.revision_id)
         .join(Repo, Repo.id == Revision.repo_pk)
-        .where(Audit.status == "queued",
-               or_(Audit.next_attempt_at.is_(None), Audit.next_attempt_at <= now))
-        .order_by(Revision.created_at.asc().nulls_last(), Audit.queued_at, Audit.id)
+        .where(due(now))
+        .order_by(Audit.behaviour_pending.asc(), Revision.created_at.asc().nulls_last(),
+                  Audit.queued_at, Audit.id)
         .limit(limit)
     ).all()
     session.rollback()
@@ -110,8 +110,15 @@ def due_audits(session: Session, *, limit: int = 10_000) -> list[DueAudit]:
         names = frozenset(str(f["path"]) for f in (row.files or [])
                           if isinstance(f, dict) and f.get("path"))
         out.append(DueAudit(audit_id=row.id, state=(row.attempts, row.queued_at),
-                            repo_id=row.repo_id, sha=row.sha, files=names or None))
+                            repo_id=row.repo_id, sha=row.sha, files=names or None,
+                            behaviour_pending=bool(row.behaviour_pending)))
     return out
+
+
+def running_audit_ids(session: Session) -> set[int]:
+    ids = set(session.scalars(select(Audit.id).where(Audit.status == "running")))
+    session.rollback()
+    return ids
 
 
 # --- worker heartbeats -------------------------------------------------------------

@@ -198,7 +198,7 @@ def register(app: typer.Typer) -> None:
                        f"skipped {len(r.skipped)} ({state})")
         runs = {k: v - before[k] for k, v in run_counts().items()}
         typer.echo(f"audit runs: {runs['full']} full, {runs['incremental']} incremental "
-                   "updates")
+                   f"updates, {runs['behaviour']} deferred behavioural passes")
         with _session() as session:
             _print_depth(session)
         if failed:

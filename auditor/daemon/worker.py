@@ -22,9 +22,10 @@ from auditor.daemon import metrics
 from auditor.errors import AuditorError, GatedRepo, RateLimited, StoreError, TransientHubError
 from auditor.store import catalog, queue
 from auditor.store.catalog import StoredHomologue, audit_target, stored_homologues
+from auditor.store.dependents import requeue_dependents
 from auditor.store.models import utcnow
 from auditor.store.queries import next_due_at, pending_count, running_shas
-from auditor.store.queue import release_audit, requeue_dependents, worker_prefix
+from auditor.store.queue import release_audit, worker_prefix
 from auditor.store.recording import save_result
 
 if TYPE_CHECKING:
@@ -193,15 +194,20 @@ def _run_claimed(
             homologues = _homologue_refs(stored) if stored else {}
         # A revision already audited is updated incrementally (a new homologue arrived):
         # its fingerprint is cached, lineage and rules re-run, behaviour carried over.
+        # A first pass that deferred the behavioural checks gets its second, full pass
+        # instead (the fingerprint is a cache hit there too).
         previous = _previous_report(factory, target.audit_id)
-        extra = {"previous": previous} if previous is not None else {}
+        second = previous is not None and bool(
+            (previous.get("coverage") or {}).get("behaviour_deferred"))
+        extra: dict[str, Any] = ({"previous": previous}
+                                 if previous is not None and not second else {})
         # local=False: a crawled repo id is a Hub id, even when a folder of that name
         # exists in the daemon's working directory.
         log.info("audit started", base=target.base_repo_id, homologues=len(homologues),
-                 incremental=previous is not None)
+                 incremental=bool(extra), behaviour_pass=second)
         outcome = audit_fn(target.repo_id, revision=target.sha, base=target.base_repo_id,
                            homologues=homologues, settings=settings, client=client,
-                           local=False, **extra)
+                           local=False, defer_behaviour=not second, **extra)
     except GatedRepo as exc:
         with factory() as session:
             catalog.upsert_repo(session, repo_id=target.repo_id, gated=True, skip_reason=str(exc))
@@ -254,21 +260,25 @@ def _run_claimed(
                       retry=retry, retry_after=None, log=log)
                 return
             time.sleep(SAVE_BACKOFF_SECONDS * attempt)
-    incremental = bool(outcome.report.coverage.get("incremental"))
+    coverage = outcome.report.coverage
+    kind = ("incremental" if coverage.get("incremental") else
+            "behaviour" if second else "full")
     with _RUNS_LOCK:
-        _RUNS["incremental" if incremental else "full"] += 1
-    metrics.AUDITS.labels(outcome="updated" if incremental else "done").inc()
+        _RUNS[kind] += 1
+    metrics.AUDITS.labels(outcome="updated" if kind == "incremental" else "done").inc()
     log.info("audit done", findings=len(outcome.report.findings), requeued=requeued,
-             incremental=incremental)
+             run=kind, behaviour_deferred=bool(coverage.get("behaviour_deferred")))
 
 
 _RUNS_LOCK = threading.Lock()
-_RUNS = {"full": 0, "incremental": 0}
+_RUNS = {"full": 0, "incremental": 0, "behaviour": 0}
 
 
 def run_counts() -> dict[str, int]:
-    """Audit runs of this process: full audits and incremental updates (``auditor crawl``
-    prints them: a family audited in any upload order costs one full audit a revision)."""
+    """Audit runs of this process: full audits (a first pass that deferred the behavioural
+    checks counts as one), incremental updates and deferred behavioural passes (``auditor
+    crawl`` prints them: a family audited in any upload order costs one full audit a
+    revision, plus one behavioural pass for each large model)."""
     with _RUNS_LOCK:
         return dict(_RUNS)
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -201,6 +202,10 @@ class Audit(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict[str, Any] | None] = mapped_column()
+    # A first pass (weights, lineage, rules) is done and the behavioural checks wait for
+    # a second one (``Settings.defer_behaviour_bytes``); such rows are claimed last.
+    behaviour_pending: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                    server_default=false())
 
     revision: Mapped[Revision] = relationship(back_populates="audits")
     comparisons: Mapped[list[Comparison]] = relationship(

@@ -150,9 +150,12 @@ def recent_failures(session: Session, *, limit: int = 50) -> list[Audit]:
 
 
 def pending_count(session: Session) -> int:
-    """Audits still to run (queued, including those waiting for a retry, or running)."""
+    """Audits still to run: queued (retries included), running, or done with a deferred
+    behavioural pass pending."""
     n = session.scalar(
-        select(func.count()).select_from(Audit).where(Audit.status.in_(("queued", "running")))
+        select(func.count()).select_from(Audit).where(or_(
+            Audit.status.in_(("queued", "running")),
+            (Audit.status == "done") & Audit.behaviour_pending.is_(True)))
     )
     session.rollback()
     return int(n or 0)

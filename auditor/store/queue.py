@@ -7,27 +7,22 @@ must be durable (and visible to other workers) when the function returns.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import Select, Text, and_, cast, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from auditor import __version__
 from auditor.errors import StoreError
 from auditor.schema import AuditReport
-from auditor.store.catalog import family_of
 from auditor.store.db import begin_write
 from auditor.store.models import (
     Audit,
     Comparison,
     FindingRow,
-    Fingerprint,
-    Repo,
     Revision,
     utcnow,
 )
@@ -96,17 +91,24 @@ def queue_audit(
     return audit.id
 
 
+def due(now: datetime) -> ColumnElement[bool]:
+    """Claimable audits: queued and due, or done with a behavioural pass pending."""
+    return or_(
+        and_(Audit.status == "queued",
+             or_(Audit.next_attempt_at.is_(None), Audit.next_attempt_at <= now)),
+        and_(Audit.status == "done", Audit.behaviour_pending.is_(True)),
+    )
+
+
 def _claimable(now: datetime) -> Select[tuple[int]]:
     # Oldest upload first: a merge's parents are uploaded before it, so by the time the
     # merge is audited their fingerprints are in the store to compare against.
     return (
         select(Audit.id)
         .join(Revision, Revision.id == Audit.revision_id)
-        .where(
-            Audit.status == "queued",
-            or_(Audit.next_attempt_at.is_(None), Audit.next_attempt_at <= now),
-        )
-        .order_by(Revision.created_at.asc().nulls_last(), Audit.queued_at, Audit.id)
+        .where(due(now))
+        .order_by(Audit.behaviour_pending.asc(), Revision.created_at.asc().nulls_last(),
+                  Audit.queued_at, Audit.id)
         .limit(1)
     )
 
@@ -139,7 +141,7 @@ def claim_next_audit(
             return None
         result = session.execute(
             update(Audit)
-            .where(Audit.id == audit_id, Audit.status == "queued")
+            .where(Audit.id == audit_id, due(now))
             .values(
                 status="running",
                 worker_id=worker_id,
@@ -235,12 +237,19 @@ def complete_audit(
             )
         )
     now = utcnow()
-    audit.status = "done"
     audit.report = report.model_dump(mode="json")
     audit.tool_version = report.tool_version
     audit.finished_at = now
     audit.lease_expires_at = None
     audit.error = None
+    # A first pass that deferred the behavioural checks is done (its report, which says
+    # what is pending, is shown) and due again at once (``due``), claimed after every
+    # first pass; the second pass's report replaces this one.
+    pending = bool(report.coverage.get("behaviour_deferred"))
+    audit.behaviour_pending = pending
+    audit.status = "done"
+    if pending:
+        audit.queued_at, audit.attempts, audit.next_attempt_at = now, 0, None
     session.commit()
 
 
@@ -401,98 +410,3 @@ def release_audit(session: Session, *, audit_id: int,
     )
     session.commit()
     return result.rowcount == 1  # type: ignore[attr-defined]
-_PARENT_RELATIONS = ("merge_parent", "finetune_parent", "clone")
-MAX_DEPENDENT_RUNS = 4
-
-
-def _missed(report: dict[str, Any] | None, other: str, other_flagged: bool) -> bool:
-    """Did this done audit run without ``other`` (a family member) in its comparison set,
-    or without ``other``'s backdoor verdict while ``other`` is its parent?"""
-    lineage = (report or {}).get("lineage") or []
-    if not lineage:
-        return False  # no weights analysed: it compared with nobody, nothing to redo
-    relation = {e.get("repo_id"): e.get("relation") for e in lineage}.get(other)
-    inherited = ((report or {}).get("backdoor") or {}).get("inherited_from") or []
-    return relation is None or (
-        other_flagged and relation in _PARENT_RELATIONS and other not in inherited
-    )
-
-
-def _in_family(family: set[str]) -> Any:
-    """SQL pre-filter: repos whose family or declared bases' JSON text names one of
-    ``family`` (the exact test follows in Python). Only the family's done audits are
-    loaded, never the whole store's reports."""
-    conds = []
-    for base in sorted(family):
-        quoted = json.dumps(base).replace("\\", "\\\\").replace("%", "\\%") \
-            .replace("_", "\\_")
-        for column in (Repo.family_bases, Repo.declared_base_models):
-            conds.append(cast(column, Text).like(f"%{quoted}%", escape="\\"))
-    return or_(*conds)
-
-
-def requeue_dependents(session: Session, *, revision_id: int, analysis_version: str) -> list[str]:
-    """After an audit is done, re-queue what ran with an incomplete comparison set.
-
-    Workers run in parallel, so an audit may have read the store while an earlier upload
-    of its family was still being audited: a merge could have missed a parent, or its
-    backdoor verdict. Checked both ways: later uploads' done audits that lack this
-    revision, and this audit itself against earlier uploads done meanwhile. Only the later
-    upload of a pair is ever re-run (an earlier model cannot contain a later one), so the
-    re-queues end. Returns the re-queued repo ids.
-    """
-
-    this = session.execute(
-        select(Repo, Revision.created_at).join(Revision, Revision.repo_pk == Repo.id)
-        .where(Revision.id == revision_id)
-    ).one_or_none()
-    if this is None or this[1] is None:
-        session.rollback()
-        return []
-    repo, created = this
-    family = set(family_of(repo))
-    if not family:
-        session.rollback()
-        return []
-    rows = session.execute(
-        select(Audit, Repo, Revision.created_at)
-        .join(Revision, Audit.revision_id == Revision.id)
-        .join(Repo, Revision.repo_pk == Repo.id)
-        .join(Fingerprint, (Fingerprint.revision_id == Revision.id)
-              & (Fingerprint.analysis_version == analysis_version))
-        .where(Audit.status == "done", Audit.analysis_version == analysis_version,
-               _in_family(family))
-    ).all()
-
-    def flagged(audit: Audit) -> bool:
-        return bool(((audit.report or {}).get("backdoor") or {}).get("suspected"))
-
-    own = next((a for a, r, _ in rows if a.revision_id == revision_id), None)
-    stale: list[tuple[int, str]] = []
-    for audit, other, other_created in rows:
-        if other.id == repo.id or other_created is None or not family & set(family_of(other)):
-            continue
-        if other_created > created and _missed(audit.report, repo.repo_id,
-                                               own is not None and flagged(own)):
-            stale.append((audit.id, other.repo_id))
-        elif (other_created < created and own is not None
-              and _missed(own.report, other.repo_id, flagged(audit))
-              and (own.id, repo.repo_id) not in stale):
-            stale.append((own.id, repo.repo_id))
-    session.rollback()
-    if not stale:
-        return []
-    begin_write(session)
-    result = session.execute(
-        # attempts keeps counting: a comparison that can never be completed (an unreadable
-        # stored fingerprint, say) stops being retried after a few runs.
-        update(Audit).where(Audit.id.in_([a for a, _ in stale]), Audit.status == "done",
-                            Audit.attempts < MAX_DEPENDENT_RUNS)
-        .values(status="queued", worker_id=None, lease_expires_at=None,
-                next_attempt_at=None, queued_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        return []
-    return [r for _, r in stale]
