@@ -258,3 +258,29 @@ def test_fault_5xx_on_api(populated: Path, hub_server) -> None:
     r = httpx.get(f"{srv.url}/api/models/org/base")
     assert r.status_code in (500, 503)
     assert httpx.get(f"{srv.url}/org/base/resolve/main/config.json").status_code == 200
+
+
+def test_lfs_blob_id_is_the_pointer_blob(tmp_path: Path) -> None:
+    import hashlib
+    import subprocess
+
+    from auditor.hub.repo_folders import RepoStore
+
+    repo = tmp_path / "org" / "m"
+    repo.mkdir(parents=True)
+    data = bytes(range(256)) * 4099
+    (repo / "model.safetensors").write_bytes(data)
+    (repo / "config.json").write_text("{}")
+    snap = RepoStore(tmp_path).snapshot("org/m")
+    entry = snap.files["model.safetensors"]
+    sha = hashlib.sha256(data).hexdigest()
+    assert entry.lfs and entry.sha256 == sha
+    # git's own blob id of the LFS pointer file (what the Hub lists as blobId)
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n"
+    pointer_file = tmp_path / "pointer"
+    pointer_file.write_text(pointer)
+    git = subprocess.run(["git", "hash-object", str(pointer_file)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert entry.oid == git
+    # a small text file keeps the blob id of its content
+    assert snap.files["config.json"].oid == hashlib.sha1(b"blob 2\0{}").hexdigest()

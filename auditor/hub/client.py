@@ -145,7 +145,9 @@ class HubClient:
         from auditor.hub.repo_folders import RepoStore
 
         # only its folder hashing is used; hashes of big files persist in the cache dir
-        self._local_store = RepoStore(Path("/"), hash_memo=self.cache_dir / "local-hashes.jsonl")
+        # (v2: an LFS file's blob id is its pointer's, so the v1 memo's ids do not mix in)
+        memo = self.cache_dir / "local-hashes-v2.jsonl"
+        self._local_store = RepoStore(Path("/"), hash_memo=memo)
 
     def __repr__(self) -> str:
         return f"HubClient(endpoint={self.endpoint!r}, cache_dir={str(self.cache_dir)!r})"

@@ -105,6 +105,22 @@ def _hash_stream(chunks: Iterator[bytes], size: int) -> tuple[str, str]:
     return sha1.hexdigest(), sha256.hexdigest()
 
 
+def lfs_pointer_oid(sha256: str, size: int) -> str:
+    """The git blob id of an LFS file: the sha1 of its pointer file (what the Hub lists as
+    ``blobId``), computed from the content's sha256 with no second pass over the bytes."""
+    pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\n"
+               f"size {size}\n").encode()
+    return hashlib.sha1(f"blob {len(pointer)}\0".encode() + pointer,
+                        usedforsecurity=False).hexdigest()
+
+
+def _sha256_stream(chunks: Iterator[bytes]) -> str:
+    sha256 = hashlib.sha256()
+    for chunk in chunks:
+        sha256.update(chunk)
+    return sha256.hexdigest()
+
+
 def _file_chunks(path: Path, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
     with path.open("rb") as fh:
         fh.seek(offset)
@@ -197,8 +213,9 @@ class RepoStore:
                 if not real.is_relative_to(repo_dir) or not real.is_file():
                     continue
                 st = real.stat()
-                oid, sha256 = self._hash_file(real, st.st_size, st.st_mtime_ns)
-                files[rel] = FileEntry(rel, st.st_size, oid, sha256, is_lfs(rel, st.st_size))
+                lfs = is_lfs(rel, st.st_size)
+                oid, sha256 = self._hash_file(real, st.st_size, st.st_mtime_ns, lfs=lfs)
+                files[rel] = FileEntry(rel, st.st_size, oid, sha256, lfs)
                 mtimes.append(st.st_mtime)
         digest = hashlib.sha1(usedforsecurity=False)
         for rel in sorted(files):
@@ -215,13 +232,20 @@ class RepoStore:
         )
         return Snapshot(repo_id, sha, files, created, modified, meta)
 
-    def _hash_file(self, path: Path, size: int, mtime_ns: int) -> tuple[str, str]:
+    def _hash_file(self, path: Path, size: int, mtime_ns: int, *,
+                   lfs: bool) -> tuple[str, str]:
         key = (str(path), size, mtime_ns)
         with self._lock:
             self._load_memo()
             cached = self._hash_cache.get(key)
         if cached is None:
-            cached = _hash_stream(_file_chunks(path), size)
+            if lfs:
+                # One hash over a multi-GB weight file, not two: its blob id is the
+                # pointer's (as on the Hub), derived from the sha256.
+                sha256 = _sha256_stream(_file_chunks(path))
+                cached = (lfs_pointer_oid(sha256, size), sha256)
+            else:
+                cached = _hash_stream(_file_chunks(path), size)
             with self._lock:
                 self._hash_cache[key] = cached
                 self._append_memo(key, cached)
