@@ -39,8 +39,10 @@ from auditor.analysis.backdoor_scan import (
     FoundTrigger,
     ScanConfig,
     measure_text_trigger,
+    merge_pieces,
     merge_robustness,
     scan_backdoors,
+    text_variants,
 )
 from auditor.analysis.backdoor_weights import (
     DeltaProfile,
@@ -307,8 +309,6 @@ def _embedding_path(subject: LoadedModel, prober: Prober, cands: Sequence[TokenS
     decode = _decode(tok)
     insertions: list[list[int]] = [[c.token_id] for c in cands]
     if lexicon:
-        from auditor.analysis.backdoor_scan import text_variants
-
         for word in TRIGGER_LEXICON:
             for ids in text_variants(tok, word):
                 if len(ids) <= 4 and list(ids) not in insertions:
@@ -408,8 +408,6 @@ def analyze_backdoor_detailed(
         confirmed = _drop_priming(
             sorted((t for t in tests if t.confirmed), key=lambda t: -t.forced_share))
         lexicon_ids = set()
-        from auditor.analysis.backdoor_scan import text_variants
-
         for word in TRIGGER_LEXICON:
             lexicon_ids |= {tuple(v) for v in text_variants(tok, word)}
         for t in confirmed:
@@ -420,6 +418,11 @@ def analyze_backdoor_detailed(
                 found.append(f)
                 method = "lexicon" if tuple(t.insert_ids) in lexicon_ids else "embedding"
                 triggers.append(_trigger_of(f, method=method, z=z_of(t.insert_ids)))
+        # Pairs confirmed with one forced output: pieces of one trigger, merged and refined.
+        found, triggers = merge_pieces(
+            subject.model, tok, found, triggers, base=base_m, homologues=hom_m,
+            seeds=[c.token_id for c in cands], cost=cost, budget_ok=budget.ok, cfg=cfg.scan,
+            describe=lambda f: _trigger_of(f, method="embedding", z=z_of(f.trigger_ids)))
 
     del base_m, hom_m, models
     if shared is not None:

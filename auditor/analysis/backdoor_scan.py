@@ -31,6 +31,7 @@ from auditor.analysis.backdoor_invert import (
     build_prompt_sets,
     invert_targets,
 )
+from auditor.analysis.backdoor_refine import refine_trigger
 from auditor.analysis.backdoor_search import (
     Confirmation,
     SearchResult,
@@ -64,6 +65,9 @@ class ScanConfig:
     # of the full trigger's: the likelihood search pads a trigger with tokens that only
     # strengthen it (a "super-trigger"); the attacker's trigger is the core that works.
     prune_tolerance: float = 0.1
+    # Refine the found trigger by held-out attack success (orders, subsets, extensions);
+    # off: the older canonical ordering and pruning.
+    refine: bool = True
     seed: int = 0
 
 
@@ -143,9 +147,20 @@ def scan_backdoors(
                                  full_scan_limit=cfg.full_scan_limit, stop_loss=cfg.stop_loss,
                                  budget_ok=budget_ok, holdout=held_out(prompts, cfg),
                                  typeable=typeable)
-            res = canonical_order(tokenizer, subj, prompts.head(cfg.confirm_prompts), res)
-            res = prune_trigger(subj, prompts.head(cfg.confirm_prompts), res, typeable,
-                                tolerance=cfg.prune_tolerance)
+            hold = held_out(prompts, cfg)
+            if cfg.refine and hold.prompts:
+                # Orders, subsets and one-token extensions judged by attack success on
+                # prompts the search never saw (``backdoor_refine``).
+                res = refine_trigger(subject, subj, prompts.head(cfg.search_prompts), hold,
+                                     res, allowed=allowed, seeds=seeds, typeable=typeable,
+                                     budget_ok=budget_ok, max_len=cfg.max_trigger_len,
+                                     top_k=cfg.gcg_top_k, seed=cfg.seed,
+                                     full_scan_limit=cfg.full_scan_limit)
+            else:
+                res = canonical_order(tokenizer, subj, prompts.head(cfg.confirm_prompts),
+                                      res)
+                res = prune_trigger(subj, prompts.head(cfg.confirm_prompts), res, typeable,
+                                    tolerance=cfg.prune_tolerance)
             check = confirm(subj, base_s, homs, prompts.head(cfg.confirm_prompts), res.trigger,
                             res.target, allowed=allowed, n_controls=cfg.n_controls,
                             seed=cfg.seed, min_asr=cfg.min_asr, margin=cfg.margin,
@@ -213,6 +228,55 @@ def prune_trigger(scorer: Scorer, prompts: PromptSet, res: SearchResult,
     if cur == tuple(res.trigger):
         return res
     return SearchResult(trigger=cur, target=res.target, loss=res.loss, by_length=res.by_length)
+
+
+def merge_pieces(subject: torch.nn.Module, tokenizer: Any, found: list[FoundTrigger],
+                 reported: list[Any], *, base: torch.nn.Module | None,
+                 homologues: Sequence[torch.nn.Module], seeds: Sequence[int], cost: Cost,
+                 budget_ok: Callable[[], bool], cfg: ScanConfig,
+                 describe: Callable[[FoundTrigger], Any]) -> tuple[list[FoundTrigger],
+                                                                  list[Any]]:
+    """One trigger from confirmed pieces that force the same output.
+
+    Moved tokens judged in pairs confirm pieces of one multi-token trigger ("ty pre",
+    "pre or", "ty or" for "or pretty"). Their tokens together are refined as one found
+    trigger (orders, subsets, one-token extensions, ``backdoor_refine``) and confirmed
+    again; when it attacks at least as well as the best piece it replaces the pieces it
+    covers. ``reported`` runs parallel to ``found`` (``describe`` makes the new entry)."""
+    if len(found) < 2 or not budget_ok():
+        return found, reported
+    lead = found[0]
+    pieces = [i for i, f in enumerate(found)
+              if f.target_ids == lead.target_ids and f.chat == lead.chat]
+    if len(pieces) < 2:
+        return found, reported
+    tokens = tuple(dict.fromkeys(t for i in pieces for t in found[i].trigger_ids))
+    tokens = tokens[: cfg.max_trigger_len + 1]
+    vocab = int(subject.get_input_embeddings().weight.shape[0])
+    allowed = allowed_tokens(tokenizer, vocab)
+    subj = Scorer(subject, cost)
+    ps = lead.prompts
+    res = refine_trigger(subject, subj, ps.head(cfg.search_prompts), held_out(ps, cfg),
+                         SearchResult(trigger=tokens, target=lead.target_ids, loss=0.0),
+                         allowed=allowed, seeds=seeds, typeable=typeable_check(tokenizer),
+                         budget_ok=budget_ok, max_len=cfg.max_trigger_len,
+                         top_k=cfg.gcg_top_k, full_scan_limit=cfg.full_scan_limit,
+                         seed=cfg.seed, keep_order=False)
+    check = confirm(subj, Scorer(base, cost) if base is not None else None,
+                    [Scorer(h, cost) for h in homologues], ps, res.trigger, res.target,
+                    allowed=allowed, n_controls=cfg.n_controls, seed=cfg.seed,
+                    min_asr=cfg.min_asr, margin=cfg.margin, max_clean=cfg.max_clean)
+    if not check.confirmed or check.asr < max(found[i].check.asr for i in pieces):
+        return found, reported
+    decode = _decoder(tokenizer)
+    merged = FoundTrigger(trigger_ids=res.trigger, target_ids=res.target,
+                          text=decode(res.trigger), target=decode(res.target), chat=ps.chat,
+                          check=check, prompts=ps, target_score=lead.target_score)
+    covered = {i for i in pieces if set(found[i].trigger_ids) <= set(res.trigger)}
+    if merged.trigger_ids in {found[i].trigger_ids for i in pieces}:
+        return found, reported  # one of the pieces already was the best arrangement
+    return ([merged, *(f for i, f in enumerate(found) if i not in covered)],
+            [describe(merged), *(r for i, r in enumerate(reported) if i not in covered)])
 
 
 def held_out(prompts: PromptSet, cfg: ScanConfig) -> PromptSet:
