@@ -37,6 +37,17 @@ _MLP_RE = re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 _ATTN_RE = re.compile(r"layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight$")
 
 
+@dataclass(frozen=True)
+class UnitPlan:
+    """How the screen reads one 2-D tensor: its units are its rows (``columns`` False) or
+    its columns, each one a unit or, with ``heads``, grouped into that many equal runs."""
+
+    layer: str
+    signed: bool  # gate rows: a sign flip is a move (SiLU is not odd)
+    columns: bool
+    heads: int | None
+
+
 @dataclass
 class LayerScreen:
     units: int = 0
@@ -92,12 +103,40 @@ class DisguiseScreen:
             self._count(f"layer.{a.group(1)}.attn", x.reshape(heads, -1),
                         y.reshape(heads, -1), signed=False)
 
+    def plan(self, name: str, shape: tuple[int, ...]) -> UnitPlan | None:
+        """Which units ``observe`` would compare in the tensor ``name`` of this 2-D ``shape``
+        (None: it compares none): the same routing, for a caller that streams a tensor in
+        row blocks and accumulates per-unit sums (``auditor.analysis.delta_print``). Keep in
+        step with ``observe``: tests/test_delta_print.py checks both give the same counts."""
+        if len(shape) != 2:
+            return None
+        m = _MLP_RE.search(name)
+        if m:
+            return UnitPlan(f"layer.{m.group(1)}.mlp", signed=m.group(2) == "gate",
+                            columns=m.group(2) == "down", heads=None)
+        a = _ATTN_RE.search(name)
+        if a and self.num_heads:
+            kind = a.group(2)
+            kv = self.num_kv_heads or self.num_heads
+            heads = self.num_heads if kind in ("q", "o") else kv
+            # o_proj's heads are groups of its columns (``observe`` transposes it)
+            if shape[1 if kind == "o" else 0] % heads:
+                return None
+            return UnitPlan(f"layer.{a.group(1)}.attn", signed=False, columns=kind == "o",
+                            heads=heads)
+        return None
+
     def _count(self, layer: str, x: torch.Tensor, y: torch.Tensor, *, signed: bool,
                dim: int = 1) -> None:
         """Units are the rows of x and y (``dim`` 1) or their columns (``dim`` 0)."""
         x, y = x.float(), y.float()
         nx, ny = x.norm(dim=dim), y.norm(dim=dim)
-        cos = torch.linalg.vecdot(x, y, dim=dim) / (nx * ny).clamp_min(1e-30)
+        self.tally(layer, nx, ny, torch.linalg.vecdot(x, y, dim=dim), signed=signed)
+
+    def tally(self, layer: str, nx: torch.Tensor, ny: torch.Tensor, dot: torch.Tensor, *,
+              signed: bool) -> None:
+        """Count the units of ``layer`` from their norms (subject, base) and dot products."""
+        cos = dot / (nx * ny).clamp_min(1e-30)
         if not signed:
             cos = cos.abs()
         ok = (nx > 0) & (ny > 0)
@@ -156,25 +195,36 @@ class ScreenTap:
 
     def __init__(self, subject: TensorSource, base: TensorSource, *,
                  config: Mapping[str, Any] | None = None) -> None:
-        heads = _int((config or {}).get("num_attention_heads"))
-        kv = _int((config or {}).get("num_key_value_heads")) or heads
-        self.screen = DisguiseScreen(num_heads=heads, num_kv_heads=kv)
+        self.screen = new_screen(config)
         self.subject: TensorSource = _Tap(subject, self, "s")  # type: ignore[assignment]
         self.base: TensorSource = _Tap(base, self, "b")  # type: ignore[assignment]
         self._pending: tuple[str, torch.Tensor] | None = None
 
     def seen(self, role: str, name: str, t: torch.Tensor) -> None:
-        m = _MLP_RE.search(name) or _ATTN_RE.search(name)
-        if m is None:
+        key = screen_key(name)
+        if key is None:
             return
-        # the key survives prefix differences between the two files ("model." or not)
-        key = m.group(0)
         if role == "s":
             # no copy: the caller subtracts in place only after the base tensor arrives
             self._pending = (key, t)
         elif self._pending is not None and self._pending[0] == key:
             self.screen.observe(name, self._pending[1], t)
             self._pending = None
+
+
+def new_screen(config: Mapping[str, Any] | None) -> DisguiseScreen:
+    """An empty screen with the head counts of ``config`` (attention is screened only when
+    ``num_attention_heads`` is known)."""
+    heads = _int((config or {}).get("num_attention_heads"))
+    kv = _int((config or {}).get("num_key_value_heads")) or heads
+    return DisguiseScreen(num_heads=heads, num_kv_heads=kv)
+
+
+def screen_key(name: str) -> str | None:
+    """The part of a tensor name the screen pairs on (None: not screened): it survives
+    prefix differences between the subject's and the base's files ("model." or not)."""
+    m = _MLP_RE.search(name) or _ATTN_RE.search(name)
+    return None if m is None else m.group(0)
 
 
 def screen_sources(subject: TensorSource, base: TensorSource, *,

@@ -327,18 +327,30 @@ def compute_fingerprint(
         raise AnalysisError("sample_size must be positive")
     inc = list(include) if include is not None else None
     exc = list(exclude)
+    prints = (
+        tensor_print(name, deltas.delta(name), sample_size=sample_size)
+        for name in deltas.keys() if not _skip(name, inc, exc)
+    )
+    return assemble_fingerprint(prints, sample_size=sample_size, meta=meta)
+
+
+def assemble_fingerprint(
+    tensor_prints: Iterable[TensorPrint],
+    *,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    meta: Mapping[str, str] | None = None,
+) -> Fingerprint:
+    """The fingerprint of these tensor prints (consumed one at a time), those holding NaN
+    or infinity left out and named in ``meta``; raises when none is left."""
     prints: dict[str, TensorPrint] = {}
     nonfinite: list[str] = []
-    for name in deltas.keys():
-        if _skip(name, inc, exc):
-            continue
-        tp = tensor_print(name, deltas.delta(name), sample_size=sample_size)
+    for tp in tensor_prints:
         # The float64 sum of squares of float32 values is finite iff every value is: one NaN
         # or inf would poison every cosine and fit, so such tensors are left out (and named).
         if not math.isfinite(tp.sq_norm):
-            nonfinite.append(name)
+            nonfinite.append(tp.name)
             continue
-        prints[name] = tp
+        prints[tp.name] = tp
     if not prints:
         if nonfinite:
             raise NonFiniteWeights(

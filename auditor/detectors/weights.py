@@ -79,10 +79,13 @@ def _fingerprint(
 
     One pass: the task vector's reads also feed the linear disguise screen
     (``auditor.analysis.disguise_screen``); only a suspect model is aligned (and read
-    again), honest ones never are.
+    again), honest ones never are. Safetensors weights take the fused pass
+    (``auditor.analysis.delta_print``: each pair read once in its stored dtype and walked in
+    cache-sized blocks); any other source, the tensor-at-a-time one behind a ``ScreenTap``.
     """
+    from auditor.analysis import delta_print
     from auditor.analysis.align import align_to_base
-    from auditor.analysis.disguise_screen import ScreenTap
+    from auditor.analysis.disguise_screen import ScreenTap, new_screen
     from auditor.analysis.fingerprint import compute_fingerprint
     from auditor.weights.adapter_source import AdapterWeights
     from auditor.weights.lora import lora_deltas
@@ -105,14 +108,21 @@ def _fingerprint(
     ctx.open_sources.append(src)
     config = model.config or (ctx.base.config if ctx.base else None)
     base_config = ctx.base.config if ctx.base else None
-    tap = ScreenTap(src, base_src, config=config)
-    deltas, report = model_deltas(tap.subject, tap.base, model_config=model.config,
-                                  base_config=base_config)
-    fp = compute_fingerprint(deltas)
+    if delta_print.fused_supported(src, base_src):
+        screen = new_screen(config)
+        deltas, report = model_deltas(src, base_src, model_config=model.config,
+                                      base_config=base_config)
+        fp = delta_print.fused_fingerprint(deltas, screen=screen)
+    else:
+        tap = ScreenTap(src, base_src, config=config)
+        screen = tap.screen
+        deltas, report = model_deltas(tap.subject, tap.base, model_config=model.config,
+                                      base_config=base_config)
+        fp = compute_fingerprint(deltas)
     disguised = False
     alignment = None
     chosen: TensorSource = src
-    if tap.screen.suspect:
+    if screen.suspect:
         aligned = align_to_base(src, base_src, config=config)
         alignment = aligned.report
         # Ordinary fine-tuning also moves a few neuron scales; only a real disguise (a
@@ -133,7 +143,7 @@ def _fingerprint(
     # worth at 1B+), and nothing after the fingerprint reads it.
     return ModelWeights(fingerprint=fp, aligned=disguised, alignment=alignment,
                         source=None if disguised else chosen, raw_source=src,
-                        screen=tap.screen.summary())
+                        screen=screen.summary())
 
 
 def _cached_fingerprint(
@@ -263,6 +273,7 @@ def _detect_weights(ctx: AuditContext, base_src: TensorSource) -> None:
 
 def _base_fingerprint(ctx: AuditContext, base_src: TensorSource) -> Fingerprint:
     """The base's own weight fingerprint, cached by its content like every other."""
+    from auditor.analysis import delta_print
     from auditor.analysis.fingerprint import fingerprint_weights
 
     assert ctx.base is not None
@@ -270,7 +281,10 @@ def _base_fingerprint(ctx: AuditContext, base_src: TensorSource) -> Fingerprint:
     hit = cache.get(key, BASE_WEIGHTS_KEY) if cache is not None else None
     if hit is not None:
         return hit.fingerprint  # type: ignore[no-any-return]
-    fp = fingerprint_weights(base_src)
+    # the base's tensors are held by now (the subject's pass read them): one blockwise
+    # pass over memory instead of several full float32 / float64 copies per tensor
+    fp = (delta_print.fused_weights_fingerprint(base_src)
+          if delta_print.fused_supported(base_src) else fingerprint_weights(base_src))
     if cache is not None:
         cache.put(content_key=key, base_key=BASE_WEIGHTS_KEY, repo_id=ctx.base.resolved.repo_id,
                   base_repo_id=None, fingerprint=fp, meta={})

@@ -79,6 +79,20 @@ class ModelDeltaSource:
     def _base_name(self, name: str) -> str:
         return self._alignment.base_aliases.get(name, name)
 
+    @property
+    def model(self) -> TensorSource:
+        return self._model
+
+    @property
+    def base(self) -> TensorSource:
+        return self._base
+
+    def pair(self, name: str) -> tuple[str, str, int | None]:
+        """What ``delta(name)`` subtracts: the model's name, the base's name and the number
+        of shared leading rows compared (None: the whole tensor), for a caller that reads
+        the two tensors itself (``auditor.analysis.delta_print``)."""
+        return self._alignment.to_model[name], self._base_name(name), self._rows.get(name)
+
     def delta(self, name: str) -> torch.Tensor:
         mname = self._alignment.to_model[name]
         bname = self._base_name(name)
