@@ -28,12 +28,11 @@ FAST = RetryPolicy(max_attempts=5, backoff_seconds=0.05)
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    from auditor.store.db import make_engine, session_factory, upgrade_database
+def db(store_url: str) -> Iterator[sessionmaker[Session]]:
+    """The store, migrated to head, on SQLite and on PostgreSQL."""
+    from auditor.store.db import make_engine, session_factory
 
-    url = f"sqlite:///{tmp_path / 'auditor.db'}"
-    upgrade_database(url)
-    engine = make_engine(url)
+    engine = make_engine(store_url)
     yield session_factory(engine)
     engine.dispose()
 
