@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     # with ``gpu_queue``). At 1B parameters those checks take minutes on 2 cores, the
     # weight analysis seconds: a day's uploads get their lineage verdicts first. 0: never.
     defer_behaviour_bytes: int = 512 * 1024**2
+    # Bytes of base weights a process keeps in memory between audits (least recently used
+    # out first): a worker's next derivative of the same base then reads only itself. The
+    # behavioural stage evicts the base it needs the memory of. 0: read the base per audit.
+    resident_base_bytes: int = 4 * 1024**3
     # Seconds between a worker's heartbeats in the store (``auditor status``).
     worker_heartbeat_seconds: float = 10.0
     # Celery workers' audit lease, retries and SIGTERM grace (``auditor worker`` options).

@@ -9,9 +9,11 @@ stage in a fresh process (so peak RSS and bytes read are the stage's own):
 (a) cold on-demand audit (``audit_revision``, default detectors and CPU budget) of the
     disguised merge against 8 candidates;
 (b) the same audit again, fingerprints now stored;
-(c) a daemon audit (``audit_revision`` with store homologues and ``defer_behaviour``, as
-    the worker calls it, in a process that imported the modules first, as a worker does) of
-    the new fine-tune against 50 stored homologues known by fingerprint only (synthetic
+(c) a daemon audit (``audit_revision`` of the repo id at its commit, served by our Hub
+    server, with store homologues and ``defer_behaviour``, as the worker calls it, in a
+    process that imported the modules first and audited a sibling of the family before, as
+    a worker does: the base is held, the subject downloaded) of the new fine-tune against
+    50 stored homologues known by fingerprint only (synthetic
     fingerprints of 50 more fine-tunes: writing 50 models of 2.5 GB is not an option),
     next to the time to read the subject's bytes once. On the CPU this is the daemon's
     first pass (weights, lineage, rules); ``--stages abcd`` also runs
@@ -68,7 +70,8 @@ result = {}
 if args["stage"] == "read":
     # the subject's bytes once, as plain reads (the floor any audit of it pays)
     n = 0
-    for f in sorted(Path(args["subject"]).glob("*.safetensors")):
+    files = args.get("files") or sorted(Path(args["subject"]).glob("*.safetensors"))
+    for f in files:
         with open(f, "rb", buffering=0) as fh:
             while chunk := fh.read(64 << 20):
                 n += len(chunk)
@@ -95,6 +98,29 @@ else:
         preload()
         result["homologue_setup_s"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
+    client = None
+    if args.get("daemon"):
+        # The daemon's path: repo ids on the Hub (our server over the family's folders),
+        # pinned to their commit. This process is a worker that has audited one derivative
+        # of the base before (a first pass: the base downloaded, fingerprinted, held), and
+        # has downloaded the new fine-tune (the worker's fetch: network time, not the
+        # analysis'; printed apart). Then the timed audit, as the worker calls it.
+        from auditor.detectors.context import fetch_model
+        from auditor.hub.client import HubClient
+        client = HubClient.from_settings(settings)
+        t1 = time.perf_counter()
+        audit_revision(args["warm"], base=args["base"], homologues=homologues,
+                       settings=settings, client=client, local=False, defer_behaviour=True)
+        result["warm_audit_s"] = round(time.perf_counter() - t1, 2)
+        t1 = time.perf_counter()
+        resolved = client.resolve(args["subject"], local=False)
+        fetched = fetch_model(client, resolved)
+        result["download_s"] = round(time.perf_counter() - t1, 2)
+        result["subject_files"] = sorted(str(p) for n, p in fetched.files.items()
+                                         if n.endswith(".safetensors"))
+        args["revision"] = resolved.revision
+        t0 = time.perf_counter()
+    io_before = io()
     prof = None
     if args.get("profile"):
         import cProfile
@@ -102,9 +128,12 @@ else:
         prof.enable()
     # The daemon's first pass defers the behavioural checks of a large model on the CPU
     # (as the worker asks); its second pass ("d") runs them, the fingerprint cached.
-    out = audit_revision(args["subject"], base=args["base"], against=args["against"],
-                         homologues=homologues, settings=settings,
+    out = audit_revision(args["subject"], revision=args.get("revision"), base=args["base"],
+                         against=args["against"], homologues=homologues, settings=settings,
+                         client=client, local=False if client is not None else None,
                          defer_behaviour=args.get("defer", False))
+    io_audit = io()
+    result["audit_rchar_gb"] = round((io_audit["rchar"] - io_before["rchar"]) / 1e9, 2)
     if prof is not None:
         import pstats
         prof.disable()
@@ -385,14 +414,25 @@ def main() -> None:
         if "c" not in args.stages:
             _acceptance(results, None, None, size_gb)
             return
-        read = _run({"stage": "read", "subject": str(paths[fam["new_ft"]])}, env)
-        r = results["c"] = _run({**common, "stage": "c", "subject": str(paths[fam["new_ft"]]),
-                                 "against": [], "homologues": homologues, "defer": True},
-                                env, args.profile)
-        print("(c) daemon audit (first pass) of a new fine-tune against 50 stored homologues")
-        print(f"    wall {r['wall_s']} s (homologue setup {r['homologue_setup_s']} s, not "
-              f"counted); peak RSS {r['peak_rss_mb']} MB; rchar {r['rchar_gb']} GB; "
-              f"read_bytes {r['read_bytes_gb']} GB")
+        # (c) goes through our Hub server over the family's folders, as the daemon does
+        from auditor_testkit.hub.server import HubServer
+
+        server = HubServer(work / "hub").start()
+        try:
+            r = results["c"] = _run(
+                {**common, "stage": "c", "daemon": True, "subject": fam["new_ft"],
+                 "base": fam["base"], "warm": fam["parents"][0], "against": [],
+                 "homologues": homologues, "defer": True},
+                {**env, "AUDITOR_HUB_ENDPOINT": server.url}, args.profile)
+        finally:
+            server.stop()
+        read = _run({"stage": "read", "files": r["subject_files"]}, env)
+        print("(c) daemon audit (first pass) of a new fine-tune against 50 stored homologues,"
+              " by repo id at its commit, in a worker that audited a sibling before")
+        print(f"    wall {r['wall_s']} s (not counted: homologue setup "
+              f"{r['homologue_setup_s']} s, the earlier audit {r['warm_audit_s']} s, the "
+              f"download {r['download_s']} s); audit rchar {r['audit_rchar_gb']} GB; "
+              f"process peak RSS {r['peak_rss_mb']} MB, read_bytes {r['read_bytes_gb']} GB")
         print(f"    stages {r['timings']}")
         print(f"    coverage {r['coverage']}; findings {r['findings']}; errors {r['errors']}")
         once = max(read["wall_s"], 1e-3)

@@ -14,6 +14,7 @@ from auditor.exitcodes import ExitCode
 from auditor.hub.client import HubClient
 from auditor.orchestrator import audit_revision
 from auditor.settings import Settings
+from auditor.weights.resident import SHARED_BASES
 from tests.fixtures_hub import make_repo
 
 LINEAGE_ONLY = ["pickles", "weights", "lineage"]
@@ -231,11 +232,14 @@ def test_reduced_compute_plan_cuts_protection_homologues(  # type: ignore[no-unt
 
     monkeypatch.setattr(protection, "assess_protection", spy)
     against = ["alice/tiny-copy", "bob/tiny-kv", "dave/tiny-soup", "mallory/tiny-kv-v2"]
+    SHARED_BASES.clear()
     for flops in (None, 1.0):
         s = settings if flops is None else settings.model_copy(update={"cpu_probe_flops": flops})
         out = audit_revision("carol/tiny-animals", against=against, settings=s, client=client,
                              detectors=["pickles", "weights", "lineage", "behaviour",
                                         "protection"])
+        # the behavioural stage took the memory of the base the weights stage held
+        assert "behaviour" in out.report.timings and len(SHARED_BASES) == 0
         budget = [i.message for i in out.report.file_issues if i.kind == "budget"]
         assert bool(budget) == (flops is not None)
         if budget:

@@ -83,6 +83,11 @@ def build_behaviour(ctx: AuditContext) -> None:
             tokenizer = load_tokenizer(tok_model.folder)
             # built on the meta device, loaded once on AUDITOR_DEVICE
             work = build_model(spec, base_src, device=resolve_device(ctx.settings.device))
+            # the base held since the weights stage (a worker keeps it for the family's
+            # next audit) gives way to the working model and the resident subject
+            release = getattr(base_src, "release", None)
+            if callable(release):
+                release()
             subject_src = _resident(ctx, subject_src, work)
             budget, points = _probe_plan(ctx, spec)
             probes = build_probes(tokenizer=tokenizer, sampler=work,

@@ -221,20 +221,40 @@ def detect_weights(ctx: AuditContext) -> None:
         ctx.skip("no safetensors or adapter weights")
         return
     from auditor.analysis.compute import bound_host_allocator
-    from auditor.weights.resident import CachingSource
+    from auditor.weights.resident import SHARED_BASES
 
     bound_host_allocator()  # freed blocks go back to the system, not to a fragmented heap
+    base = ctx.base
+    budget = ctx.settings.resident_base_bytes
     try:
-        # every model's task vector reads the base: held after its first read (stored
-        # dtype), released when the fingerprints are done, so it is read once from disk
-        base_src = CachingSource(open_weights(ctx.base))
+        # Every model's task vector reads the base: held after its first read (stored
+        # dtype), so it is read once from disk. Within ``resident_base_bytes`` it stays
+        # held for the process's next audit of the same base (a worker's next derivative);
+        # the behavioural stage evicts it when it needs the memory.
+        base_src = SHARED_BASES.lease(_base_key(base), lambda: open_weights(base),
+                                      budget=budget)
     except WeightsError as exc:
         raise AuditorError(f"base {ctx.base.resolved.repo_id}: {exc}") from exc
     ctx.open_sources.append(base_src)
     try:
         _detect_weights(ctx, base_src)
     finally:
-        base_src.release()
+        if budget <= 0:
+            base_src.release()
+
+
+def _base_key(base: OpenModel) -> tuple[object, ...]:
+    """The base's content (its revision) and the files it is read from, as they are now."""
+    files = []
+    for name, path in sorted(base.files.items()):
+        if name.startswith("adapter_"):
+            continue
+        try:
+            st = path.stat()
+        except OSError:
+            return (base.resolved.revision, object())  # unreadable: never shared
+        files.append((name, str(path), st.st_size, st.st_mtime_ns))
+    return (base.resolved.revision, tuple(files))
 
 
 def _detect_weights(ctx: AuditContext, base_src: TensorSource) -> None:
