@@ -107,6 +107,30 @@ def test_unrelated_base_is_not_derived(hub_root: Path, hub_server: Any, hf_cache
     assert derived is False and distance is not None and distance > 0.9
 
 
+def test_probe_reads_downloaded_files_in_place(hub_root: Path, hub_server: Any,
+                                               hf_cache: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit has the weights on disk already: the provenance probe gives the same
+    answer from them, with no range request to the Hub."""
+    from auditor.analysis.card_claims import probe_against_base
+    from auditor.detectors.context import fetch_model
+    from auditor.hub import range as hub_range
+
+    build(hub_root)
+    client = client_for(hub_server(hub_root).url, hf_cache)
+    subject, base = client.resolve("alice/ft-declared"), client.resolve(WATCHED)
+    remote = probe_against_base(client, subject, base)
+    files = {r.repo_id: fetch_model(client, r).files for r in (subject, base)}
+
+    def no_http(*_a: Any, **_k: Any) -> Any:
+        raise AssertionError("a range request for a downloaded file")
+
+    monkeypatch.setattr(hub_range, "RangeFile", no_http)
+    local = probe_against_base(client, subject, base, subject_files=files[subject.repo_id],
+                               base_files=files[base.repo_id])
+    assert local == remote and local[0] is True
+
+
 def test_server_ignoring_range_is_streamed_and_cut(hub_root: Path, hub_server: Any,
                                                    hf_cache: Path,
                                                    factory: sessionmaker[Session]) -> None:

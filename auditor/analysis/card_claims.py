@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from auditor.analysis.screening import probe
@@ -36,19 +37,30 @@ _PARENT_RELATIONS = ("merge_parent", "finetune_parent", "clone")
 MAX_DECLARED_LOOKUPS = 5
 
 
-def _opener(client: HubClient, resolved: ResolvedRepo) -> Callable[[str], CountingSource]:
-    from auditor.hub.range import open_range
+def _opener(client: HubClient, resolved: ResolvedRepo, fetched: Mapping[str, Path] | None
+            ) -> Callable[[str], CountingSource]:
+    from auditor.hub.range import LocalRangeFile, open_range
 
-    return lambda name: CountingSource(open_range(client, resolved, name))
+    def open_one(name: str) -> CountingSource:
+        # a file the audit has downloaded already is read where it lies: the same bytes
+        # (pinned to the revision), without an HTTP request per sampled range
+        if fetched is not None and name in fetched:
+            return CountingSource(LocalRangeFile(fetched[name]))
+        return CountingSource(open_range(client, resolved, name))
+
+    return open_one
 
 
-def probe_against_base(client: HubClient, subject: ResolvedRepo, base: ResolvedRepo
+def probe_against_base(client: HubClient, subject: ResolvedRepo, base: ResolvedRepo, *,
+                       subject_files: Mapping[str, Path] | None = None,
+                       base_files: Mapping[str, Path] | None = None,
                        ) -> tuple[bool | None, float | None, float | None]:
-    """(derived, relative distance, z) from a sampled probe; Nones when it cannot run."""
+    """(derived, relative distance, z) from a sampled probe; Nones when it cannot run.
+    ``subject_files`` / ``base_files``: files already downloaded, read locally."""
     sources: list[CountingSource] = []
     try:
-        s_layout, s_src = read_layout(_opener(client, subject), subject.files)
-        b_layout, b_src = read_layout(_opener(client, base), base.files)
+        s_layout, s_src = read_layout(_opener(client, subject, subject_files), subject.files)
+        b_layout, b_src = read_layout(_opener(client, base, base_files), base.files)
         sources = [*s_src.values(), *b_src.values()]
         match = compare_shapes(b_layout.tensors, s_layout.tensors)
         if not match.compatible():
@@ -98,8 +110,11 @@ def card_claims(
     family: Collection[str] = (),
     found_by: Sequence[str] = (),
     probe_weights: bool = True,
+    subject_files: Mapping[str, Path] | None = None,
+    base_files: Mapping[str, Path] | None = None,
 ) -> ProvenanceInfo:
-    """The subject's card claims next to what its weights show."""
+    """The subject's card claims next to what its weights show (``*_files``: downloaded
+    files the probe reads in place)."""
     declared = list(subject.card.base_models)
     detected = [e.repo_id for e in lineage if e.relation in _PARENT_RELATIONS]
     # Only parents the analysis actually compared can be "not detected".
@@ -108,7 +123,9 @@ def card_claims(
     in_family = None
     if base is not None:
         if probe_weights and subject.files and base.files:
-            derived, distance, z = probe_against_base(client, subject, base)
+            derived, distance, z = probe_against_base(client, subject, base,
+                                                      subject_files=subject_files,
+                                                      base_files=base_files)
         if declared:
             in_family = _in_family(client, declared, base.repo_id,
                                    set(family) | set(detected))

@@ -30,7 +30,8 @@ def detect_card_claims(ctx: AuditContext) -> None:
         return
     ctx.provide(CardClaims(info=card_claims(
         client=ctx.client, subject=ctx.subject.resolved, base=ctx.base.resolved,
-        lineage=ctx.get(Lineage).result.entries, family=list(ctx.homologues))))
+        lineage=ctx.get(Lineage).result.entries, family=list(ctx.homologues),
+        subject_files=ctx.subject.files, base_files=ctx.base.files)))
 
 
 DETECTOR = Detector("provenance", detect_card_claims, requires=(Lineage,),
