@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +181,46 @@ def load_json_file(
     lim = limits or json_limits()
     return loads_json(_read_capped(path, name=label, max_bytes=lim.max_bytes),
                       name=label, limits=lim)
+
+
+_CHECKED_MAX = 4096
+_checked: OrderedDict[tuple[object, ...], None] = OrderedDict()
+_checked_lock = threading.Lock()
+
+
+def _content_key(path: Path) -> tuple[object, ...]:
+    """Names the file's content: in the huggingface_hub cache a file is a link to
+    ``blobs/<etag>``, the blob's name its content hash, so a tokenizer shared by a whole
+    family is one key; any other file is its real path, size and mtime."""
+    real = path.resolve()
+    st = real.stat()
+    if real.parent.name == "blobs":
+        return ("blob", real.name, st.st_size)
+    return (str(real), st.st_size, st.st_mtime_ns)
+
+
+def check_json_file(path: Path | str, *, name: str | None = None,
+                    limits: Limits | None = None) -> None:
+    """Raise what ``load_json_file`` raises, or nothing. A content that passed before in
+    this process is not parsed again: a worker audits a family's derivatives one after
+    another, and a 128k-token vocabulary's tokenizer.json takes 0.4 s through the bounded
+    parser. A file that fails is parsed (and fails) every time."""
+    path = Path(path)
+    lim = limits or json_limits()
+    try:
+        key: tuple[object, ...] | None = (*_content_key(path), lim)
+    except OSError:
+        key = None  # load_json_file says why
+    with _checked_lock:
+        if key is not None and key in _checked:
+            _checked.move_to_end(key)
+            return
+    load_json_file(path, name=name, limits=lim)
+    if key is not None:
+        with _checked_lock:
+            _checked[key] = None
+            while len(_checked) > _CHECKED_MAX:
+                _checked.popitem(last=False)
 
 
 # ---------------------------------------------------------------------------- YAML

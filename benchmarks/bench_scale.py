@@ -79,7 +79,8 @@ if args["stage"] == "read":
 else:
     from auditor.orchestrator import HomologueRef, audit_revision
     from auditor.settings import Settings
-    settings = Settings(data_dir=Path(args["data"]), cache_dir=Path(args["data"]) / "hf")
+    settings = Settings(data_dir=Path(args["data"]),
+                        cache_dir=Path(args.get("hf") or Path(args["data"]) / "hf"))
     homologues = None
     if args.get("homologues"):
         # The 50 stored homologues exist only as fingerprints: a fetch of one (the
@@ -418,9 +419,13 @@ def main() -> None:
         from auditor_testkit.hub.server import HubServer
 
         server = HubServer(work / "hub").start()
+        # a store of its own, new each run (the subject's print never cached before); the
+        # download cache is kept between runs of a --keep folder
+        shutil.rmtree(work / "data-c", ignore_errors=True)
         try:
             r = results["c"] = _run(
-                {**common, "stage": "c", "daemon": True, "subject": fam["new_ft"],
+                {**common, "data": str(work / "data-c"), "hf": str(work / "hf-c"),
+                 "stage": "c", "daemon": True, "subject": fam["new_ft"],
                  "base": fam["base"], "warm": fam["parents"][0], "against": [],
                  "homologues": homologues, "defer": True},
                 {**env, "AUDITOR_HUB_ENDPOINT": server.url}, args.profile)

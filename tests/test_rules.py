@@ -108,6 +108,17 @@ def test_duplicate_id_fails_naming_both_files(tmp_path: Path) -> None:
     assert "b.yaml" in str(info.value) and "a.yaml" in str(info.value)
 
 
+def test_rules_are_compiled_once_per_content_of_the_files(tmp_path: Path) -> None:
+    import os
+
+    path = _write(tmp_path, "a.yaml", VALID)
+    first, again = load_rules(tmp_path), load_rules(tmp_path)
+    assert first == again and first[0] is again[0]  # the worker's next audit: no recompile
+    path.write_text(VALID.replace("TST001", "TST002"), encoding="utf-8")
+    os.utime(path, ns=(1, 1))
+    assert [r.id for r in load_rules(tmp_path)] == ["TST002"]
+
+
 def test_failing_example_is_reported(tmp_path: Path) -> None:
     _write(
         tmp_path, "a.yaml", VALID.replace("fires: [{backdoor: {suspected: true}}]", "fires: [{}]")

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from auditor.bounded import load_json_file
+from auditor.bounded import check_json_file, load_json_file
 from auditor.errors import AuditorError
 from auditor.hub.client import HubClient, ResolvedRepo
 from auditor.schema import BackdoorInfo, CheckError, FileIssue, SkippedCheck
@@ -189,7 +189,7 @@ def _checked_side_files(files: dict[str, Path], issues: list[FileIssue]) -> None
     is dropped (no later reader, transformers included, ever sees it) with a file issue."""
     for name in [n for n in files if n.endswith(".json")]:
         try:
-            load_json_file(files[name], name=name)
+            check_json_file(files[name], name=name)
         except AuditorError as exc:
             issues.append(FileIssue(path=name, kind="malformed", message=str(exc)))
             del files[name]
