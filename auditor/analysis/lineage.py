@@ -58,6 +58,8 @@ from auditor.analysis.verdicts import (
     drop_trimmers,
     exact_search,
     family_null,
+    layer_consistent,
+    parent_sibling_null,
     recipe_residual,
     sparse_accusable,
     typical_norm,
@@ -441,12 +443,13 @@ def _dense(
     parents_related = all(
         relatedness(stack, a, b, null).p_value < o.p_threshold
         for i, a in enumerate(members) for b in members[i + 1:])
+    layers = sum(1 for g in attribution.per_group if g.startswith("layer."))
     v = dense_verdict(
         own_shares=unique, parents_related=parents_related and len(members) >= 2,
         n_parents=len(members), coefficients=list(afit.coefficients),
-        explained=afit.explained_fraction, recipe_res=rres, fam=fam,
-        single_finetune=single_ft,
-    )
+        explained=afit.explained_fraction, recipe_res=rres, fam=fam, single_finetune=single_ft,
+        sibling_null=parent_sibling_null(stack, members, pool, base_i, fam.exact_threshold),
+        layers_consistent=layer_consistent(attribution.layerwise_score, layers))
     per_layer = {n: {g: f.coefficient_of(cidx[n]) for g, f in attribution.per_group.items()}
                  for n in pnames}
     return _Fit(

@@ -129,9 +129,13 @@ def build_gram(
         tensor_gram[t] = w * (s.T @ s)
         gram[g] += tensor_gram[t]
         nz = s[:, 0] != 0
-        if nz.any():
+        if nz.all():  # a dense subject's tensor (the usual case): the same product
+            gram_nz[g] += tensor_gram[t]
+            sn = s
+        elif nz.any():
             sn = s[nz]
             gram_nz[g] += w * (sn.T @ sn)
+        if nz.any():
             # the subject itself always "agrees"; others keep coordinates of its sign
             sa = np.where(np.sign(sn) == np.sign(sn[:, :1]), sn, 0.0)
             gram_agree[g] += w * (sa.T @ sa)

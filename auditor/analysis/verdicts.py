@@ -17,11 +17,24 @@ sibling does not, and only those make an accusation:
   subject. A sibling's second "parent" only trims the residual the first leaves
   (measured on random lineage-hard zoos: at most 1.43 times the residual and 0.09 of the
   subject, against 1.7-7.4 times and 0.15-0.6 for merges fine-tuned 20 steps on another
-  task; a merge of two same-data siblings fine-tuned further looks like a third sibling
-  and is not accused). Whether the parents are related to one another, and per-layer
-  consistency, are reported, not gated on: parents of one domain still each carry their
-  own share, a fine-tune on top moves layers unevenly, and same-seed siblings trained at
-  other learning rates keep uniform shares.
+  task). Whether the parents are related to one another, and per-layer consistency,
+  are reported, not gated on: parents of one domain still each carry their own share, a
+  fine-tune on top moves layers unevenly, and same-seed siblings trained at other
+  learning rates keep uniform shares.
+* ``finetuned_merge`` of *sibling* parents: parents that share their data's direction
+  leave each other little of their own (each one's own share is its coefficient^2 times
+  what it has beyond the others), so a merge of two same-data siblings fine-tuned further
+  passes every gate above but the floor of 0.12 on the own share. For such parents the
+  floor gives way to the right null, the parents' own siblings (``parent_sibling_null``:
+  the other candidates aligned with every parent, fitted on the same parents): the
+  subject's least own share over its residual must be ``STANDOUT`` times the best of
+  theirs and its residual ``STANDOUT`` times below the smallest of theirs, and its
+  per-layer coefficients must be one recipe (chi-square within its 99% quantile). Both
+  are needed: a same-recipe sibling fitted on the two others of its group (the middle
+  learning rate interpolating the outer two: own share 2.3 times the residual, 0.03 of
+  the subject) has no plain sibling left to compare with and stands out against the
+  merges in its null, but its per-layer chi-square is 65. With no candidate aligned with
+  every parent, there is no null and no accusation.
 
 Everything else (a fit with a large residual) is at most a sibling: related, never a
 parent, never a finding against its owner.
@@ -35,6 +48,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
+from scipy.stats import chi2
 
 from auditor.analysis.attribution import solve
 from auditor.analysis.calibration import NullModel, relatedness
@@ -55,6 +69,13 @@ UNIQUE_OVER_RESIDUAL = 1.5
 # the subject; merges fine-tuned on another task: 1.7x-7.4x and 0.15-0.6).
 MIN_OWN_SHARE = 0.12
 MIN_SHARE = 0.15
+# Sibling parents: the subject's least own share over its residual (and its residual)
+# must beat the parents' other siblings fitted on the same parents by this factor ...
+STANDOUT = 2.0
+# ... candidates aligned this much with a parent share its data's direction ...
+SIBLING_COSINE = 0.3
+# ... and the per-layer coefficients pass a chi-square consistency test at this level
+LAYER_CONSISTENCY = 0.99
 # Sparse merges: kept coordinates reproduced exactly, or (DELLA's per-entry 1/p) closely
 SPARSE_EXACT = 0.5
 SPARSE_EXPLAINED = 0.97
@@ -219,6 +240,67 @@ def drop_trimmers(
     return kept
 
 
+def own_ratio(gram: np.ndarray, target: int, members: Sequence[int], base: int | None
+              ) -> tuple[float, float]:
+    """(least own share / residual, residual) of ``target`` fitted on ``members``."""
+    f = solve(gram, members, base=base, subject=target)
+    residual = max(1.0 - f.explained_fraction, 1e-12)
+    least = min(max(0.0, f.explained_fraction - solve(
+        gram, [j for j in members if j != m], base=base, subject=target).explained_fraction)
+        for m in members)
+    return least / residual, residual
+
+
+@dataclass(frozen=True)
+class ParentSiblingNull:
+    """The parents' other siblings fitted on the same parents: what a non-merge of their
+    data leaves. ``n`` siblings; their best own-share ratio and smallest residual."""
+
+    n: int
+    own_ratio: float
+    residual: float
+
+
+def parent_sibling_null(
+    stack: GramStack, members: Sequence[int], pool: Sequence[int], base: int | None,
+    exact_threshold: float,
+) -> ParentSiblingNull | None:
+    """None unless the parents are siblings of one another (task vectors aligned far
+    beyond chance); else every other candidate aligned with each parent, fitted on the
+    parents. An exact combination of the parents is a merge of them, not a sibling."""
+    if len(members) < 2 or any(stack.cosine(a, b) < SIBLING_COSINE
+                               for i, a in enumerate(members) for b in members[i + 1:]):
+        return None
+    gram = stack.total
+    ratios: list[float] = []
+    residuals: list[float] = []
+    for k in pool:
+        if k in members or gram[k, k] <= 0 or any(
+                stack.cosine(k, p) < SIBLING_COSINE for p in members):
+            continue
+        ratio, residual = own_ratio(gram, k, members, base)
+        if residual <= exact_threshold:
+            continue
+        ratios.append(ratio)
+        residuals.append(residual)
+    return ParentSiblingNull(len(ratios), max(ratios, default=0.0),
+                             min(residuals, default=math.inf))
+
+
+def layer_consistent(layer_chi: float | None, layers: int) -> bool:
+    """Per-layer coefficients within the chi-square quantile of one global recipe."""
+    if layer_chi is None or layers < 2:
+        return False
+    dof = layers - 1
+    return layer_chi <= float(chi2.ppf(LAYER_CONSISTENCY, dof)) / dof
+
+
+def _siblings_stand_out(own: float, residual: float, null: ParentSiblingNull | None,
+                        consistent: bool) -> bool:
+    return (null is not None and null.n > 0 and consistent
+            and own >= STANDOUT * null.own_ratio and STANDOUT * residual <= null.residual)
+
+
 @dataclass(frozen=True)
 class DenseVerdict:
     verdict: str  # exact_merge | finetuned_merge | finetune | sibling | none
@@ -240,6 +322,8 @@ def dense_verdict(
     single_finetune: bool,
     own_shares: Sequence[float] = (),
     parents_related: bool = False,
+    sibling_null: ParentSiblingNull | None = None,
+    layers_consistent: bool = False,
 ) -> DenseVerdict:
     ratio = (1.0 - explained) / max(fam.sibling_residual, 1e-12)
     if n_parents == 0:
@@ -256,14 +340,26 @@ def dense_verdict(
     residual = max(1.0 - explained, 1e-12)
     least = min(own_shares, default=0.0)
     own = least / residual
-    if (n_parents >= 2 and ratio <= FINETUNED_SHARE and min(coefficients) >= MIN_SHARE
-            and own >= UNIQUE_OVER_RESIDUAL and least >= MIN_OWN_SHARE):
+    recipe_like = (n_parents >= 2 and ratio <= FINETUNED_SHARE
+                   and min(coefficients) >= MIN_SHARE and own >= UNIQUE_OVER_RESIDUAL)
+    if recipe_like and least >= MIN_OWN_SHARE:
         return DenseVerdict(
             "finetuned_merge", True, recipe_res, ratio,
             f"residual {ratio:.2f} of the closest siblings'; each parent carries a share of "
             f"its own at least {own:.1f} times the unexplained rest"
             + (" (the parents are related to one another)" if parents_related else "")
             + ": a merge fine-tuned further", own_share=own)
+    sib = sibling_null
+    if recipe_like and sib is not None and _siblings_stand_out(own, residual, sib,
+                                                               layers_consistent):
+        return DenseVerdict(
+            "finetuned_merge", True, recipe_res, ratio,
+            f"the parents are siblings of one another: each carries a share of its own "
+            f"{own:.1f} times the unexplained rest ({least:.2f} of the subject), against at "
+            f"most {sib.own_ratio:.2f} for {sib.n} other sibling(s) of theirs fitted on them, "
+            f"whose residuals ({sib.residual:.2f} or more) are {sib.residual / residual:.0f} "
+            "times the subject's; per-layer coefficients are one recipe: a merge of "
+            "siblings fine-tuned further", own_share=own)
     why = []
     if ratio > FINETUNED_SHARE:
         why.append(f"residual {ratio:.2f} of the closest siblings' (as large as a sibling's)")
@@ -276,6 +372,12 @@ def dense_verdict(
                        "ingredient)")
         if parents_related:
             why.append("the parents are related to one another")
+        if sibling_null is not None and least < MIN_OWN_SHARE:
+            why.append(f"against {sibling_null.n} other sibling(s) of the parents (own "
+                       f"shares up to {sibling_null.own_ratio:.2f} times their residual, "
+                       f"residuals from {sibling_null.residual:.2f}) it does not stand out"
+                       + ("" if layers_consistent else
+                          ", or its per-layer coefficients are no single recipe"))
     if min(coefficients) < MIN_SHARE:
         why.append(f"a parent's coefficient is below {MIN_SHARE}")
     return DenseVerdict("sibling", False, recipe_res, ratio,
@@ -291,11 +393,15 @@ __all__ = [
     "NULL_DESCRIPTION",
     "DenseVerdict",
     "FamilyNull",
+    "ParentSiblingNull",
     "dense_verdict",
     "drop_trimmers",
     "exact_search",
     "family_null",
     "group_residual",
+    "layer_consistent",
+    "own_ratio",
+    "parent_sibling_null",
     "recipe_residual",
     "sparse_accusable",
     "typical_norm",
