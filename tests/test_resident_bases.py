@@ -75,6 +75,17 @@ def test_least_recently_used_goes_first_within_the_budget() -> None:
     assert srcs["b"].closed and not srcs["a"].closed and not srcs["c"].closed
 
 
+def test_at_most_a_few_bases_are_held_whatever_their_size() -> None:
+    from auditor.weights.resident import MAX_SHARED_BASES
+
+    cache = SharedBases()
+    srcs = [Counting(_tensors(i)) for i in range(MAX_SHARED_BASES + 3)]
+    for i, src in enumerate(srcs):
+        cache.lease(i, lambda src=src: src, budget=1 << 40).close()
+    assert len(cache) == MAX_SHARED_BASES
+    assert [s.closed for s in srcs] == [True] * 3 + [False] * MAX_SHARED_BASES
+
+
 def test_a_base_in_use_is_never_closed_and_release_falls_back_to_the_files() -> None:
     cache, src = SharedBases(), Counting(_tensors(1))
     a = cache.lease("k", lambda: src, budget=1)  # over budget at once

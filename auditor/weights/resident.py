@@ -199,6 +199,11 @@ class BaseLease:
             self._cache.end_lease(self._source)
 
 
+# Bases held at most, whatever their size: each keeps a file open, and a worker watches a
+# few base families at a time (a test session opens hundreds of tiny ones).
+MAX_SHARED_BASES = 8
+
+
 class SharedBases:
     """Bases held in memory across the audits of one process, least recently used first
     out, within ``budget`` bytes once no audit uses them. A daemon worker audits a base's
@@ -242,11 +247,13 @@ class SharedBases:
             shared.leases -= 1
             done = [shared] if shared.evicted and shared.leases == 0 else []
             total = sum(e.held_bytes for e in self._entries.values())
+            count = len(self._entries)
             for key, entry in list(self._entries.items()):  # oldest first
-                if total <= self._budget:
+                if total <= self._budget and count <= MAX_SHARED_BASES:
                     break
                 if entry.leases == 0:
                     total -= entry.held_bytes
+                    count -= 1
                     del self._entries[key]
                     done.append(entry)
         for entry in done:
