@@ -109,8 +109,10 @@ class Settings(BaseSettings):
     # ... and in compute (FLOPs, about 2 x params per token): the token cap above is what a
     # tiny model's search may take; at 1B parameters 4 M tokens would be ~1e16 FLOPs, hours
     # on 2 CPU cores. The search's tokens shrink to fit these (the report says incomplete,
-    # AUD205, when it stops there): ~25k tokens, about 2 minutes of a 1B model on 2 cores.
-    backdoor_cpu_flops: float = 6e13
+    # AUD205, when it stops there). Measured on 2 cores (bench_scale, 1B, bf16): 6e13 (25k
+    # tokens) took 432 s, not the 2 minutes it was meant to; 3e13 is ~12k tokens, ~3.5
+    # minutes. The deeper search is the GPU's (``backdoor_gpu_flops``, the gpu queue).
+    backdoor_cpu_flops: float = 3e13
     backdoor_gpu_flops: float = 2e15
     # Directory of rules/*.yaml; default: the rules shipped with the package.
     rules_dir: Path | None = None
