@@ -429,27 +429,24 @@ def _dense(
                           base_weights=base_fp, base_coefficient=afit.base_coefficient,
                           keys=keys)
     sigs.update({f"rows:{n}": v for n, v in rows.items()})
-    rres = recipe_residual(stack, members, base_i, scale)
     single_ft = False
     if len(members) == 1:
-        c = afit.coefficients[0]
-        j = members[0]
+        c, j = afit.coefficients[0], members[0]
         # a further fine-tune keeps the parent's task vector whole (coefficient ~1) and
         # adds an independent update, so the subject's task vector is the longer one
         single_ft = (0.85 <= c <= 1.15 and stack.total[j, j] <= 1.05 * stack.total[0, 0]
                      and afit.explained_fraction >= 1.0 - 0.5 * fam.sibling_residual
                      and rows.get(pnames[0], 0.0) <= o.max_row_z2)
-    unique = unique_shares(stack.total, members, base_i, afit.explained_fraction)
-    parents_related = all(
+    parents_related = len(members) >= 2 and all(
         relatedness(stack, a, b, null).p_value < o.p_threshold
         for i, a in enumerate(members) for b in members[i + 1:])
-    layers = sum(1 for g in attribution.per_group if g.startswith("layer."))
     v = dense_verdict(
-        own_shares=unique, parents_related=parents_related and len(members) >= 2,
-        n_parents=len(members), coefficients=list(afit.coefficients),
-        explained=afit.explained_fraction, recipe_res=rres, fam=fam, single_finetune=single_ft,
+        own_shares=unique_shares(stack.total, members, base_i, afit.explained_fraction),
+        parents_related=parents_related, n_parents=len(members), fam=fam,
+        coefficients=list(afit.coefficients), explained=afit.explained_fraction,
+        recipe_res=recipe_residual(stack, members, base_i, scale), single_finetune=single_ft,
         sibling_null=parent_sibling_null(stack, members, pool, base_i, fam.exact_threshold),
-        layers_consistent=layer_consistent(attribution.layerwise_score, layers))
+        layers_consistent=layer_consistent(attribution.layerwise_score, attribution.per_group))
     per_layer = {n: {g: f.coefficient_of(cidx[n]) for g, f in attribution.per_group.items()}
                  for n in pnames}
     return _Fit(

@@ -43,7 +43,7 @@ parent, never a finding against its owner.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -287,8 +287,10 @@ def parent_sibling_null(
                              min(residuals, default=math.inf))
 
 
-def layer_consistent(layer_chi: float | None, layers: int) -> bool:
-    """Per-layer coefficients within the chi-square quantile of one global recipe."""
+def layer_consistent(layer_chi: float | None, groups: Iterable[str]) -> bool:
+    """Per-layer coefficients (fitted per group; ``groups`` their names, the layers are
+    ``layer.*``) within the chi-square quantile of one global recipe."""
+    layers = sum(1 for g in groups if g.startswith("layer."))
     if layer_chi is None or layers < 2:
         return False
     dof = layers - 1

@@ -8,6 +8,7 @@ it out, bf16 stays bf16) and serves float32 copies, like any ``TensorSource``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -83,30 +84,44 @@ class CachingSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._source.shape(name)
 
+    # Reads that reach ``source`` happen under this; a plain one is no lock (one audit's
+    # thread), ``SharedBase`` sets a real one.
+    _lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+
     def _tensor(self, name: str) -> torch.Tensor | None:
-        if not self.holding:
-            return None
-        t = self._held.get(name)
-        if t is None:
-            t = self._stored(name) if self._stored is not None else self._source.get(name)
-            self._held[name] = t
-        return t
+        t = self._held.get(name) if self.holding else None
+        if t is not None or not self.holding:
+            return t
+        with self._lock:
+            t = self._held.get(name) if self.holding else None
+            if t is None and self.holding:
+                t = self._read_stored(name)
+                self._held[name] = t
+            return t
+
+    def _read_stored(self, name: str) -> torch.Tensor:
+        return self._stored(name) if self._stored is not None else self._source.get(name)
 
     def get(self, name: str) -> torch.Tensor:
         t = self._tensor(name)
-        return self._source.get(name) if t is None else t.to(torch.float32, copy=True)
+        if t is not None:
+            return t.to(torch.float32, copy=True)
+        with self._lock:
+            return self._source.get(name)
 
     def get_stored(self, name: str) -> torch.Tensor:
         t = self._tensor(name)
         if t is not None:
             return t
-        return self._stored(name) if self._stored is not None else self._source.get(name)
+        with self._lock:
+            return self._read_stored(name)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         t = self._tensor(name)
-        if t is None:
+        if t is not None:
+            return t[start:stop].to(torch.float32, copy=True)
+        with self._lock:
             return self._source.get_rows(name, start, stop)
-        return t[start:stop].to(torch.float32, copy=True)
 
     def release(self) -> None:
         """Drop the held tensors (the behavioural stage needs the memory)."""
@@ -125,37 +140,9 @@ class SharedBase(CachingSource):
 
     def __init__(self, source: TensorSource) -> None:
         super().__init__(source)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the held tensors are read without it
         self.leases = 0
         self.evicted = False
-
-    def _tensor(self, name: str) -> torch.Tensor | None:
-        t = self._held.get(name) if self.holding else None
-        if t is not None:
-            return t
-        with self._lock:
-            return super()._tensor(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        t = self._tensor(name)
-        if t is not None:
-            return t.to(torch.float32, copy=True)
-        with self._lock:
-            return self._source.get(name)
-
-    def get_stored(self, name: str) -> torch.Tensor:
-        t = self._tensor(name)
-        if t is not None:
-            return t
-        with self._lock:
-            return self._stored(name) if self._stored is not None else self._source.get(name)
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        t = self._tensor(name)
-        if t is not None:
-            return t[start:stop].to(torch.float32, copy=True)
-        with self._lock:
-            return self._source.get_rows(name, start, stop)
 
     @property
     def held_bytes(self) -> int:
