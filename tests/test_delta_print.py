@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from auditor.analysis import delta_print
+from auditor.analysis import delta_kernel, delta_print
 from auditor.analysis.delta_print import (
     fused_fingerprint,
     fused_supported,
@@ -41,6 +41,19 @@ HIDDEN, HEADS, KV, HD, INTER, LAYERS, VOCAB = 48, 6, 2, 8, 96, 2, 64
 CONFIG = {"num_attention_heads": HEADS, "num_key_value_heads": KV,
           "intermediate_size": INTER, "tie_word_embeddings": False}
 Sd = dict[str, torch.Tensor]
+
+
+@pytest.fixture(autouse=True, params=["torch", "kernel"])
+def _pass_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both paths: torch blocks (small models) and the compiled kernel
+    (``delta_kernel``, forced on here however small the model)."""
+    if request.param == "kernel":
+        if delta_kernel.load() is None:
+            pytest.fail("the compiled delta kernel did not load")
+        monkeypatch.setattr(delta_print, "KERNEL_MIN_ELEMENTS", 0)
+    else:
+        monkeypatch.setattr(delta_print, "KERNEL_MIN_ELEMENTS", 1 << 62)
+    return str(request.param)
 
 
 def _base(seed: int = 0) -> Sd:
@@ -367,3 +380,27 @@ def test_weights_detector_uses_fused_path_with_same_result(
         for name in old.fingerprint.keys():
             a, b = old.fingerprint.tensors[name], new.fingerprint.tensors[name]
             assert a.sample.tobytes() == b.sample.tobytes()
+
+
+@pytest.mark.parametrize(("dtype", "compiled"), [(torch.bfloat16, True), (torch.float32, True),
+                                                 (torch.float16, False)])
+def test_kernel_takes_bf16_and_float32_chunks_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _pass_kind: str,
+        dtype: torch.dtype, compiled: bool) -> None:
+    """Under the kernel, bf16 and float32 chunks go through the compiled sweep and fp16
+    ones through torch; small passes (under ``KERNEL_MIN_ELEMENTS``) never load it. The
+    figures are the old path's either way."""
+    calls: list[int] = []
+    real = delta_kernel.chunk_stats
+
+    def counting(*a: Any, **kw: Any) -> tuple[float, int]:
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(delta_kernel, "chunk_stats", counting)
+    base = _base(3)
+    sub = _disguise(_finetune(base, 4), seed=7)
+    bdir, sdir = _save(base, tmp_path / "b", dtype), _save(sub, tmp_path / "s", dtype)
+    _assert_same(_old(open_model(sdir), open_model(bdir)),
+                 _new(open_model(sdir), open_model(bdir)))
+    assert bool(calls) == (compiled and _pass_kind == "kernel")

@@ -14,6 +14,8 @@ and the sampled coordinates that fall in the block are taken. Reading overlaps c
 a reader thread fetches the subject in row chunks and the base one tensor ahead (pread
 releases the GIL), and a few compute threads take the chunks (torch releases it too).
 ``fused_weights_fingerprint`` does the same for a model's own weights (the base's print).
+A large pass (``KERNEL_MIN_ELEMENTS``) of bf16 or float32 pairs runs each chunk through one
+compiled sweep instead (``delta_kernel``): the same figures, 3-4x less compute.
 
 Results equal the old path's: the samples are the same float32 values of
 ``subject.float() - base.float()`` (bit for bit), the zero fraction is the same count, the
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import queue
 import threading
 from collections import deque
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from auditor.analysis import delta_kernel
 from auditor.analysis.disguise_screen import DisguiseScreen, UnitPlan, screen_key
 from auditor.analysis.fingerprint import (
     DEFAULT_SAMPLE_SIZE,
@@ -65,22 +67,15 @@ BLOCK_ELEMENTS = 1 << 19
 READ_CHUNK_BYTES = 512 << 10
 # Chunks the reader may run ahead of compute (while the base thread reads a large tensor).
 PREFETCH_CHUNKS = 16
-# Compute threads at most: past a few, the pass is bound by memory bandwidth and reads.
-MAX_WORKERS = 4
 # Below this, a block's float32 sum of squares may have lost digits to underflow (values
 # under ~1e-19): such a block (rare: only near-zero deltas) is summed again in float64.
 _TINY_SQ = 1e-20
 # float32 sums of 0/1 counts are exact up to 2**24.
 _EXACT_COUNT = 1 << 24
-
-
-def default_workers() -> int:
-    """One compute thread per core this process may run on, at most ``MAX_WORKERS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores))
+# Compared elements from which a pass uses the compiled kernel (``delta_kernel``): loading
+# it costs ~1 s per process (~3 s the first time, compiling), which the torch path spends
+# on ~300M elements on 2 cores; below, a tiny model's audit would only wait for numba.
+KERNEL_MIN_ELEMENTS = 1 << 28
 
 
 def fused_supported(*sources: object) -> bool:
@@ -132,9 +127,12 @@ def fused_fingerprint(
     if not fused_supported(deltas.model, deltas.base):
         raise AnalysisError("the fused fingerprint needs sources with stored-dtype reads")
     jobs = [_job(deltas, name, screen) for name in deltas.keys()]
-    with _intra_op_threads(threads):
+    elements = sum(j.nrows * j.ncols for j in jobs)
+    kernel = delta_kernel.load() if elements >= KERNEL_MIN_ELEMENTS else None
+    with delta_kernel.intra_op_threads(threads):
         prints = list(_prints(_Reader(deltas.model, deltas.base, jobs), jobs, screen,
-                              sample_size, block_elements, workers or default_workers()))
+                              sample_size, block_elements,
+                              workers or delta_kernel.default_workers(), kernel))
     return assemble_fingerprint(prints, sample_size=sample_size)
 
 
@@ -156,9 +154,9 @@ def fused_weights_fingerprint(
     jobs = [_Job(name=name, mname=None, bname=name, rows=None,
                  shape=tuple(int(s) for s in source.shape(name)), plan=None)
             for name in source.keys()]
-    with _intra_op_threads(threads):
+    with delta_kernel.intra_op_threads(threads):
         prints = list(_prints(_Reader(None, source, jobs), jobs, None, sample_size,
-                              block_elements, workers or default_workers()))
+                              block_elements, workers or delta_kernel.default_workers()))
     return assemble_fingerprint(prints, sample_size=sample_size, meta={"kind": "weights"})
 
 
@@ -175,7 +173,9 @@ def _job(deltas: ModelDeltaSource, name: str, screen: DisguiseScreen | None) -> 
 
 
 def _prints(reader: _Reader, jobs: list[_Job], screen: DisguiseScreen | None,
-            sample_size: int, block_elements: int, workers: int) -> Iterator[TensorPrint]:
+            sample_size: int, block_elements: int, workers: int,
+            kernel: Callable[..., tuple[float, int]] | None = None,
+            ) -> Iterator[TensorPrint]:
     """Chunks from the reader go to ``workers`` compute threads (torch releases the GIL
     in its kernels, so they run in parallel with no OpenMP barrier to wait at on busy
     cores); their results are merged here in row order, so the figures do not depend on
@@ -199,7 +199,7 @@ def _prints(reader: _Reader, jobs: list[_Job], screen: DisguiseScreen | None,
         for index, start, sub, base in reader.items():
             job = jobs[index]
             if acc is None or acc.job is not job:
-                acc = _Accumulator(job, sample_size)
+                acc = _Accumulator(job, sample_size, kernel)
             block_rows = max(1, block_elements // max(1, job.ncols))
             future = pool.submit(_run_chunk, acc, start, sub, base, buffers, block_rows)
             inflight.append((acc, future, start + sub.shape[0] >= job.nrows))
@@ -247,8 +247,10 @@ class _Accumulator:
     its own rows' slots (samples, per-row sums); what adds up across chunks comes back
     in a ``_Part`` for ``merge``, called in row order on one thread."""
 
-    def __init__(self, job: _Job, sample_size: int) -> None:
+    def __init__(self, job: _Job, sample_size: int,
+                 kernel: Callable[..., tuple[float, int]] | None = None) -> None:
         self.job = job
+        self.kernel = kernel
         self.sq = 0.0
         self.nonzero = 0
         self.sampled = 0
@@ -257,14 +259,23 @@ class _Accumulator:
         self.sample = torch.empty(self.idx_np.shape[0], dtype=torch.float32)
         plan = job.plan
         self.units: list[torch.Tensor] = []  # |x|^2, |y|^2, x.y per row or per column
+        self.rows_units: np.ndarray | None = None  # the kernel's per-row sums, float64
         if plan is not None:
             # a row is whole in a block: its float32 sum is final; a column gathers a
-            # partial sum from every block, accumulated in float64
+            # partial sum from every block, accumulated in float64 (the kernel sums
+            # both in float64)
             n, dtype = (job.ncols, torch.float64) if plan.columns else (job.nrows, torch.float32)
-            self.units = [torch.zeros(n, dtype=dtype) for _ in range(3)]
+            if kernel is not None and not plan.columns:
+                dtype = torch.float64
+            units = torch.zeros(3, n, dtype=dtype)
+            self.units = list(units.unbind(0))
+            if dtype == torch.float64 and not plan.columns:
+                self.rows_units = units.numpy()
 
     def chunk(self, start: int, sub: torch.Tensor, base: torch.Tensor | None,
               bufs: list[torch.Tensor], block_rows: int) -> _Part:
+        if self.kernel is not None and base is not None and delta_kernel.supported(sub, base):
+            return self._kernel_chunk(start, sub, base)
         part = _Part()
         colsum = None
         if self.job.plan is not None and self.job.plan.columns:
@@ -273,6 +284,32 @@ class _Accumulator:
         for r0 in range(0, sub.shape[0], block_rows):
             self._block(part, start + r0, sub[r0:r0 + block_rows],
                         None if base is None else base[r0:r0 + block_rows], bufs, colsum)
+        return part
+
+    def _kernel_chunk(self, start: int, sub: torch.Tensor, base: torch.Tensor) -> _Part:
+        """The chunk in one compiled sweep (``delta_kernel``); samples taken apart, as the
+        same float32 differences."""
+        assert self.kernel is not None
+        part = _Part()
+        plan = self.job.plan
+        units: np.ndarray | None = None
+        mode = delta_kernel.MODE_NONE
+        if plan is not None and plan.columns:
+            mode = delta_kernel.MODE_COLUMNS
+            cols = torch.zeros(3, self.job.ncols, dtype=torch.float64)
+            part.columns = list(cols.unbind(0))
+            units = cols.numpy()
+        elif plan is not None:
+            mode, units = delta_kernel.MODE_ROWS, self.rows_units
+        part.sq, part.nonzero = delta_kernel.chunk_stats(
+            self.kernel, sub, base, mode=mode, units=units, first_row=start)
+        cols_n = self.job.ncols
+        lo, hi = np.searchsorted(self.idx_np, (start * cols_n, (start + sub.shape[0]) * cols_n),
+                                 side="left")
+        if hi > lo:
+            at = self.idx[lo:hi] - start * cols_n
+            self.sample[lo:hi] = sub.reshape(-1)[at].float() - base.reshape(-1)[at].float()
+            part.sampled = int(hi - lo)
         return part
 
     def _block(self, part: _Part, r0: int, sub: torch.Tensor, base: torch.Tensor | None,
@@ -443,32 +480,3 @@ def _root(source: object) -> object:
     while (inner := getattr(source, "_source", None)) is not None:
         source = inner
     return source
-
-
-_THREADS_LOCK = threading.Lock()
-_threads_users = 0
-_threads_saved = 0
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` for the pass, then restored. The count is
-    process-wide: concurrent passes (a daemon's audit threads) share one setting, restored
-    when the last of them ends."""
-    global _threads_users, _threads_saved
-    if n is None:
-        yield
-        return
-    with _THREADS_LOCK:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
-            if _threads_saved != n:
-                torch.set_num_threads(n)
-        _threads_users += 1
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _threads_users -= 1
-            if _threads_users == 0 and torch.get_num_threads() != _threads_saved:
-                torch.set_num_threads(_threads_saved)
