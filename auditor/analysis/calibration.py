@@ -21,11 +21,11 @@ pair has a *larger* cosine).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from auditor.analysis.similarity import GramStack
 
@@ -56,21 +56,37 @@ class Relatedness:
     cosine: float
 
 
-def _group_cos(stack: GramStack, i: int, j: int) -> np.ndarray:
+def _tables(stack: GramStack) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's per-group cosine and analytic null variance, (groups, m, m), computed
+    once per stack: a family null asks for all ~m^2/2 pairs, and per-pair numpy calls on
+    arrays of a few groups cost more in overhead than the arithmetic (0.6 s for 51 models).
+    The same element-wise operations as one pair's, so the same values."""
+    key = id(stack)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is stack:
+        return hit[1], hit[2]
     g = stack.gram
-    den = np.sqrt(np.clip(g[:, i, i], 0, None) * np.clip(g[:, j, j], 0, None))
+    diag = np.clip(np.diagonal(g, axis1=1, axis2=2), 0, None)  # (groups, m)
+    den = diag[:, :, None] * diag[:, None, :]
     with np.errstate(invalid="ignore", divide="ignore"):
-        c = np.where(den > 0, g[:, i, j] / den, 0.0)
-    return np.clip(c, -1.0, 1.0)
+        cos = np.clip(np.where(den > 0, g / np.sqrt(den), 0.0), -1.0, 1.0)
+        var = np.where(den > 0, np.clip(stack.quart, 0, None) / den, 1.0)
+    # a floor: even a huge layer's chance cosine is never known better than this
+    var = np.maximum(var, 1e-8)
+    _TABLES[key] = (weakref.ref(stack, lambda _: _TABLES.pop(key, None)), cos, var)
+    return cos, var
+
+
+# id(stack) -> (a weak reference that checks the id was not reused, cosines, variances)
+_TABLES: dict[int, tuple[weakref.ref[GramStack], np.ndarray, np.ndarray]] = {}
+
+
+def _group_cos(stack: GramStack, i: int, j: int) -> np.ndarray:
+    return _tables(stack)[0][:, i, j]
 
 
 def _group_null_var(stack: GramStack, i: int, j: int) -> np.ndarray:
-    g = stack.gram
-    den = np.clip(g[:, i, i], 0, None) * np.clip(g[:, j, j], 0, None)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        v = np.where(den > 0, np.clip(stack.quart[:, i, j], 0, None) / den, 1.0)
-    # a floor: even a huge layer's chance cosine is never known better than this
-    return np.maximum(v, 1e-8)
+    return _tables(stack)[1][:, i, j]
 
 
 def _robust(values: np.ndarray) -> tuple[float, float]:
@@ -140,7 +156,9 @@ def relatedness(stack: GramStack, i: int, j: int, null: NullModel) -> Relatednes
     """Calibrated z-score and one-sided p-value that task vectors i and j are related."""
     z_layers = _layer_z(stack, i, j, null.location, null.spread)
     z = (_combine(z_layers) - null.combined_location) / null.combined_scale
-    p = float(stats.norm.sf(z))
+    # the standard normal's upper tail (what scipy's norm.sf computes, without its
+    # per-call overhead: a family null asks for ~1,300 of them)
+    p = 0.5 * math.erfc(float(z) / math.sqrt(2.0))
     cos = _group_cos(stack, i, j)
     return Relatedness(
         z_score=float(z),

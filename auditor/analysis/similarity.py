@@ -125,24 +125,28 @@ def build_gram(
         g = gidx[group_of[key]]
         t0 = subj.tensors[key]
         w = t0.weight
-        s = np.stack([fp.tensors[key].sample.astype(np.float64) for fp in fps], axis=1)
-        tensor_gram[t] = w * (s.T @ s)
+        # one row per model (the subject first), converted in one call; products are
+        # a @ a.T. Masks multiply (np.where over a bool mask is ~5x slower here): a
+        # dropped coordinate becomes a signed zero, which adds nothing to a sum.
+        a = np.array([fp.tensors[key].sample for fp in fps], dtype=np.float64)
+        tensor_gram[t] = w * (a @ a.T)
         gram[g] += tensor_gram[t]
-        nz = s[:, 0] != 0
+        nz = a[0] != 0
         if nz.all():  # a dense subject's tensor (the usual case): the same product
             gram_nz[g] += tensor_gram[t]
-            sn = s
+            an = a
         elif nz.any():
-            sn = s[nz]
-            gram_nz[g] += w * (sn.T @ sn)
+            an = a[:, nz]
+            gram_nz[g] += w * (an @ an.T)
         if nz.any():
             # the subject itself always "agrees"; others keep coordinates of its sign
-            sa = np.where(np.sign(sn) == np.sign(sn[:, :1]), sn, 0.0)
-            gram_agree[g] += w * (sa.T @ sa)
-        sq = s * s
+            # (a positive product is an agreeing sign)
+            sa = an * (an * an[0] > 0)
+            gram_agree[g] += w * (sa @ sa.T)
+        sq = a * a
         # numerator variance of the weighted estimator under random signs: w^2 sum x^2 y^2
-        quart[g] += w * w * (sq.T @ sq)
-        n_sampled[g] += s.shape[0]
+        quart[g] += w * w * (sq @ sq.T)
+        n_sampled[g] += a.shape[1]
         numel[g] += t0.numel
     return GramStack(
         names=names,
