@@ -5,9 +5,12 @@ and a sibling of the group is never called a merge of two others."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from auditor.analysis.lineage import analyze_lineage
+from auditor.analysis.verdicts import FamilyNull, ParentSiblingNull, dense_verdict
 from tests.lineage_synth import SHAPES, Tensors, base_weights, fp, fp_weights, task_vector
 
 
@@ -62,3 +65,32 @@ def test_a_sibling_is_never_a_merge_of_its_siblings(family: dict) -> None:
         res = analyze_lineage(fp(sibs[subject]), cands, base_fingerprint=family["base_fp"])
         assert not res.merge.is_merge, subject
         assert not any(e.accusable for e in res.entries), subject
+
+
+def _verdict(own_share: float, *, null: ParentSiblingNull | None, consistent: bool = True):
+    # a merge of two siblings fine-tuned further: 0.951 explained, each parent's own share
+    # ``own_share`` of the subject (residual 0.049)
+    return dense_verdict(
+        n_parents=2, coefficients=[0.55, 0.66], explained=0.951, recipe_res=0.05,
+        fam=FamilyNull(n_pairs=40, n_related=12, sibling_residual=0.12),
+        single_finetune=False, own_shares=[own_share, 0.2], parents_related=True,
+        sibling_null=null, layers_consistent=consistent)
+
+
+def test_against_the_parents_siblings_the_absolute_own_share_bar_gives_way() -> None:
+    """Own shares 1.4 times the residual fall under the bar set without a null (1.5), but
+    against six siblings of the parents (at most 0.27, residuals from 0.10) the subject
+    stands out on both, and its layers are one recipe."""
+    null = ParentSiblingNull(n=6, own_ratio=0.27, residual=0.10)
+    v = _verdict(0.0686, null=null)
+    assert v.verdict == "finetuned_merge" and v.accusable
+    assert "siblings of one another" in v.reason
+    # without the null, with per-layer coefficients that are no recipe, or with a parent
+    # that carries less than the unexplained rest: no accusation
+    assert not _verdict(0.0686, null=None).accusable
+    assert not _verdict(0.0686, null=ParentSiblingNull(0, 0.0, math.inf)).accusable
+    assert not _verdict(0.0686, null=null, consistent=False).accusable
+    assert not _verdict(0.04, null=null).accusable
+    # a null that leaves residuals as small as the subject's: no standout
+    assert not _verdict(0.0686, null=ParentSiblingNull(n=6, own_ratio=0.27,
+                                                       residual=0.09)).accusable

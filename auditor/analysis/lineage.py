@@ -1,24 +1,21 @@
-"""Lineage of a subject model among candidates: clones, merge parents, fine-tune parents,
-siblings.
+"""Lineage of a subject among candidates: clones, merge / fine-tune parents, siblings.
 
 Pipeline (all from fingerprints, see ``fingerprint``):
-1. Gram matrices of subject, candidates and (optionally) the base weights (``similarity``);
-2. a null from pairs of candidates (homologues of one base), a calibrated z-score and
-   p-value of every subject/candidate pair (``calibration``), and the family's sibling
-   residuals (``verdicts.family_null``): how much of one homologue its closest
-   same-domain homologue leaves unexplained;
-3. clones (``clones``): task vectors nearly identical; clone groups among the candidates
-   collapse to their oldest member before any fit;
+1. Gram matrices of subject, candidates and base weights (``similarity``);
+2. a null from candidate pairs (homologues of one base): calibrated z-score and p-value of
+   every subject/candidate pair (``calibration``), and the family's sibling residuals
+   (``verdicts.family_null``);
+3. clones (``clones``); clone groups among the candidates collapse to their oldest member;
 4. parents: a sparse subject (far more exact zeros than any fine-tune: TIES, DARE,
-   Breadcrumbs, DELLA) is fitted coordinate by coordinate (``sparse_fit``); a dense one by
-   forward-selected NNLS plus a signed base term (``attribution``);
+   Breadcrumbs, DELLA) is fitted coordinate by coordinate (``sparse_fit``), and so is one
+   with a few extra zeros whose kept coordinates candidates reproduce exactly
+   (``kept_reproduced``); a dense one by forward-selected NNLS plus a base term;
 5. the verdict (``verdicts``): only an exact combination, a sparse merge whose kept
    coordinates the parents reproduce, or a merge fine-tuned further with recipe-like
-   shares is a merge, and only those may accuse; a fit that merely explains a share of
-   the subject (a same-data sibling) makes the candidate a ``sibling``;
-6. disguised sources: a candidate published disguised (protected, permuted, rescaled)
-   carries its raw print; the analysis runs again in that frame, so a merge that took the
-   disguised copy in as published is attributed to it.
+   shares is a merge and may accuse; a fit that merely explains a share of the subject
+   (a same-data sibling) makes the candidate a ``sibling``;
+6. disguised sources carry their raw print; the analysis runs again in that frame, so a
+   merge that took a disguised copy in as published is attributed to it.
 """
 
 from __future__ import annotations
@@ -50,7 +47,13 @@ from auditor.analysis.signatures import (
     row_uniformity,
 )
 from auditor.analysis.similarity import GramStack, build_gram, cosine_report
-from auditor.analysis.sparse_fit import fit_sparse, profile_signatures, recipe_coefficients
+from auditor.analysis.sparse_fit import (
+    ROUTED_EXACT,
+    fit_sparse,
+    kept_reproduced,
+    profile_signatures,
+    recipe_coefficients,
+)
 from auditor.analysis.verdicts import (
     NULL_DESCRIPTION,
     FamilyNull,
@@ -59,6 +62,7 @@ from auditor.analysis.verdicts import (
     exact_search,
     family_null,
     layer_consistent,
+    merged_not_copied,
     parent_sibling_null,
     recipe_residual,
     sparse_accusable,
@@ -249,18 +253,21 @@ def _analyze(
     fitted = [n for n in names if n not in clones and n not in shadowed]
     fam = family_null(stack, [cidx[n] for n in fitted], null, p_threshold=o.p_threshold,
                       clone_cosine=o.clone_cosine)
-    merged = _merged_not_copied(stack, clones, fitted, cidx, base_i, fam.exact_threshold)
+    merged = merged_not_copied(stack, clones, fitted, cidx, base_i, fam.exact_threshold)
     if merged:
         clones -= merged
         fitted = [n for n in names if n not in clones and n not in shadowed]
 
     typical_zero = float(np.median([fp.zero_fraction for fp in usable.values()]))
-    sparse_subject = subject.zero_fraction > typical_zero + 0.05
-    if sparse_subject:
-        fit = _sparse(subject, usable, fitted, rel, keys, base_fingerprint, stack, cidx, base_i)
+    args = (subject, usable, fitted, rel, keys, base_fingerprint, stack, cidx, base_i)
+    if subject.zero_fraction > typical_zero + 0.05:
+        fit = _sparse(*args)
     else:
-        fit = _dense(subject, usable, fitted, rel, keys, base_fingerprint, stack, cidx, base_i,
-                     fam, o, null)
+        fit = _dense(*args, fam, o, null)
+        # a few extra zeros only (three parents, each trimmed): the kept coordinates decide
+        if not fit.accusable and subject.zero_fraction > typical_zero and kept_reproduced(
+                subject, usable, keys=keys, order=fitted, base=base_fingerprint):
+            fit = _sparse(*args, fallback=fit)
     derived = _derived_from_subject(stack, [cidx[n] for n in fitted], base_i,
                                     fam.exact_threshold, rel, o.p_threshold)
     if fit.verdict == "finetune" and set(fit.parents) & derived:
@@ -353,13 +360,15 @@ class _Fit:
 def _sparse(
     subject: Fingerprint, usable: Mapping[str, Fingerprint], fitted: Sequence[str],
     rel: Mapping[str, Relatedness], keys: Sequence[str], base_fp: Fingerprint | None,
-    stack: GramStack, cidx: Mapping[str, int], base_i: int | None,
+    stack: GramStack, cidx: Mapping[str, int], base_i: int | None, fallback: _Fit | None = None,
 ) -> _Fit:
-    """A trimmed / dropped merge: parents by the kept coordinates they reproduce."""
+    """A trimmed / dropped merge: parents by the kept coordinates they reproduce. Routed
+    here by the exact screen alone (``fallback``: the dense fit), nearly every kept
+    coordinate must be reproduced exactly (``ROUTED_EXACT``), else the dense fit stands."""
     order = sorted(fitted, key=lambda n: -abs(stack.cosine(0, cidx[n])))
     sf = fit_sparse(subject, usable, keys=keys, order=order, base=base_fp)
     if not sf.parents:
-        return _Fit([], {}, reason="no candidate reproduces the kept coordinates")
+        return fallback or _Fit([], {}, reason="no candidate reproduces the kept coordinates")
     eff = dict(zip(sf.parents, sf.coefficients, strict=True))
     sigs = merge_signatures(subject, {p: usable[p] for p in sf.parents}, eff, keys=keys)
     if sf.conflict_both is not None:
@@ -372,7 +381,10 @@ def _sparse(
     coefs = recipe_coefficients(sf)
     sigs.update(exact_fraction=sf.exact_fraction, explained_nonzero=sf.explained)
     sigs.update({f"null_gap:{p}": g for p, g in zip(sf.parents, sf.null_gaps, strict=True)})
-    ok = sparse_accusable(sf.exact_fraction, sf.explained)
+    ok = sparse_accusable(sf.exact_fraction, sf.explained) if fallback is None else (
+        sf.exact_fraction >= ROUTED_EXACT)
+    if fallback is not None and not ok:
+        return fallback
     reason = (f"{subject.zero_fraction:.0%} exact zeros; the parents reproduce "
               f"{sf.exact_fraction:.0%} of the kept coordinates exactly, R^2 {sf.explained:.3f}")
     return _Fit(
@@ -457,26 +469,6 @@ def _dense(
         base_coefficient=afit.base_coefficient, layerwise=attribution.layerwise,
         per_layer=per_layer, signatures=sigs, attribution=attribution,
     )
-
-
-def _merged_not_copied(
-    stack: GramStack, clones: set[str], fitted: Sequence[str], cidx: Mapping[str, int],
-    base: int | None, threshold: float,
-) -> set[str]:
-    """Clone candidates the subject is an exact merge of, with other candidates: a mix
-    weighted 0.7 towards one of two same-data siblings is as close to it as a re-upload,
-    but a copy (cast, noise) never becomes exact by adding another model."""
-    out: set[str] = set()
-    pool = [cidx[n] for n in fitted]
-    for c in clones:
-        j = cidx[c]
-        scale = typical_norm(stack, [j, *pool])
-        if recipe_residual(stack, [j], base, scale) <= threshold:
-            continue  # the copy alone is exact
-        found = exact_search(stack, [j, *pool], base=base, threshold=threshold, scale=scale)
-        if found and j in found and len(found) >= 2:
-            out.add(c)
-    return out
 
 
 def _derived_from_subject(

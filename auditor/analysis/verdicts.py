@@ -29,7 +29,11 @@ sibling does not, and only those make an accusation:
   the other candidates aligned with every parent, fitted on the same parents): the
   subject's least own share over its residual must be ``STANDOUT`` times the best of
   theirs and its residual ``STANDOUT`` times below the smallest of theirs, and its
-  per-layer coefficients must be one recipe (chi-square within its 99% quantile). Both
+  per-layer coefficients must be one recipe (chi-square within its 99% quantile). Against
+  that null the bar set without one (``UNIQUE_OVER_RESIDUAL``) gives way too: each parent
+  need only carry more than all that is left unexplained (a fine-tune on top leaves
+  sibling parents little of their own: 1.4 times the residual, against 0.27 at most for
+  six siblings of theirs, on a seed-44 zoo). Both
   are needed: a same-recipe sibling fitted on the two others of its group (the middle
   learning rate interpolating the outer two: own share 2.3 times the residual, 0.03 of
   the subject) has no plain sibling left to compare with and stands out against the
@@ -43,7 +47,7 @@ parent, never a finding against its owner.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -72,6 +76,10 @@ MIN_SHARE = 0.15
 # Sibling parents: the subject's least own share over its residual (and its residual)
 # must beat the parents' other siblings fitted on the same parents by this factor ...
 STANDOUT = 2.0
+# ... and each parent carry more than all that is left unexplained: against that null
+# the subject is judged by how far it stands out, not by the absolute UNIQUE_OVER_RESIDUAL
+# bar (set without a null; a fine-tune on top leaves siblings' parents little of their own)
+SIBLING_OWN_OVER_RESIDUAL = 1.0
 # ... candidates aligned this much with a parent share its data's direction ...
 SIBLING_COSINE = 0.3
 # ... and the per-layer coefficients pass a chi-square consistency test at this level
@@ -342,8 +350,9 @@ def dense_verdict(
     residual = max(1.0 - explained, 1e-12)
     least = min(own_shares, default=0.0)
     own = least / residual
-    recipe_like = (n_parents >= 2 and ratio <= FINETUNED_SHARE
-                   and min(coefficients) >= MIN_SHARE and own >= UNIQUE_OVER_RESIDUAL)
+    shares_ok = (n_parents >= 2 and ratio <= FINETUNED_SHARE
+                 and min(coefficients) >= MIN_SHARE)
+    recipe_like = shares_ok and own >= UNIQUE_OVER_RESIDUAL
     if recipe_like and least >= MIN_OWN_SHARE:
         return DenseVerdict(
             "finetuned_merge", True, recipe_res, ratio,
@@ -352,8 +361,8 @@ def dense_verdict(
             + (" (the parents are related to one another)" if parents_related else "")
             + ": a merge fine-tuned further", own_share=own)
     sib = sibling_null
-    if recipe_like and sib is not None and _siblings_stand_out(own, residual, sib,
-                                                               layers_consistent):
+    if shares_ok and own >= SIBLING_OWN_OVER_RESIDUAL and sib is not None and \
+            _siblings_stand_out(own, residual, sib, layers_consistent):
         return DenseVerdict(
             "finetuned_merge", True, recipe_res, ratio,
             f"the parents are siblings of one another: each carries a share of its own "
@@ -391,6 +400,26 @@ def sparse_accusable(exact_fraction: float, explained: float) -> bool:
     return exact_fraction >= SPARSE_EXACT or explained >= SPARSE_EXPLAINED
 
 
+def merged_not_copied(
+    stack: GramStack, clones: set[str], fitted: Sequence[str], cidx: Mapping[str, int],
+    base: int | None, threshold: float,
+) -> set[str]:
+    """Clone candidates the subject is an exact merge of, with other candidates: a mix
+    weighted 0.7 towards one of two same-data siblings is as close to it as a re-upload,
+    but a copy (cast, noise) never becomes exact by adding another model."""
+    out: set[str] = set()
+    pool = [cidx[n] for n in fitted]
+    for c in clones:
+        j = cidx[c]
+        scale = typical_norm(stack, [j, *pool])
+        if recipe_residual(stack, [j], base, scale) <= threshold:
+            continue  # the copy alone is exact
+        found = exact_search(stack, [j, *pool], base=base, threshold=threshold, scale=scale)
+        if found and j in found and len(found) >= 2:
+            out.add(c)
+    return out
+
+
 __all__ = [
     "NULL_DESCRIPTION",
     "DenseVerdict",
@@ -402,6 +431,7 @@ __all__ = [
     "family_null",
     "group_residual",
     "layer_consistent",
+    "merged_not_copied",
     "own_ratio",
     "parent_sibling_null",
     "recipe_residual",
