@@ -9,6 +9,7 @@ within 1e-6 relative.
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from auditor.analysis import delta_kernel, delta_print
+from auditor.analysis import delta_kernel, delta_print, delta_reader
 from auditor.analysis.delta_print import (
     fused_fingerprint,
     fused_supported,
@@ -211,7 +212,18 @@ def test_many_chunks_merged_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyP
                                      workers: int) -> None:
     """Reads of a few rows each, blocks of a few rows, several compute threads: column
     sums (down, o) gather partial sums from many chunks finished in any order."""
-    monkeypatch.setattr(delta_print, "READ_CHUNK_BYTES", 5 * HIDDEN * 2)
+    monkeypatch.setattr(delta_reader, "READ_CHUNK_BYTES", 5 * HIDDEN * 2)
+    monkeypatch.setattr(delta_reader, "POOLED_CHUNK_BYTES", 5 * HIDDEN * 2)
+    made: list[int] = []
+    take = delta_reader._Pool.take
+
+    def counted(self: delta_reader._Pool, stop: threading.Event) -> torch.Tensor | None:
+        buf = take(self, stop)
+        made.append(id(buf))
+        assert self._made <= self._limit
+        return buf
+
+    monkeypatch.setattr(delta_reader._Pool, "take", counted)
     base = _base(1)
     sub = _disguise(_finetune(base, 3), seed=4)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -224,12 +236,16 @@ def test_many_chunks_merged_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyP
     _assert_same(old, new)
     assert new[1].suspect
     assert new[0].tensors["model.embed_tokens.weight"].shape == (VOCAB - 7, HIDDEN)
+    # the subject's chunks were read into a few buffers, each reused many times (a buffer
+    # handed back before its chunk was done would have changed the figures above)
+    limit = delta_reader.PREFETCH_CHUNKS + 2 * workers + 3
+    assert len(made) > 2 * limit and len(set(made)) <= limit
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_weights_print_matches_fingerprint_weights(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
-    monkeypatch.setattr(delta_print, "READ_CHUNK_BYTES", 7 * HIDDEN)
+    monkeypatch.setattr(delta_reader, "READ_CHUNK_BYTES", 7 * HIDDEN)
     sd = _base(2)
     sd["model.layers.1.mlp.up_proj.weight"][::2] = 0.0  # exact zeros
     sd["model.layers.0.mlp.down_proj.weight"][1, 1] = float("inf")

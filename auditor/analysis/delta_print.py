@@ -27,20 +27,18 @@ its cosine or length ratio sat within float rounding of a threshold).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from auditor.analysis import delta_kernel
+from auditor.analysis.delta_reader import ChunkReader
 from auditor.analysis.disguise_screen import DisguiseScreen, UnitPlan, screen_key
 from auditor.analysis.fingerprint import (
     DEFAULT_SAMPLE_SIZE,
@@ -58,15 +56,6 @@ from auditor.weights.task_vectors import ModelDeltaSource
 # block is large enough that the ~10 torch calls per block cost little Python overhead
 # (measured on a 1B model: 128K-element blocks are ~30% slower, 1M no faster).
 BLOCK_ELEMENTS = 1 << 19
-# Bytes of subject rows per read. Below the allocator's mmap threshold (1 MB under
-# ``bound_host_allocator``; glibc's own grows past it), so every chunk's buffer comes from
-# the heap, reused when the last one is freed: a fresh mapping per read page-faults every
-# 4 KB, which on a 1B model cost more CPU than all the reading itself (16 MB reads: 600k
-# faults, 2.7 s CPU for the pass; 512 KB: ~50k faults, 1.95 s). Small reads also keep
-# memory bounded whatever the tensor (a 128k-row embedding is 0.5 GB in bf16).
-READ_CHUNK_BYTES = 512 << 10
-# Chunks the reader may run ahead of compute (while the base thread reads a large tensor).
-PREFETCH_CHUNKS = 16
 # Below this, a block's float32 sum of squares may have lost digits to underflow (values
 # under ~1e-19): such a block (rare: only near-zero deltas) is summed again in float64.
 _TINY_SQ = 1e-20
@@ -129,10 +118,10 @@ def fused_fingerprint(
     jobs = [_job(deltas, name, screen) for name in deltas.keys()]
     elements = sum(j.nrows * j.ncols for j in jobs)
     kernel = delta_kernel.load() if elements >= KERNEL_MIN_ELEMENTS else None
+    n = workers or delta_kernel.default_workers()
     with delta_kernel.intra_op_threads(threads):
-        prints = list(_prints(_Reader(deltas.model, deltas.base, jobs), jobs, screen,
-                              sample_size, block_elements,
-                              workers or delta_kernel.default_workers(), kernel))
+        reader = ChunkReader(deltas.model, deltas.base, jobs, in_flight=2 * n + 1)
+        prints = list(_prints(reader, jobs, screen, sample_size, block_elements, n, kernel))
     return assemble_fingerprint(prints, sample_size=sample_size)
 
 
@@ -154,9 +143,10 @@ def fused_weights_fingerprint(
     jobs = [_Job(name=name, mname=None, bname=name, rows=None,
                  shape=tuple(int(s) for s in source.shape(name)), plan=None)
             for name in source.keys()]
+    n = workers or delta_kernel.default_workers()
     with delta_kernel.intra_op_threads(threads):
-        prints = list(_prints(_Reader(None, source, jobs), jobs, None, sample_size,
-                              block_elements, workers or delta_kernel.default_workers()))
+        reader = ChunkReader(None, source, jobs, in_flight=2 * n + 1)
+        prints = list(_prints(reader, jobs, None, sample_size, block_elements, n))
     return assemble_fingerprint(prints, sample_size=sample_size, meta={"kind": "weights"})
 
 
@@ -172,7 +162,7 @@ def _job(deltas: ModelDeltaSource, name: str, screen: DisguiseScreen | None) -> 
     return _Job(name=name, mname=mname, bname=bname, rows=rows, shape=shape, plan=plan)
 
 
-def _prints(reader: _Reader, jobs: list[_Job], screen: DisguiseScreen | None,
+def _prints(reader: ChunkReader, jobs: list[_Job], screen: DisguiseScreen | None,
             sample_size: int, block_elements: int, workers: int,
             kernel: Callable[..., tuple[float, int]] | None = None,
             ) -> Iterator[TensorPrint]:
@@ -192,24 +182,25 @@ def _prints(reader: _Reader, jobs: list[_Job], screen: DisguiseScreen | None,
         return bufs
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="delta-print")
-    inflight: deque[tuple[_Accumulator, Future[_Part], bool]] = deque()
+    inflight: deque[_InFlight] = deque()
     done = 0
     try:
         acc: _Accumulator | None = None
-        for index, start, sub, base in reader.items():
+        for index, start, sub, base, buf in reader.items():
             job = jobs[index]
             if acc is None or acc.job is not job:
                 acc = _Accumulator(job, sample_size, kernel)
             block_rows = max(1, block_elements // max(1, job.ncols))
             future = pool.submit(_run_chunk, acc, start, sub, base, buffers, block_rows)
-            inflight.append((acc, future, start + sub.shape[0] >= job.nrows))
-            # bounded: at most two chunks per worker held beyond the reader's queue
+            inflight.append((acc, future, start + sub.shape[0] >= job.nrows, buf))
+            # bounded: at most two chunks per worker held beyond the reader's queue (the
+            # reader's buffer pool counts on it)
             while inflight and (len(inflight) > 2 * workers or inflight[0][1].done()):
-                if (tp := _settle(inflight, screen)) is not None:
+                if (tp := _settle(inflight, screen, reader)) is not None:
                     done += 1
                     yield tp
         while inflight:
-            if (tp := _settle(inflight, screen)) is not None:
+            if (tp := _settle(inflight, screen, reader)) is not None:
                 done += 1
                 yield tp
         if done != len(jobs):
@@ -219,16 +210,23 @@ def _prints(reader: _Reader, jobs: list[_Job], screen: DisguiseScreen | None,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# a submitted chunk: its tensor's accumulator, its result, whether it is the tensor's last,
+# and the reader's buffer its rows are in
+_InFlight = tuple["_Accumulator", Future["_Part"], bool, torch.Tensor | None]
+
+
 def _run_chunk(acc: _Accumulator, start: int, sub: torch.Tensor, base: torch.Tensor | None,
                buffers: Callable[[], list[torch.Tensor]], block_rows: int) -> _Part:
     return acc.chunk(start, sub, base, buffers(), block_rows)
 
 
-def _settle(inflight: deque[tuple[_Accumulator, Future[_Part], bool]],
-            screen: DisguiseScreen | None) -> TensorPrint | None:
-    """Merge the oldest chunk; the tensor's print once its last chunk is in."""
-    acc, future, last = inflight.popleft()
+def _settle(inflight: deque[_InFlight], screen: DisguiseScreen | None,
+            reader: ChunkReader) -> TensorPrint | None:
+    """Merge the oldest chunk (its buffer back to the reader); the tensor's print once its
+    last chunk is in."""
+    acc, future, last, buf = inflight.popleft()
     acc.merge(future.result())
+    reader.recycle(buf)
     return acc.finish(screen) if last else None
 
 
@@ -375,108 +373,3 @@ class _Accumulator:
             group=layer_group(job.name),
             sample=self.sample.numpy(),
         )
-
-
-# job, first row, subject rows, base rows (weights print: the rows, None)
-_Item = tuple[int, int, torch.Tensor, torch.Tensor | None]
-
-
-class _Reader:
-    """Reads every job's pair on a thread of its own, in order: the base tensor whole
-    (``get_stored``: a ``CachingSource`` keeps it for the next model) one job ahead on a
-    second thread, the subject in row chunks (``get_stored_rows``). Both read with pread,
-    which releases the GIL, so reading overlaps the caller's compute."""
-
-    def __init__(self, model: object | None, base: object, jobs: list[_Job]) -> None:
-        self._model: Any = model
-        self._base: Any = base
-        self._jobs = jobs
-        # one reader object is not safe to read from two threads (it keeps one shard open):
-        # a model compared with itself reads its base side in turn
-        self._parallel = _root(self._model) is not _root(self._base)
-        self._queue: queue.Queue[_Item | BaseException | None] = queue.Queue(PREFETCH_CHUNKS)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="delta-print-reader",
-                                        daemon=True)
-        self._thread.start()
-
-    def items(self) -> Iterator[_Item]:
-        """The chunks in order; the reader's exception, if any, raised here."""
-        while (item := self._queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        # unblock a reader waiting on a full queue, then let it finish its current read
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._queue.get_nowait()
-        self._thread.join()
-
-    def _put(self, item: _Item | BaseException | None) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            with ThreadPoolExecutor(1, thread_name_prefix="delta-print-base") as pool:
-                ahead: Future[torch.Tensor] | None = None
-                for index, job in enumerate(self._jobs):
-                    if ahead is None:
-                        ahead = pool.submit(self._read_base, job)
-                    base = ahead.result()
-                    ahead = None
-                    if self._parallel and index + 1 < len(self._jobs) \
-                            and not self._stop.is_set():
-                        ahead = pool.submit(self._read_base, self._jobs[index + 1])
-                    if not self._read_subject(index, job, base):
-                        break
-            self._put(None)
-        except BaseException as exc:  # handed to the caller, raised there
-            self._put(exc)
-
-    def _read_base(self, job: _Job) -> torch.Tensor:
-        t = self._base.get_stored(job.bname)
-        if job.rows is not None:
-            t = t[:job.rows]
-        return t.reshape(job.nrows, job.ncols)
-
-    def _read_subject(self, index: int, job: _Job, base: torch.Tensor) -> bool:
-        if job.mname is None:  # a weights print: the base's tensor, in chunks
-            return all(self._put((index, start, base[start:start + rows], None))
-                       for start, rows in _chunks(job, base))
-        if not job.shape:  # a scalar has no rows
-            sub = self._model.get_stored(job.mname).reshape(1, 1)
-            return self._put((index, 0, sub, base))
-        for start, rows in _chunks(job, base):
-            sub = self._model.get_stored_rows(job.mname, start, start + rows)
-            if not self._put((index, start, sub.reshape(rows, job.ncols),
-                              base[start:start + rows])):
-                return False
-        return True
-
-
-def _chunks(job: _Job, base: torch.Tensor) -> Iterator[tuple[int, int]]:
-    """(first row, rows) of each read of ``job``: at least one, even for no rows."""
-    # the base's item size stands for the subject's (a read's size is only a tuning)
-    rows = max(1, READ_CHUNK_BYTES // max(1, job.ncols * base.element_size()))
-    start = 0
-    while True:
-        yield start, min(rows, job.nrows - start)
-        start += rows
-        if start >= job.nrows:
-            return
-
-
-def _root(source: object) -> object:
-    """The reader under a caching wrapper (``CachingSource`` keeps it as ``_source``)."""
-    while (inner := getattr(source, "_source", None)) is not None:
-        source = inner
-    return source

@@ -148,7 +148,8 @@ class SafetensorsModel:
         fname, info = self._checked(name)
         return self._pread(fname, info, 0, info.shape[0] if info.shape else 1)
 
-    def _pread(self, fname: str, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def _pread(self, fname: str, info: TensorInfo, start: int, stop: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         # Read straight into a tensor of the stored dtype: unlike a mapping, these bytes are
         # not counted in RSS once converted, so peak memory is the tensors we hold, not the
         # file (the mapped pages of a 10 GB shard would all show in RSS). Rows of a
@@ -156,9 +157,13 @@ class SafetensorsModel:
         dt = info.dtype_info
         assert dt.torch_dtype is not None
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        buf = torch.empty(shape, dtype=dt.torch_dtype)
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         nbytes = (stop - start) * row_bytes if info.shape else info.nbytes
+        if out is not None and out.dtype == torch.uint8 and out.dim() == 1 \
+                and out.numel() >= nbytes:
+            buf = out[:nbytes].view(dt.torch_dtype).view(shape)
+        else:
+            buf = torch.empty(shape, dtype=dt.torch_dtype)
         if nbytes:
             view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
             offset = self.headers[fname].data_start + info.begin + start * row_bytes
@@ -177,6 +182,16 @@ class SafetensorsModel:
             raise WeightsError(f"tensor {name!r} is a scalar: it has no rows")
         start, stop = max(0, start), min(max(start, stop), info.shape[0])
         return self._pread(fname, info, start, max(start, stop))
+
+    def read_rows_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """``get_stored_rows`` into ``out`` (a 1-D uint8 buffer), as a view of it: a caller
+        reading many chunks reuses its buffers instead of page-faulting a fresh allocation
+        per read. Rows larger than ``out`` come in a fresh tensor."""
+        fname, info = self._checked(name)
+        if not info.shape:
+            raise WeightsError(f"tensor {name!r} is a scalar: it has no rows")
+        start, stop = max(0, start), min(max(start, stop), info.shape[0])
+        return self._pread(fname, info, start, max(start, stop), out)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if self.read_mode == "pread":
