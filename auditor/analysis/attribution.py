@@ -60,7 +60,8 @@ class Attribution:
 
 
 def _matrices(stack: GramStack, variant: Variant, group: int | None) -> np.ndarray:
-    src = {"all": stack.gram, "nonzero": stack.gram_nz, "agree": stack.gram_agree}[variant]
+    # by name: the masked Grams are made only when a fit asks for them
+    src = getattr(stack, {"all": "gram", "nonzero": "gram_nz", "agree": "gram_agree"}[variant])
     return src.sum(axis=0) if group is None else src[group]
 
 

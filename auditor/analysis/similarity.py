@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -39,14 +40,45 @@ class GramStack:
     names: tuple[str, ...]
     groups: tuple[str, ...]
     gram: np.ndarray
-    gram_nz: np.ndarray
-    gram_agree: np.ndarray
     quart: np.ndarray
     n_sampled: np.ndarray
     numel: np.ndarray
     keys: tuple[str, ...]
     tensor_gram: np.ndarray
     key_group: tuple[int, ...]
+    # the fingerprints, for the masked Grams: made when first asked for (two more
+    # products per tensor, half of the stack's cost, for fits that rarely want them)
+    prints: tuple[Fingerprint, ...] = field(default=(), repr=False, compare=False)
+
+    @cached_property
+    def _masked(self) -> tuple[np.ndarray, np.ndarray]:
+        gram_nz = np.zeros_like(self.gram)
+        gram_agree = np.zeros_like(self.gram)
+        for t, key in enumerate(self.keys):
+            g = self.key_group[t]
+            w = self.prints[0].tensors[key].weight
+            a = _rows(self.prints, key)
+            nz = a[0] != 0
+            if nz.all():  # a dense subject's tensor (the usual case): the same product
+                gram_nz[g] += self.tensor_gram[t]
+                an = a
+            elif nz.any():
+                an = a[:, nz]
+                gram_nz[g] += w * (an @ an.T)
+            if nz.any():
+                # the subject itself always "agrees"; others keep coordinates of its sign
+                # (a positive product is an agreeing sign)
+                sa = an * (an * an[0] > 0)
+                gram_agree[g] += w * (sa @ sa.T)
+        return gram_nz, gram_agree
+
+    @property
+    def gram_nz(self) -> np.ndarray:
+        return self._masked[0]
+
+    @property
+    def gram_agree(self) -> np.ndarray:
+        return self._masked[1]
 
     @property
     def total(self) -> np.ndarray:
@@ -115,8 +147,6 @@ def build_gram(
     gidx = {g: i for i, g in enumerate(groups)}
     m = len(fps)
     gram = np.zeros((len(groups), m, m))
-    gram_nz = np.zeros_like(gram)
-    gram_agree = np.zeros_like(gram)
     quart = np.zeros_like(gram)
     n_sampled = np.zeros(len(groups))
     numel = np.zeros(len(groups))
@@ -125,24 +155,9 @@ def build_gram(
         g = gidx[group_of[key]]
         t0 = subj.tensors[key]
         w = t0.weight
-        # one row per model (the subject first), converted in one call; products are
-        # a @ a.T. Masks multiply (np.where over a bool mask is ~5x slower here): a
-        # dropped coordinate becomes a signed zero, which adds nothing to a sum.
-        a = np.array([fp.tensors[key].sample for fp in fps], dtype=np.float64)
+        a = _rows(fps, key)
         tensor_gram[t] = w * (a @ a.T)
         gram[g] += tensor_gram[t]
-        nz = a[0] != 0
-        if nz.all():  # a dense subject's tensor (the usual case): the same product
-            gram_nz[g] += tensor_gram[t]
-            an = a
-        elif nz.any():
-            an = a[:, nz]
-            gram_nz[g] += w * (an @ an.T)
-        if nz.any():
-            # the subject itself always "agrees"; others keep coordinates of its sign
-            # (a positive product is an agreeing sign)
-            sa = an * (an * an[0] > 0)
-            gram_agree[g] += w * (sa @ sa.T)
         sq = a * a
         # numerator variance of the weighted estimator under random signs: w^2 sum x^2 y^2
         quart[g] += w * w * (sq @ sq.T)
@@ -152,15 +167,21 @@ def build_gram(
         names=names,
         groups=groups,
         gram=gram,
-        gram_nz=gram_nz,
-        gram_agree=gram_agree,
         quart=quart,
         n_sampled=n_sampled,
         numel=numel,
         keys=tuple(use),
         tensor_gram=tensor_gram,
         key_group=tuple(gidx[group_of[k]] for k in use),
+        prints=tuple(fps),
     )
+
+
+def _rows(fps: Sequence[Fingerprint], key: str) -> np.ndarray:
+    """One row per model (the subject first), converted in one call; products are
+    a @ a.T. Masks multiply (np.where over a bool mask is ~5x slower here): a dropped
+    coordinate becomes a signed zero, which adds nothing to a sum."""
+    return np.array([fp.tensors[key].sample for fp in fps], dtype=np.float64)
 
 
 @dataclass(frozen=True)

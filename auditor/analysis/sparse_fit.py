@@ -83,20 +83,38 @@ class SparseFit:
 Evaluation = tuple[np.ndarray, float, float, np.ndarray]  # coefs, R^2, exact, mask
 
 
+def _row(fp: Fingerprint, keys: Sequence[str], step: int) -> np.ndarray:
+    """The sampled coordinates of ``keys`` end to end, every ``step``-th, in float64
+    (joined in their stored float32 and cut first: 50 candidates of a 1B model are
+    ~27M coordinates, and a screen on a subsample converted them all)."""
+    return np.concatenate([fp.tensors[k].sample for k in keys])[::step].astype(np.float64)
+
+
+class _FullRows(dict[str, np.ndarray]):
+    """Every sampled coordinate of a candidate, made when first asked for."""
+
+    def __init__(self, prints: Mapping[str, Fingerprint], keys: Sequence[str]) -> None:
+        super().__init__()
+        self._prints = prints
+        self._keys = keys
+
+    def __missing__(self, name: str) -> np.ndarray:
+        row = self[name] = _row(self._prints[name], self._keys, 1)
+        return row
+
+
 def _arrays(
     subject: Fingerprint, prints: Mapping[str, Fingerprint], keys: Sequence[str],
-    base: Fingerprint | None,
-) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, Layout]:
-    y = np.concatenate([subject.tensors[k].sample.astype(np.float64) for k in keys])
-    xs = {n: np.concatenate([fp.tensors[k].sample.astype(np.float64) for k in keys])
-          for n, fp in prints.items()}
+    base: Fingerprint | None, step: int = 1,
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    y = _row(subject, keys, step)
+    xs = {n: _row(fp, keys, step) for n, fp in prints.items()}
     if base is not None and all(k in base.tensors for k in keys):
-        scale = np.concatenate([np.abs(base.tensors[k].sample.astype(np.float64))
-                                for k in keys])
+        scale = np.abs(_row(base, keys, step))
     else:
         scale = np.zeros_like(y)
     # float32 weights minus float32 base: rounding at ~1e-6 of the weight's magnitude
-    return y, xs, 1e-6 * scale + 1e-12, dp.layout(subject, keys)
+    return y, xs, 1e-6 * scale + 1e-12
 
 
 def _assign(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -348,11 +366,14 @@ def fit_sparse(
     coordinates they reproduce; then every parent is tested against its shuffled
     stand-in, and the weakest failing one dropped until all pass."""
     pool = [n for n in order if n in candidates]
-    y, xs, floor, layout = _arrays(subject, {n: candidates[n] for n in pool}, keys, base)
+    y, _, floor = _arrays(subject, {}, keys, base)
+    layout = dp.layout(subject, keys)
     # the selection tries many candidate sets: an even subsample of the coordinates is
-    # plenty to rank them; the final fit and the null test use every coordinate
+    # plenty to rank them; the final fit and the null test use every coordinate, of the
+    # chosen candidates only
     step = max(1, -(-y.size // FORWARD_COORDS))
-    ys, xss, fs = y[::step], {n: v[::step] for n, v in xs.items()}, floor[::step]
+    ys, xss, fs = _arrays(subject, {n: candidates[n] for n in pool}, keys, base, step)
+    xs = _FullRows(candidates, keys)
     chosen = _expand_merged(ys, xss, fs, pool, _forward(ys, xss, fs, pool, min_gain), min_gain)
     rejected: list[str] = []
     while chosen:
@@ -428,9 +449,9 @@ def exact_share(
     pool = [n for n in order if n in candidates]
     if not pool:
         return 0.0
-    y, xs, floor, _ = _arrays(subject, {n: candidates[n] for n in pool}, keys, base)
-    step = max(1, -(-y.size // FORWARD_COORDS))
-    ys, xss, fs = y[::step], {n: v[::step] for n, v in xs.items()}, floor[::step]
+    size = sum(subject.tensors[k].sample.size for k in keys)
+    step = max(1, -(-size // FORWARD_COORDS))
+    ys, xss, fs = _arrays(subject, {n: candidates[n] for n in pool}, keys, base, step)
     if not (ys != 0).any():
         return 0.0
     chosen = _forward(ys, xss, fs, pool, min_gain)

@@ -65,6 +65,15 @@ def _items(rule: Rule, m: dict[str, Any]) -> list[dict[str, Any] | None]:
     return list(m["pickles"])
 
 
+def _to_cel(item: dict[str, Any] | None) -> Any:
+    """``item`` as a CEL value, or the exception converting it raised (reported per rule,
+    as if it were raised there)."""
+    try:
+        return celpy.json_to_cel(cel_safe(item))
+    except Exception as exc:
+        return exc
+
+
 def _short(exc: BaseException) -> str:
     # celpy errors carry the whole activation in their text: keep the first line of it.
     text = str(exc.args[0]) if exc.args else str(exc)
@@ -141,10 +150,17 @@ def evaluate(
     base = {"m": celpy.json_to_cel(cel_safe(m)),
             "subject_owner": celpy.json_to_cel(_subject_owner(m))}
     findings: list[Finding] = []
+    # each scope's items converted to CEL once, not once per rule (a family of 50
+    # homologues times a dozen lineage rules)
+    scoped: dict[str, list[tuple[dict[str, Any] | None, Any]]] = {}
     for rule in rules:
-        for item in _items(rule, m):
+        if (pairs := scoped.get(rule.spec.scope)) is None:
+            pairs = scoped[rule.spec.scope] = [(item, _to_cel(item)) for item in _items(rule, m)]
+        for item, cel in pairs:
             try:
-                activation = {**base, "item": celpy.json_to_cel(cel_safe(item))}
+                if isinstance(cel, Exception):
+                    raise cel
+                activation = {**base, "item": cel}
                 if _condition(rule, activation):
                     findings.append(_finding(rule, m, item))
             except Exception as exc:
