@@ -64,6 +64,7 @@ from auditor.analysis.verdicts import (
     layer_consistent,
     merged_not_copied,
     parent_sibling_null,
+    prune_exact,
     recipe_residual,
     sparse_accusable,
     typical_norm,
@@ -420,6 +421,8 @@ def _dense(
         exact = exact_search(stack, pool, base=base_i, threshold=fam.exact_threshold,
                              scale=scale)
         members = exact if exact is not None else drop_trimmers(stack.total, members, base_i)
+    else:
+        members = prune_exact(stack, members, base_i, scale, fam.exact_threshold)
     if not members:
         return _Fit([], {}, reason="no candidate explains a share of the subject")
     attribution = attribute(stack, members, base=base_i)

@@ -28,6 +28,7 @@ clearly better than its shuffled stand-in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -275,13 +276,24 @@ def _expand_merged(
     for name in list(chosen):
         if name not in chosen:
             continue
-        members = _exact_members(xs, name, [n for n in pool if n != name and n not in chosen])
-        trial = [n for n in chosen if n != name] + members
-        if not members or len(trial) > MAX_PARENTS:
+        members = _exact_members(xs, name, [n for n in pool if n != name])
+        rest = [n for n in chosen if n != name]
+        new = [n for n in members if n not in rest]
+        room = MAX_PARENTS - len(rest)
+        if not members or room < 0:
             continue
-        if _score(y, xs, floor, trial) >= _score(y, xs, floor, chosen) + min_gain:
-            chosen = _forward(y, xs, floor, [n for n in pool if n != name], min_gain,
-                              start=trial)
+        # its members in its place when they fit, and it dropped alone: a three-model
+        # merge standing in for one parent of a three-parent merge, chosen beside that
+        # parent, only blocks the exact fit, and its other members are no parents. Each
+        # trial completed by forward selection (without the stand-in) before it is
+        # judged: dropping it alone fits worse until the parent it hid comes in
+        others = [n for n in pool if n != name]
+        done = [_forward(y, xs, floor, others, min_gain, start=rest + sub)
+                for sub in ([], new) if len(sub) <= room and (sub or set(members) & set(rest))]
+        best, trial = max(((_score(y, xs, floor, t), t) for t in done if t),
+                          key=lambda st: st[0], default=(-math.inf, []))
+        if best >= _score(y, xs, floor, chosen) + min_gain:
+            chosen = trial
     return chosen
 
 

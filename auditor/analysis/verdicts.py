@@ -212,6 +212,25 @@ def exact_search(
     return chosen
 
 
+def prune_exact(
+    stack: GramStack, members: Sequence[int], base: int | None, scale: float,
+    threshold: float,
+) -> list[int]:
+    """An exact set with no member it stays exact without: a layer-wise merge's global
+    fit takes in a sibling of one parent to mimic the per-layer weights, and the
+    tensor-by-tensor recipe (``recipe_residual``, the gate) is still exact with the
+    sibling at ~0 (a false parent)."""
+    out = list(members)
+    while len(out) > 1:
+        trials = [(recipe_residual(stack, [m for m in out if m != j], base, scale), j)
+                  for j in out]
+        r, j = min(trials)
+        if r > threshold:
+            break
+        out.remove(j)
+    return out
+
+
 def unique_shares(
     gram: np.ndarray, members: Sequence[int], base: int | None, explained: float
 ) -> list[float]:
@@ -434,6 +453,7 @@ __all__ = [
     "merged_not_copied",
     "own_ratio",
     "parent_sibling_null",
+    "prune_exact",
     "recipe_residual",
     "sparse_accusable",
     "typical_norm",
