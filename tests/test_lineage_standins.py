@@ -132,3 +132,47 @@ def test_a_stand_in_chosen_beside_its_member_is_dropped(taus: dict[str, Tensors]
     chosen = sf._expand_merged(y, xs, floor, list(cands), ["pub-mix", "ft1", "ft2"], 0.02)
     assert sorted(chosen) == ["ft0", "ft1", "ft2"]
 
+
+
+def test_near_exact_fit_accuses_only_far_below_the_siblings() -> None:
+    """A disguised merge's realignment leaves float noise above the exact threshold: a
+    residual 0.002 of the siblings' with every parent's own share 174x it is a merge,
+    however small that share; 10x it is not (non-merges reach 1.43x)."""
+    from auditor.analysis.verdicts import FamilyNull, dense_verdict
+
+    fam = FamilyNull(n_pairs=300, n_related=200, sibling_residual=0.32)
+
+    def verdict(own: list[float]) -> object:
+        return dense_verdict(n_parents=2, coefficients=[0.884, 0.473], explained=1 - 6e-4,
+                             recipe_res=4e-3, fam=fam, single_finetune=False,
+                             own_shares=own)
+
+    near = verdict([0.35, 0.104])
+    assert near.accusable and near.verdict == "finetuned_merge"  # type: ignore[attr-defined]
+    assert not verdict([0.35, 0.006]).accusable  # type: ignore[attr-defined]
+
+
+def test_a_third_parent_from_another_domain_completes_the_exact_recipe(
+        taus: dict[str, Tensors]) -> None:
+    """Two same-data siblings explain 0.96 of their merge with a third model; many more
+    siblings rank above the third parent by cosine with the subject, so only what the two
+    leave unexplained points at it."""
+    pool = {f"code{i}": _sibling(taus["ft0"], 200 + i, [0.8] * 4) for i in range(12)}
+    pool["copy"] = taus["ft3"]
+    pool.update({f"ft{i}": taus[f"ft{i}"] for i in (4, 5)})
+    subject = combine([pool["code0"], pool["copy"], pool["code1"]], [0.725, 0.431, 0.724])
+    cands = {n: fp(t) for n, t in pool.items()}
+    res = analyze_lineage(fp(subject), cands)
+    assert _parents(res) == pytest.approx({"code0": 0.725, "copy": 0.431, "code1": 0.724},
+                                          abs=0.02)
+    # the completion itself: from the two siblings, the candidate the rest points at
+    from auditor.analysis.similarity import build_gram
+    from auditor.analysis.verdicts import complete_exact
+
+    stack = build_gram([("s", fp(subject)), *cands.items()])
+    ix = {n: stack.names.index(n) for n in cands}
+    pool = list(ix.values())
+    two = [ix["code0"], ix["code1"]]
+    assert complete_exact(stack, two, pool, None, 1.0, 1e-3) == [*two, ix["copy"]]
+    assert complete_exact(stack, two, [j for j in pool if j != ix["copy"]], None, 1.0,
+                          1e-3) is None

@@ -57,6 +57,7 @@ from auditor.analysis.sparse_fit import (
 from auditor.analysis.verdicts import (
     NULL_DESCRIPTION,
     FamilyNull,
+    complete_exact,
     dense_verdict,
     drop_trimmers,
     exact_search,
@@ -418,8 +419,8 @@ def _dense(
     sel = merged_member_expansion(stack, sel, pool, base=base_i)
     members = list(sel.members)
     if not members or recipe_residual(stack, members, base_i, scale) > fam.exact_threshold:
-        exact = exact_search(stack, pool, base=base_i, threshold=fam.exact_threshold,
-                             scale=scale)
+        exact = complete_exact(stack, members, pool, base_i, scale, fam.exact_threshold) \
+            or exact_search(stack, pool, base=base_i, threshold=fam.exact_threshold, scale=scale)
         members = exact if exact is not None else drop_trimmers(stack.total, members, base_i)
     else:
         members = prune_exact(stack, members, base_i, scale, fam.exact_threshold)

@@ -73,6 +73,13 @@ UNIQUE_OVER_RESIDUAL = 1.5
 # the subject; merges fine-tuned on another task: 1.7x-7.4x and 0.15-0.6).
 MIN_OWN_SHARE = 0.12
 MIN_SHARE = 0.15
+# A near-exact merge (a disguised copy's realignment leaves float noise above the exact
+# threshold; a light fine-tune on top): a residual this far below the closest siblings'
+# and every parent's own share this many times it accuse whatever that share's size (a
+# seed-786234 disguised merge: 0.002 and 174x, its second parent's share 0.10; non-merges
+# above: at most 1.43x).
+NEAR_EXACT_SHARE = 0.05
+NEAR_EXACT_OWN = 20.0
 # Sibling parents: the subject's least own share over its residual (and its residual)
 # must beat the parents' other siblings fitted on the same parents by this factor ...
 STANDOUT = 2.0
@@ -210,6 +217,33 @@ def exact_search(
             return members
         chosen = chosen or members
     return chosen
+
+
+def complete_exact(
+    stack: GramStack, members: Sequence[int], pool: Sequence[int], base: int | None,
+    scale: float, threshold: float, *, tries: int = 5,
+) -> list[int] | None:
+    """``members`` and one more candidate (of the ``tries`` most aligned with what they
+    leave unexplained) that make the recipe exact, or None: a third parent from another
+    domain (cosine 0.2) is no forward step once two siblings explain 0.96, nor among the
+    ten most similar to the subject that ``exact_search`` tries."""
+    if not members or len(members) >= 4:
+        return None
+    g = stack.total
+    fit = solve(g, list(members), base=base)
+    cols = [*members, *([base] if base is not None else [])]
+    coef = np.array([*fit.coefficients, *([fit.base_coefficient or 0.0] if base is not None
+                                          else [])])
+    rest = [j for j in pool if j not in members]  # by <tau_j, subject - fit> / |tau_j|
+    score = {j: abs(g[j, 0] - float(g[j, cols] @ coef)) / math.sqrt(max(g[j, j], 1e-300))
+             for j in rest}
+    for j in sorted(rest, key=lambda j: -score[j])[:tries]:
+        trial = [*members, j]
+        f = solve(g, trial, base=base)
+        if min(f.coefficients) >= MIN_SHARE and \
+                recipe_residual(stack, trial, base, scale) <= threshold:
+            return trial
+    return None
 
 
 def prune_exact(
@@ -379,6 +413,13 @@ def dense_verdict(
             f"its own at least {own:.1f} times the unexplained rest"
             + (" (the parents are related to one another)" if parents_related else "")
             + ": a merge fine-tuned further", own_share=own)
+    if shares_ok and ratio <= NEAR_EXACT_SHARE and own >= NEAR_EXACT_OWN:
+        return DenseVerdict(
+            "finetuned_merge", True, recipe_res, ratio,
+            f"the parents leave {residual:.1e} of the subject unexplained ({ratio:.3f} of "
+            f"the closest siblings' residual) and each carries a share of its own {own:.0f} "
+            "times that rest: a merge, up to realignment rounding or a light fine-tune",
+            own_share=own)
     sib = sibling_null
     if shares_ok and own >= SIBLING_OWN_OVER_RESIDUAL and sib is not None and \
             _siblings_stand_out(own, residual, sib, layers_consistent):
@@ -444,6 +485,7 @@ __all__ = [
     "DenseVerdict",
     "FamilyNull",
     "ParentSiblingNull",
+    "complete_exact",
     "dense_verdict",
     "drop_trimmers",
     "exact_search",
