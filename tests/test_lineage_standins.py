@@ -166,8 +166,8 @@ def test_a_third_parent_from_another_domain_completes_the_exact_recipe(
     assert _parents(res) == pytest.approx({"code0": 0.725, "copy": 0.431, "code1": 0.724},
                                           abs=0.02)
     # the completion itself: from the two siblings, the candidate the rest points at
+    from auditor.analysis.exact_sets import complete_exact
     from auditor.analysis.similarity import build_gram
-    from auditor.analysis.verdicts import complete_exact
 
     stack = build_gram([("s", fp(subject)), *cands.items()])
     ix = {n: stack.names.index(n) for n in cands}

@@ -38,6 +38,12 @@ from auditor.analysis.attribution import (
 )
 from auditor.analysis.calibration import NullModel, Relatedness, fit_null, relatedness
 from auditor.analysis.clones import clone_groups, identifiable_keys, is_clone
+from auditor.analysis.exact_sets import (
+    complete_exact,
+    exact_search,
+    merged_not_copied,
+    prune_exact,
+)
 from auditor.analysis.fingerprint import Fingerprint
 from auditor.analysis.signatures import (
     METHOD_REGISTRY,
@@ -57,15 +63,11 @@ from auditor.analysis.sparse_fit import (
 from auditor.analysis.verdicts import (
     NULL_DESCRIPTION,
     FamilyNull,
-    complete_exact,
     dense_verdict,
     drop_trimmers,
-    exact_search,
     family_null,
     layer_consistent,
-    merged_not_copied,
     parent_sibling_null,
-    prune_exact,
     recipe_residual,
     sparse_accusable,
     typical_norm,

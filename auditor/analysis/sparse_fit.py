@@ -91,6 +91,17 @@ def _row(fp: Fingerprint, keys: Sequence[str], step: int) -> np.ndarray:
     return np.concatenate([fp.tensors[k].sample for k in keys])[::step].astype(np.float64)
 
 
+def _selection(
+    subject: Fingerprint, candidates: Mapping[str, Fingerprint], pool: Sequence[str],
+    keys: Sequence[str], base: Fingerprint | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """The arrays forward selection ranks candidate sets on: it tries many, and an even
+    subsample of ~``FORWARD_COORDS`` coordinates is plenty to rank them."""
+    size = sum(subject.tensors[k].sample.size for k in keys)
+    step = max(1, -(-size // FORWARD_COORDS))
+    return _arrays(subject, {n: candidates[n] for n in pool}, keys, base, step)
+
+
 class _FullRows(dict[str, np.ndarray]):
     """Every sampled coordinate of a candidate, made when first asked for."""
 
@@ -380,11 +391,8 @@ def fit_sparse(
     pool = [n for n in order if n in candidates]
     y, _, floor = _arrays(subject, {}, keys, base)
     layout = dp.layout(subject, keys)
-    # the selection tries many candidate sets: an even subsample of the coordinates is
-    # plenty to rank them; the final fit and the null test use every coordinate, of the
-    # chosen candidates only
-    step = max(1, -(-y.size // FORWARD_COORDS))
-    ys, xss, fs = _arrays(subject, {n: candidates[n] for n in pool}, keys, base, step)
+    # the final fit and the null test use every coordinate, of the chosen candidates only
+    ys, xss, fs = _selection(subject, candidates, pool, keys, base)
     xs = _FullRows(candidates, keys)
     chosen = _expand_merged(ys, xss, fs, pool, _forward(ys, xss, fs, pool, min_gain), min_gain)
     rejected: list[str] = []
@@ -461,9 +469,7 @@ def exact_share(
     pool = [n for n in order if n in candidates]
     if not pool:
         return 0.0
-    size = sum(subject.tensors[k].sample.size for k in keys)
-    step = max(1, -(-size // FORWARD_COORDS))
-    ys, xss, fs = _arrays(subject, {n: candidates[n] for n in pool}, keys, base, step)
+    ys, xss, fs = _selection(subject, candidates, pool, keys, base)
     if not (ys != 0).any():
         return 0.0
     chosen = _forward(ys, xss, fs, pool, min_gain)
