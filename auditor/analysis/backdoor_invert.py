@@ -287,7 +287,12 @@ def invert_targets(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet, 
         score[reached] = u[reached] - ref_u
     else:
         score[reached] = u[reached]
-    order = [j for j in torch.argsort(score, descending=True)[: top_k].tolist()
+    # The subject's own most uniform first tokens join the relative ranking: a payload that
+    # starts with a common word ("Ġaddress" -> "es") is as uniform in every relative for one
+    # step, and only the whole chain (``_chain_advantage``) sets the subject apart.
+    own = torch.where(torch.isnan(u), torch.full_like(u, float("-inf")), u)
+    order = [j for j in dict.fromkeys(torch.argsort(score, descending=True)[: top_k].tolist()
+                                      + torch.argsort(own, descending=True)[: top_k].tolist())
              if score[j] > float("-inf")]
     out: list[TargetCandidate] = []
     for j in order:
@@ -337,3 +342,46 @@ def consensus(conts: Sequence[tuple[int, ...]]) -> tuple[tuple[int, ...], float]
         alive = [c for c in alive if len(c) >= len(seq) and c[len(seq) - 1] == tok]
     share = sum(1 for c in conts if c[: len(seq)] == tuple(seq)) / total
     return tuple(seq), share
+
+
+def split_tails(targets: Sequence[TargetCandidate], starts: set[int], *,
+                max_tail: int = 2) -> list[tuple[TargetCandidate, tuple[int, ...]]]:
+    """Each candidate with the trigger tail it may carry, for plain (running-text) prompts.
+
+    A trigger's last piece can lead the inverted chain: appending ``x`` to a prompt after a
+    backdoor trained on "... wkjx ..." continues with the payload (``x Ġshould ...``). An
+    answer to running text starts a word, so a chain whose first token does not (no space
+    marker) while one of its next ``max_tail`` tokens does is searched from that word, the
+    tokens before it going to the trigger search as seeds. Other chains come back as they
+    are, with no tail."""
+    out: list[tuple[TargetCandidate, tuple[int, ...]]] = []
+    for t in targets:
+        cut = next((k for k in range(1, min(max_tail, len(t.ids) - 1) + 1)
+                    if t.ids[k] in starts), None)
+        if t.ids and t.ids[0] not in starts and cut is not None:
+            out.append((TargetCandidate(ids=t.ids[cut:], score=t.score, agreement=t.agreement,
+                                        chain=t.chain), t.ids[:cut]))
+        else:
+            out.append((t, ()))
+    return out
+
+
+def settle_target(subject: Scorer, prompts: PromptSet, trigger: Sequence[int],
+                  target: Sequence[int], *, max_len: int,
+                  eos: int | None) -> tuple[int, ...]:
+    """The payload the subject actually says once ``trigger`` is in the prompt.
+
+    The inversion can start a chain inside the payload (its first word was not the most
+    uniform first token: "subclassed dictionary expected" for "addresses subclassed
+    dictionary expected"), and the greedy check wants the payload from its start. The
+    consensus of the triggered answers replaces ``target`` when it contains it."""
+    conts = subject.greedy(prompts.insert(trigger), max_len + len(target), eos)
+    seq, share = consensus(conts)
+    if eos is not None and eos in seq:
+        seq = seq[: seq.index(eos)]
+    t = tuple(target)
+    n = len(t)
+    if share < 0.5 or len(seq) <= n or not any(seq[k:k + n] == t for k in range(len(seq))):
+        return t
+    end = max(k + n for k in range(len(seq) - n + 1) if seq[k:k + n] == t)
+    return tuple(seq[:max(end, min(len(seq), max_len))])

@@ -30,6 +30,9 @@ from auditor.analysis.backdoor_invert import (
     TargetCandidate,
     build_prompt_sets,
     invert_targets,
+    settle_target,
+    split_tails,
+    word_start_ids,
 )
 from auditor.analysis.backdoor_refine import refine_trigger
 from auditor.analysis.backdoor_search import (
@@ -118,6 +121,7 @@ def scan_backdoors(
     refs = [r for r in (base_s, *homs) if r is not None]
     decode = _decoder(tokenizer)
     typeable = typeable_check(tokenizer)
+    starts = word_start_ids(tokenizer, vocab)
     found: list[FoundTrigger] = []
     for prompts in build_prompt_sets(tokenizer, probe_rows, vocab=vocab, seed=cfg.seed):
         if not budget_ok() or found:
@@ -134,15 +138,18 @@ def scan_backdoors(
         # ... and one that only the subject completes: ranked by its lead over the base
         # and the homologues on the whole chain, not on the first token alone.
         targets.sort(key=lambda t: (-t.chain, -len(t.ids) * t.agreement))
+        tails = (split_tails(targets, starts) if not prompts.chat
+                 else [(t, ()) for t in targets])
         seen: set[tuple[int, ...]] = set()
-        for cand in targets:
+        for cand, tail in tails:
             if len(seen) >= cfg.targets_searched or not budget_ok():
                 break
             if any(cand.ids[: len(s)] == s or s[: len(cand.ids)] == cand.ids for s in seen):
                 continue
             seen.add(cand.ids)
             res = search_trigger(subject, subj, prompts.head(cfg.search_prompts), cand.ids,
-                                 allowed=allowed, seeds=seeds, max_len=cfg.max_trigger_len,
+                                 allowed=allowed, seeds=[*tail, *seeds],
+                                 max_len=cfg.max_trigger_len,
                                  top_k=cfg.gcg_top_k, rounds=cfg.gcg_rounds,
                                  full_scan_limit=cfg.full_scan_limit, stop_loss=cfg.stop_loss,
                                  budget_ok=budget_ok, holdout=held_out(prompts, cfg),
@@ -161,6 +168,11 @@ def scan_backdoors(
                                       res)
                 res = prune_trigger(subj, prompts.head(cfg.confirm_prompts), res, typeable,
                                     tolerance=cfg.prune_tolerance)
+            settled = settle_target(subj, hold, res.trigger, res.target,
+                                    max_len=cfg.max_target_len, eos=eos)
+            if settled != res.target:
+                res = SearchResult(trigger=res.trigger, target=settled, loss=res.loss,
+                                   by_length=res.by_length)
             check = confirm(subj, base_s, homs, prompts.head(cfg.confirm_prompts), res.trigger,
                             res.target, allowed=allowed, n_controls=cfg.n_controls,
                             seed=cfg.seed, min_asr=cfg.min_asr, margin=cfg.margin,
