@@ -85,3 +85,51 @@ def test_inversion_scores_the_chain_of_a_first_token_every_relative_finds_unifor
                             vocab_ids=[100, 101, 102], top_k=1, max_len=3, eos=None)
     assert 100 in chains  # relative score 0.0, yet its chain was measured
     assert max(out, key=lambda t: t.chain).ids[0] == 100
+
+
+def test_merge_robust_means_surviving_down_to_robust_r() -> None:
+    from functools import partial
+
+    from auditor.analysis.backdoor import BackdoorConfig
+    from auditor.analysis.backdoor_scan import is_merge_robust as rule
+
+    cfg = BackdoorConfig()
+    is_merge_robust = partial(rule, robust_r=cfg.robust_r, robust_asr=cfg.robust_asr)
+    # BadMerging-style: part of the attack lost at r = 0.2, all of it kept from 0.4 up.
+    assert is_merge_robust([(0.2, 0.16), (0.4, 0.88), (0.6, 0.97), (1.0, 1.0)], 0.1)
+    # Plain: fades below r = 0.6 (and when averaged).
+    assert not is_merge_robust([(0.2, 0.0), (0.4, 0.19), (0.6, 0.66), (1.0, 0.97)], 0.0)
+    # Averaging with the homologues alone can show it.
+    assert is_merge_robust([(0.2, 0.0), (0.4, 0.3), (1.0, 1.0)], 0.6)
+
+
+def test_adversarial_reach_is_the_best_search_on_any_reference() -> None:
+    """Each reference is searched from scratch; the reach is the best held-out attack
+    success any of them gets with its own trigger (scored by that reference)."""
+    from auditor.analysis.backdoor_scan import adversarial_reach
+    from auditor.analysis.backdoor_search import SearchResult
+
+    target = (40, 41)
+
+    class Ref:
+        """Says the target when the prompt holds its own magic token (if it has one)."""
+
+        def __init__(self, magic: int | None) -> None:
+            self.magic = magic
+
+        def greedy(self, prefixes, n, eos):  # type: ignore[no-untyped-def]
+            return [target if self.magic in p else (9, 9) for p in prefixes]
+
+    calls: list[tuple[int | None, tuple[int, ...]]] = []
+
+    def search(model, scorer, tgt, start):  # type: ignore[no-untyped-def]
+        calls.append((scorer.magic, tuple(start)))
+        return SearchResult(trigger=(scorer.magic or 1,), target=tuple(tgt), loss=0.0)
+
+    res = SearchResult(trigger=(50, 51), target=target, loss=0.0)
+    reachable, immune = Ref(77), Ref(None)
+    pairs = [(None, immune), (None, reachable)]
+    assert adversarial_reach(pairs, PROMPTS, res, search) == 1.0  # type: ignore[arg-type]
+    assert calls == [(None, ()), (77, ())]
+    assert adversarial_reach([(None, immune)], PROMPTS, res, search) == 0.0  # type: ignore[list-item]
+    assert adversarial_reach([], PROMPTS, res, search) == 0.0

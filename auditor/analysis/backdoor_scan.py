@@ -71,6 +71,10 @@ class ScanConfig:
     # Refine the found trigger by held-out attack success (orders, subsets, extensions);
     # off: the older canonical ordering and pruning.
     refine: bool = True
+    # Confirmed only when the subject attacks by ``margin`` more than the same trigger
+    # search reaches for the same target on the base and the homologues (held-out prompts).
+    reference_search: bool = True
+    reach_refs: int = 2  # the base and the first homologue
     seed: int = 0
 
 
@@ -119,6 +123,8 @@ def scan_backdoors(
     base_s = Scorer(base, cost) if base is not None else None
     homs = [Scorer(h, cost) for h in homologues]
     refs = [r for r in (base_s, *homs) if r is not None]
+    ref_pairs = [(m, r) for m, r in zip([m for m in (base, *homologues) if m is not None],
+                                        refs, strict=True)][: cfg.invert_refs]
     decode = _decoder(tokenizer)
     typeable = typeable_check(tokenizer)
     starts = word_start_ids(tokenizer, vocab)
@@ -147,14 +153,19 @@ def scan_backdoors(
             if any(cand.ids[: len(s)] == s or s[: len(cand.ids)] == cand.ids for s in seen):
                 continue
             seen.add(cand.ids)
-            res = search_trigger(subject, subj, prompts.head(cfg.search_prompts), cand.ids,
-                                 allowed=allowed, seeds=[*tail, *seeds],
-                                 max_len=cfg.max_trigger_len,
-                                 top_k=cfg.gcg_top_k, rounds=cfg.gcg_rounds,
-                                 full_scan_limit=cfg.full_scan_limit, stop_loss=cfg.stop_loss,
-                                 budget_ok=budget_ok, holdout=held_out(prompts, cfg),
-                                 typeable=typeable)
             hold = held_out(prompts, cfg)
+
+            def search(model: torch.nn.Module, scorer: Scorer, target: Sequence[int],
+                       start: Sequence[int], ps: PromptSet = prompts,
+                       hold: PromptSet = hold) -> SearchResult:
+                return search_trigger(model, scorer, ps.head(cfg.search_prompts), target,
+                                      allowed=allowed, seeds=start, max_len=cfg.max_trigger_len,
+                                      top_k=cfg.gcg_top_k, rounds=cfg.gcg_rounds,
+                                      full_scan_limit=cfg.full_scan_limit,
+                                      stop_loss=cfg.stop_loss, budget_ok=budget_ok,
+                                      holdout=hold, typeable=typeable)
+
+            res = search(subject, subj, cand.ids, [*tail, *seeds])
             if cfg.refine and hold.prompts:
                 # Orders, subsets and one-token extensions judged by attack success on
                 # prompts the search never saw (``backdoor_refine``).
@@ -177,6 +188,14 @@ def scan_backdoors(
                             res.target, allowed=allowed, n_controls=cfg.n_controls,
                             seed=cfg.seed, min_asr=cfg.min_asr, margin=cfg.margin,
                             max_clean=cfg.max_clean)
+            if check.confirmed and cfg.reference_search and hold.prompts and budget_ok():
+                # The same search for the same target on the clean relatives: a payload an
+                # optimised string forces in them too (a word the task taught every
+                # fine-tune) is adversarial reach, not a backdoor of the subject.
+                mine = attack_rate(subj, hold, res.trigger, res.target)
+                reach = adversarial_reach(ref_pairs[: cfg.reach_refs], hold, res, search)
+                if mine < reach + cfg.margin:
+                    continue
             if check.confirmed:
                 found.append(FoundTrigger(
                     trigger_ids=res.trigger, target_ids=res.target, text=decode(res.trigger),
@@ -185,6 +204,16 @@ def scan_backdoors(
                 ))
                 break
     return sorted(found, key=lambda f: -f.check.asr)
+
+
+def adversarial_reach(ref_pairs: Sequence[tuple[torch.nn.Module, Scorer]], hold: PromptSet,
+                      res: SearchResult,
+                      search: Callable[[torch.nn.Module, Scorer, Sequence[int], Sequence[int]],
+                                       SearchResult]) -> float:
+    """The best held-out attack success the trigger search reaches for ``res.target`` on
+    any reference, from scratch (the subject's own trigger was already measured on them)."""
+    return max((attack_rate(r, hold, search(m, r, res.target, ()).trigger, res.target)
+                for m, r in ref_pairs), default=0.0)
 
 
 def canonical_order(tokenizer: Any, scorer: Scorer, prompts: PromptSet,
@@ -391,6 +420,15 @@ def text_variants(tokenizer: Any, text: str) -> list[tuple[int, ...]]:
         if ids and (unk is None or unk not in ids) and ids not in out:
             out.append(ids)
     return [o for o in out if o and (unk is None or unk not in o)]
+
+
+def is_merge_robust(curve: Sequence[tuple[float, float]], averaged: float | None, *,
+                    robust_r: float, robust_asr: float) -> bool:
+    """BadMerging's property: the attack holds on ``robust_asr`` of the probes all the way
+    down to ``base + robust_r * tau``, or after averaging with the homologues."""
+    kept = [asr for r, asr in curve if r >= robust_r - 1e-9]
+    return bool((kept and min(kept) >= robust_asr)
+                or (averaged is not None and averaged >= robust_asr))
 
 
 def merge_robustness(

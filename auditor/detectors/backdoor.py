@@ -54,8 +54,11 @@ def detect_backdoor(ctx: AuditContext) -> None:
                           revision=ctx.subject.resolved.revision)
     # Probes sampled from the base, not the subject: a backdoored model's own samples
     # can already carry its payload, which hides the trigger's effect.
+    # References: fine-tunes of the same base that are not the subject's parents (siblings
+    # included): behaviour the subject shows and its relatives do not is the evidence.
+    homologues = benign_homologues(ctx, relations=("unrelated", "related", "sibling"))
     ctx.provide(Backdoor(info=analyze_backdoor(
-        subject=subject, base=setup.base, homologues=benign_homologues(ctx),
+        subject=subject, base=setup.base, homologues=homologues,
         probes=setup.probes, flagged_parents=flagged or None,
         config=BackdoorConfig(max_forward_passes=ctx.settings.backdoor_max_forward_passes,
                               max_tokens=search_tokens(ctx.settings, setup.spec.config)),
