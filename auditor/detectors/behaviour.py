@@ -177,25 +177,34 @@ def benign_homologues(
     """
     entries = {e.repo_id: e for e in ctx.get(Lineage).result.entries}
     sources = candidate_sources(ctx)
+
+    def suspected(repo_id: str) -> bool:
+        # A homologue the store already holds a backdoor verdict against is no benign
+        # reference: its payload would pass for "what relatives do".
+        ref = ctx.homologues.get(repo_id)
+        return bool(ref is not None and ref.backdoor is not None and ref.backdoor.suspected)
+
     picked = [src for repo, src in sorted(sources.items())
               if repo in entries and entries[repo].relation in relations
               # a re-upload would count the same model twice in the reference
-              and not entries[repo].copy_of][:MAX_HOMOLOGUES]
+              and not entries[repo].copy_of and not suspected(repo)][:MAX_HOMOLOGUES]
     # At most MAX_HOMOLOGUES download attempts per audit, shared by every stage that
     # asks: with hundreds of stored homologues an unreachable Hub must not cost one
     # timeout per homologue per stage.
     tried: dict[str, TensorSource | None] = ctx.__dict__.setdefault("_homologue_downloads", {})
     # Stored homologues, and candidates whose fingerprint came from the cache (their
     # weights were not read this time): both are fetched, pinned, only when needed here.
-    revisions = {repo_id: ref.revision for repo_id, ref in ctx.homologues.items()}
-    revisions.update({repo_id: c.resolved.revision for repo_id, c in ctx.candidates.items()
-                      if repo_id not in sources})
-    for repo_id, revision in sorted(revisions.items()):
+    # The candidates the audit was asked to compare with come first, then the store's.
+    named = sorted((repo_id, c.resolved.revision) for repo_id, c in ctx.candidates.items()
+                   if repo_id not in sources)
+    stored = sorted((repo_id, ref.revision) for repo_id, ref in ctx.homologues.items()
+                    if repo_id not in ctx.candidates)
+    for repo_id, revision in [*named, *stored]:
         if len(picked) >= MAX_HOMOLOGUES:
             break
         entry = entries.get(repo_id)
         if repo_id in sources or entry is None or entry.relation not in relations \
-                or entry.copy_of:
+                or entry.copy_of or suspected(repo_id):
             continue
         if repo_id in tried:
             if tried[repo_id] is not None:
