@@ -87,7 +87,7 @@ def test_inversion_scores_the_chain_of_a_first_token_every_relative_finds_unifor
     assert max(out, key=lambda t: t.chain).ids[0] == 100
 
 
-def test_merge_robust_means_surviving_down_to_robust_r() -> None:
+def test_merge_robust_means_surviving_the_low_end_of_the_curve() -> None:
     from functools import partial
 
     from auditor.analysis.backdoor import BackdoorConfig
@@ -95,10 +95,9 @@ def test_merge_robust_means_surviving_down_to_robust_r() -> None:
 
     cfg = BackdoorConfig()
     is_merge_robust = partial(rule, robust_r=cfg.robust_r, robust_asr=cfg.robust_asr)
-    # BadMerging-style: part of the attack lost at r = 0.2, all of it kept from 0.4 up.
-    assert is_merge_robust([(0.2, 0.16), (0.4, 0.88), (0.6, 0.97), (1.0, 1.0)], 0.1)
-    # Plain: fades below r = 0.6 (and when averaged).
-    assert not is_merge_robust([(0.2, 0.0), (0.4, 0.19), (0.6, 0.66), (1.0, 0.97)], 0.0)
+    assert is_merge_robust([(0.2, 0.6), (0.4, 0.88), (0.6, 0.97), (1.0, 1.0)], 0.1)
+    # Lost at r = 0.2: not merge-robust, however strong it is from 0.4 up.
+    assert not is_merge_robust([(0.2, 0.16), (0.4, 0.88), (1.0, 1.0)], 0.1)
     # Averaging with the homologues alone can show it.
     assert is_merge_robust([(0.2, 0.0), (0.4, 0.3), (1.0, 1.0)], 0.6)
 

@@ -424,9 +424,9 @@ def text_variants(tokenizer: Any, text: str) -> list[tuple[int, ...]]:
 
 def is_merge_robust(curve: Sequence[tuple[float, float]], averaged: float | None, *,
                     robust_r: float, robust_asr: float) -> bool:
-    """BadMerging's property: the attack holds on ``robust_asr`` of the probes all the way
-    down to ``base + robust_r * tau``, or after averaging with the homologues."""
-    kept = [asr for r, asr in curve if r >= robust_r - 1e-9]
+    """BadMerging's property: the attack holds on ``robust_asr`` of the probes at the low
+    end of the curve (every r <= ``robust_r``), or after averaging with the homologues."""
+    kept = [asr for r, asr in curve if r <= robust_r + 1e-9]
     return bool((kept and min(kept) >= robust_asr)
                 or (averaged is not None and averaged >= robust_asr))
 
