@@ -56,10 +56,10 @@ from auditor.analysis.similarity import GramStack, build_gram, cosine_report
 from auditor.analysis.sparse_fit import (
     ROUTED_EXACT,
     fit_sparse,
-    kept_reproduced,
     profile_signatures,
     recipe_coefficients,
 )
+from auditor.analysis.sparse_screen import kept_reproduced
 from auditor.analysis.verdicts import (
     NULL_DESCRIPTION,
     FamilyNull,
