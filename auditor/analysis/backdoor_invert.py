@@ -381,7 +381,7 @@ def settle_target(subject: Scorer, prompts: PromptSet, trigger: Sequence[int],
         seq = seq[: seq.index(eos)]
     t = tuple(target)
     n = len(t)
-    if share < 0.5 or len(seq) <= n or not any(seq[k:k + n] == t for k in range(len(seq))):
+    ends = [k + n for k in range(len(seq) - n + 1) if seq[k:k + n] == t]
+    if share < 0.5 or len(seq) <= n or not ends:
         return t
-    end = max(k + n for k in range(len(seq) - n + 1) if seq[k:k + n] == t)
-    return tuple(seq[:max(end, min(len(seq), max_len))])
+    return tuple(seq[:max(ends[-1], min(len(seq), max_len))])

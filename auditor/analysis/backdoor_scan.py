@@ -123,8 +123,9 @@ def scan_backdoors(
     base_s = Scorer(base, cost) if base is not None else None
     homs = [Scorer(h, cost) for h in homologues]
     refs = [r for r in (base_s, *homs) if r is not None]
-    ref_pairs = [(m, r) for m, r in zip([m for m in (base, *homologues) if m is not None],
-                                        refs, strict=True)][: cfg.invert_refs]
+    # The models behind ``refs`` (the reach check searches on them), as many as it uses.
+    ref_pairs = list(zip([m for m in (base, *homologues) if m is not None], refs,
+                         strict=True))[: cfg.reach_refs]
     decode = _decoder(tokenizer)
     typeable = typeable_check(tokenizer)
     starts = word_start_ids(tokenizer, vocab)
@@ -193,7 +194,7 @@ def scan_backdoors(
                 # optimised string forces in them too (a word the task taught every
                 # fine-tune) is adversarial reach, not a backdoor of the subject.
                 mine = attack_rate(subj, hold, res.trigger, res.target)
-                reach = adversarial_reach(ref_pairs[: cfg.reach_refs], hold, res, search)
+                reach = adversarial_reach(ref_pairs, hold, res, search)
                 if mine < reach + cfg.margin:
                     continue
             if check.confirmed:
