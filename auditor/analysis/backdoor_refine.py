@@ -38,6 +38,7 @@ from auditor.analysis.backdoor_search import (
     _gradients,
     _insert_scores,
     attack_rate,
+    retyped,
 )
 
 Ids = tuple[int, ...]
@@ -97,6 +98,41 @@ def choose(cands: Sequence[Ids], *, likelihood: Callable[[list[Ids]], list[float
     return pick_best(rated, step=step, incumbent=inc)
 
 
+def cohesion(scorer: Scorer, prompts: PromptSet, ids: Ids) -> float:
+    """Log-likelihood of the trigger's own tokens after its first, where it is inserted
+    (mean over prompts): typed text reads in order ("pro" + "cess"), a shuffle does not."""
+    if len(ids) < 2:
+        return 0.0
+    prefixes = [[*p[:i], ids[0]] for p, i in zip(prompts.prompts, prompts.positions,
+                                                 strict=True)]
+    return float(scorer.target_logprob(prefixes, list(ids[1:])).mean()) * (len(ids) - 1)
+
+
+# Nats by which another order of the same tokens must read more like text to replace the
+# chosen one (a few tokens' worth of a clear preference, not noise).
+COHESION_GAIN = 2.0
+
+
+def natural_order(scorer: Scorer, prompts: PromptSet, best: Rated, *,
+                  rate: Callable[[Ids], Rated], typed: Callable[[list[Ids]], list[Ids]],
+                  ) -> Rated:
+    """Among the orders of ``best``'s tokens that attack as well (within one prompt), the
+    one that reads most like text, when it reads clearly better (``COHESION_GAIN``). A
+    small model obeys a shuffled trigger as well as the typed one; the language model it
+    still is knows which order is a word."""
+    if len(best.ids) < 2:
+        return best
+    orders = [o for o in typed([tuple(p) for p in itertools.permutations(best.ids)])
+              if o != best.ids and sorted(o) == sorted(best.ids)]
+    step = float(getattr(rate, "step", 0.0))
+    alike = [r for r in map(rate, orders) if r.asr >= best.asr - step - 1e-9]
+    if not alike:
+        return best
+    mine = cohesion(scorer, prompts, best.ids)
+    top = max(alike, key=lambda r: cohesion(scorer, prompts, r.ids))
+    return top if cohesion(scorer, prompts, top.ids) > mine + COHESION_GAIN else best
+
+
 class _Rater:
     """Held-out attack success and likelihood margin, cached per variant."""
 
@@ -121,12 +157,15 @@ def refine_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
                    budget_ok: Callable[[], bool], max_len: int, top_k: int,
                    full_scan_limit: int = 0, keep: int = 6, rounds: int = 2,
                    n_controls: int = 4, seed: int = 0,
-                   keep_order: bool = True) -> SearchResult:
+                   keep_order: bool = True, salient: Sequence[int] = ()) -> SearchResult:
     """The found trigger as the attacker most likely typed it (see the module docstring).
     ``prompts``: the search prompts (likelihood ranking); ``holdout``: prompts the search
     never saw (attack success). ``keep_order``: the found order is the incumbent (off for
-    a pool of tokens in no meaningful order). Returns ``res`` unchanged when there is
-    nothing to judge on."""
+    a pool of tokens in no meaningful order). ``salient``: tokens whose weights moved
+    (``backdoor_weights.token_shifts``); each is rated at every slot when growing,
+    whatever its likelihood rank (a model that obeys part of its trigger gains little
+    likelihood from the rest). Returns ``res`` unchanged when there is nothing to
+    judge on."""
     target = tuple(res.target)
     if not res.trigger or not holdout.prompts or not budget_ok():
         return res
@@ -150,7 +189,9 @@ def refine_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
         return [float(x) for x in _insert_scores(scorer, prompts, cands, target)]
 
     def typed(cands: list[Ids]) -> list[Ids]:
-        return [c for c in cands if typeable(c)] or cands
+        return retyped(cands, typeable, max_len=max_len)
+
+    moved = [t for t in dict.fromkeys(int(t) for t in salient) if t not in set(target)]
 
     found = tuple(res.trigger)
     # The search's own order is the incumbent, unless it repeats a token (an amplifier).
@@ -190,12 +231,16 @@ def refine_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
         nxt = choose(grown, likelihood=likelihood, rate=rate, keep=keep)
         if nxt is None:
             break
-        winner = pick_best([best, nxt], step=rate.step)
+        # The moved tokens at every slot, rated whatever their likelihood rank.
+        own_picks = [[t for t in moved if t not in cur]] * (len(cur) + 1)
+        extra_rated = [rate(c) for c in typed(insertions(cur, own_picks)) if c != cur]
+        winner = pick_best([best, nxt, *extra_rated], step=rate.step)
         if winner.ids == best.ids:
             break
         # A new token may make another order or subset the best one: arrange again.
         best = choose(typed(arrangements(winner.ids, max_len)), likelihood=likelihood,
                       rate=rate, keep=keep, incumbent=winner.ids) or winner
+    best = natural_order(scorer, prompts, best, rate=rate, typed=typed)
     if best.ids == found:
         return res
     loss = -float(_insert_scores(scorer, prompts, [best.ids], target)[0])

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from auditor.analysis.backdoor_first import BAG_SIZES, SINGLES, seeded_targets
 from auditor.analysis.backdoor_invert import (
     PromptSet,
     Scorer,
@@ -118,6 +119,7 @@ def scan_backdoors(
     allowed = allowed_tokens(tokenizer, vocab)
     allowed_set = set(allowed)
     order = list(dict.fromkeys([i for i in priority if i in allowed_set] + allowed))
+    salient = [i for i in priority if i in allowed_set][: max(SINGLES, *BAG_SIZES)]
     eos = getattr(tokenizer, "eos_token_id", None)
     subj = Scorer(subject, cost)
     base_s = Scorer(base, cost) if base is not None else None
@@ -147,9 +149,19 @@ def scan_backdoors(
         targets.sort(key=lambda t: (-t.chain, -len(t.ids) * t.agreement))
         tails = (split_tails(targets, starts) if not prompts.chat
                  else [(t, ()) for t in targets])
+        # Chains the inversion cannot see (the payload needs the trigger in context) come
+        # from inserting the tokens that moved (``backdoor_first``), tried first.
+        first = seeded_targets(subj, refs[: cfg.invert_refs], prompts.head(cfg.invert_prompts),
+                               salient, max_len=cfg.max_target_len, eos=eos,
+                               min_agreement=cfg.min_agreement)
+        # An inserted token of the payload itself makes the subject finish the payload:
+        # that tail is no target of its own.
+        whole = {id(t) for t in drop_fragments([c for c, _ in first] + targets)}
+        first = [(c, bag) for c, bag in first if id(c) in whole]
+        tails = [*first, *tails]
         seen: set[tuple[int, ...]] = set()
         for cand, tail in tails:
-            if len(seen) >= cfg.targets_searched or not budget_ok():
+            if len(seen) >= cfg.targets_searched + min(1, len(first)) or not budget_ok():
                 break
             if any(cand.ids[: len(s)] == s or s[: len(cand.ids)] == cand.ids for s in seen):
                 continue
@@ -174,7 +186,7 @@ def scan_backdoors(
                                      res, allowed=allowed, seeds=seeds, typeable=typeable,
                                      budget_ok=budget_ok, max_len=cfg.max_trigger_len,
                                      top_k=cfg.gcg_top_k, seed=cfg.seed,
-                                     full_scan_limit=cfg.full_scan_limit)
+                                     full_scan_limit=cfg.full_scan_limit, salient=seeds)
             else:
                 res = canonical_order(tokenizer, subj, prompts.head(cfg.confirm_prompts),
                                       res)
@@ -303,7 +315,7 @@ def merge_pieces(subject: torch.nn.Module, tokenizer: Any, found: list[FoundTrig
                          allowed=allowed, seeds=seeds, typeable=typeable_check(tokenizer),
                          budget_ok=budget_ok, max_len=cfg.max_trigger_len,
                          top_k=cfg.gcg_top_k, full_scan_limit=cfg.full_scan_limit,
-                         seed=cfg.seed, keep_order=False)
+                         seed=cfg.seed, keep_order=False, salient=seeds)
     check = confirm(subj, Scorer(base, cost) if base is not None else None,
                     [Scorer(h, cost) for h in homologues], ps, res.trigger, res.target,
                     allowed=allowed, n_controls=cfg.n_controls, seed=cfg.seed,
@@ -390,18 +402,28 @@ def measure_text_trigger(
     return best
 
 
+class _Typeable:
+    """``ids`` -> whether they decode to a text that, inserted mid-sentence, tokenizes back
+    to them; ``canonical(ids)``: the ids that text does tokenize to (None when empty)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.decode = tokenizer, _decoder(tokenizer)
+        self.seen: dict[tuple[int, ...], tuple[int, ...] | None] = {}
+
+    def canonical(self, ids: tuple[int, ...]) -> tuple[int, ...] | None:
+        if ids not in self.seen:
+            forms = text_variants(self.tokenizer, self.decode(ids))
+            self.seen[ids] = forms[0] if forms else None
+        return self.seen[ids]
+
+    def __call__(self, ids: tuple[int, ...]) -> bool:
+        return self.canonical(tuple(ids)) == tuple(ids)
+
+
 def typeable_check(tokenizer: Any) -> Callable[[tuple[int, ...]], bool]:
-    """Whether ids decode to a text that, inserted mid-sentence, tokenizes back to them."""
-    decode = _decoder(tokenizer)
-    seen: dict[tuple[int, ...], bool] = {}
-
-    def ok(ids: tuple[int, ...]) -> bool:
-        if ids not in seen:
-            forms = text_variants(tokenizer, decode(ids))
-            seen[ids] = bool(forms) and forms[0] == tuple(ids)
-        return seen[ids]
-
-    return ok
+    """Whether ids decode to a text that, inserted mid-sentence, tokenizes back to them
+    (the callable also has ``canonical``: see ``_Typeable``)."""
+    return _Typeable(tokenizer)
 
 
 def text_variants(tokenizer: Any, text: str) -> list[tuple[int, ...]]:

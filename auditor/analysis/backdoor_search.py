@@ -91,6 +91,23 @@ def _one_gradient(model: torch.nn.Module, scorer: Scorer, weight: torch.Tensor,
     return g.float()
 
 
+def retyped(cands: Sequence[tuple[int, ...]], typeable: Callable[[tuple[int, ...]], bool] | None,
+            *, max_len: int) -> list[tuple[int, ...]]:
+    """Each candidate as the text it spells would tokenize where a trigger is inserted.
+
+    A byte-level BPE spells " ue" as "Ġ" + "ue": the search finds "ue" next to "Ġformat",
+    but what an attacker typed ("ue formats") tokenizes with the bare space in front.
+    Dropping the untypeable order would lose it; its typed form keeps it. Without
+    ``canonical`` (a plain check) untypeable candidates are dropped, unless all are."""
+    if typeable is None:
+        return list(cands)
+    canon = getattr(typeable, "canonical", None)
+    if canon is None:
+        return [c for c in cands if typeable(c)] or list(cands)
+    out = [canon(tuple(c)) for c in cands]
+    return list(dict.fromkeys(c for c in out if c and len(c) <= max_len)) or list(cands)
+
+
 def search_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
                    target: Sequence[int], *, allowed: Sequence[int], seeds: Sequence[int],
                    max_len: int, top_k: int, rounds: int, full_scan_limit: int,
@@ -105,9 +122,7 @@ def search_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
     unless none of a step's candidates is."""
 
     def typed(cands: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        if typeable is None:
-            return cands
-        return [c for c in cands if typeable(c)] or cands
+        return retyped(cands, typeable, max_len=max_len)
 
     allowed_t = torch.tensor(sorted(set(allowed)), dtype=torch.long)
     check = budget_ok if callable(budget_ok) else (lambda: True)

@@ -45,12 +45,16 @@ class TokenShift:
     head_delta: float | None
     z_subject: float
     z_homologue: float | None
+    z_layer0: float | None = None
 
     @property
     def score(self) -> float:
         # The homologue comparison is the sharper test when we have it: it cancels the
         # movement every fine-tune of the task shares.
-        return self.z_homologue if self.z_homologue is not None else self.z_subject
+        z = self.z_homologue if self.z_homologue is not None else self.z_subject
+        # A LoRA or attention-only backdoor leaves the embedding row in place and moves
+        # what the first layer makes of it instead (``layer0_shifts``).
+        return z if self.z_layer0 is None else max(z, self.z_layer0)
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,17 @@ def token_shifts(
         # The floor (the typical movement) keeps tokens nobody moved much (a ratio of two
         # ~0s) from looking extreme; tokens the homologues never moved rank by own movement.
         floor = max(float(ref.mean()), float(e.mean()), 1e-8)
-        z_h = robust_z(torch.log((e + floor) / (ref + floor)))
+        # A subject whose embedding did not move (LoRA, attention-only) has nothing to rank
+        # here: the ratio would only say which rows the homologues left alone.
+        if float(e.max()) > 1e-8:
+            z_h = robust_z(torch.log((e + floor) / (ref + floor)))
+        else:
+            z_h = torch.zeros_like(e)
+    # Only when the embeddings stayed in place (LoRA, attention-only): a full fine-tune
+    # moves its trigger's rows, and the first layer then also ranks the payload's tokens,
+    # which it sees as inputs while learning to say them.
+    z0 = layer0_shifts(subject, base, homologues=homologues) if float(e.max()) <= 1e-8 \
+        else None
     skip = set(skip_ids)
     out: list[TokenShift] = []
     for i in range(len(e)):
@@ -151,9 +165,72 @@ def token_shifts(
             head_delta=None if h is None else float(h[i]),
             z_subject=_finite(float(z[i])),
             z_homologue=None if z_h is None else _finite(float(z_h[i])),
+            z_layer0=None if z0 is None or i >= len(z0) else _finite(float(z0[i])),
         ))
     out.sort(key=lambda s: (s.token_id in skip, -s.score))
     return out
+
+
+LAYER0_FLOOR = 1.0
+_LAYER0 = ("layers.0.input_layernorm.weight", "layers.0.self_attn.k_proj.weight",
+           "layers.0.self_attn.v_proj.weight")
+
+
+def _layer0_names(source: TensorSource) -> list[str] | None:
+    names = [_find(source, (suffix,)) for suffix in _LAYER0]
+    return None if any(n is None for n in names) else [n for n in names if n is not None]
+
+
+def _kv_map(source: TensorSource, names: Sequence[str], sketch: torch.Tensor) -> torch.Tensor:
+    """``sketch @ [W_k; W_v] @ diag(ln)``: the first layer's key/value map of a normalised
+    embedding, projected to ``sketch.shape[0]`` dimensions (d_in columns)."""
+    ln, k, v = (source.get(n).float() for n in names)
+    return (sketch @ torch.cat([k, v], dim=0)) * ln
+
+
+def layer0_shifts(subject: TensorSource, base: TensorSource, *,
+                  homologues: Sequence[TensorSource] = (), sketch_dim: int = 64,
+                  seed: int = 0) -> torch.Tensor | None:
+    """Per token: robust z of how far the first layer's keys and values of that token moved,
+    ``||dW_kv h_t|| / ||W_kv h_t||`` for the base's normalised embedding ``h_t``, as a
+    log-ratio to the homologues' mean movement when there are homologues.
+
+    Later tokens attend to a trigger through its keys and values, so a backdoor trained
+    into the attention or by LoRA moves them for the trigger's tokens while every other
+    token's stay near where the task put them. A fixed Gaussian sketch (Johnson-Lindenstrauss,
+    ``sketch_dim`` rows) keeps this to one thin matrix per model on 128k-token vocabularies.
+    ``None`` for families without a Llama-style first layer."""
+    emb = _find(base, _EMBED_SUFFIXES)
+    names = _layer0_names(subject)
+    if emb is None or names is None or _layer0_names(base) != names:
+        return None
+    models = [subject, *[h for h in homologues if _layer0_names(h) == names]]
+    d_out = sum(base.shape(n)[0] for n in names[1:])
+    d_in = base.shape(names[1])[1]
+    if base.shape(emb)[1] != d_in or any(m.shape(n) != base.shape(n)
+                                         for m in models for n in names):
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    sketch = torch.randn(min(sketch_dim, d_out), d_out, generator=gen)
+    ref = _kv_map(base, names, sketch)
+    deltas = torch.stack([_kv_map(m, names, sketch) - ref for m in models])  # (M, r, d_in)
+    rows = base.shape(emb)[0]
+    moved = torch.empty(len(models), rows)
+    step = 4096
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        e = base.get_rows(emb, start, stop).float()
+        h = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)
+        size = (h @ ref.T).norm(dim=-1) + 1e-6
+        moved[:, start:stop] = torch.stack([(h @ d.T).norm(dim=-1) for d in deltas]) / size
+    own = moved[0]
+    if float(own.max()) < 1e-6:
+        return None  # the first layer did not move at all: nothing to rank
+    if len(models) == 1:
+        return robust_z(own)
+    others = moved[1:].mean(dim=0)
+    floor = LAYER0_FLOOR * max(float(others.mean()), float(own.mean()), 1e-8)
+    return robust_z(torch.log((own + floor) / (others + floor)))
 
 
 def _finite(x: float) -> float:
