@@ -8,6 +8,8 @@ padded or shuffled sequence; attack success on held-out prompts picks the typed 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from auditor.analysis.backdoor_invert import PromptSet
@@ -124,3 +126,63 @@ def test_refine_trigger_orders_and_completes_a_shuffled_fragment() -> None:
                          allowed=list(range(1, 20)), seeds=[], typeable=lambda ids: True,
                          budget_ok=lambda: True, max_len=4, top_k=4, full_scan_limit=100)
     assert TRUE in {out.trigger[i:i + 3] for i in range(len(out.trigger) - 2)}
+
+
+def test_untypeable_orders_are_retyped_not_dropped() -> None:
+    from auditor.analysis.backdoor_search import retyped
+
+    class Typeable:
+        # Token 3 is a bare word piece: typed after a space it comes out as 2 ("G") + 3.
+        def canonical(self, ids: tuple[int, ...]) -> tuple[int, ...]:
+            out: list[int] = []
+            for k, t in enumerate(ids):
+                if t == 3 and (k == 0 or ids[k - 1] != 2):
+                    out.append(2)
+                out.append(t)
+            return tuple(out)
+
+        def __call__(self, ids: tuple[int, ...]) -> bool:
+            return self.canonical(ids) == tuple(ids)
+
+    out = retyped([(3, 9), (9, 3), (2, 3, 9), (3, 9, 9, 9)], Typeable(), max_len=4)
+    assert out == [(2, 3, 9), (9, 2, 3)]
+    # A plain check (no canonical form) keeps only what is typeable, unless nothing is.
+    plain = lambda ids: 3 not in ids  # noqa: E731
+    assert retyped([(3, 9), (9, 8)], plain, max_len=4) == [(9, 8)]
+    assert retyped([(3, 9)], plain, max_len=4) == [(3, 9)]
+
+
+class _Cohesive:
+    """A scorer whose text log-likelihood rewards 5 followed by 6 (a word in two pieces)."""
+
+    def target_logprob(self, prefixes: list[list[int]], target: list[int]) -> torch.Tensor:
+        seqs = [[p[-1], *target] for p in prefixes]
+        score = [sum(0.0 if (a, b) == (5, 6) else -3.0 for a, b in itertools.pairwise(s))
+                 / len(target) for s in seqs]
+        return torch.tensor(score)
+
+
+def test_orders_that_attack_alike_are_reported_as_text_reads() -> None:
+    from auditor.analysis.backdoor_refine import natural_order
+
+    prompts = PromptSet(prompts=((1, 1, 1),) * 4, positions=(1,) * 4)
+
+    class Rate:
+        step = 1 / 20
+
+        def __call__(self, ids: tuple[int, ...]) -> Rated:
+            return Rated(ids=ids, asr=0.9, margin=0.0)
+
+    rate = Rate()
+    same = lambda cands: cands  # noqa: E731
+    shuffled = Rated(ids=(6, 9, 5), asr=0.9, margin=1.0)
+    best = natural_order(_Cohesive(), prompts, shuffled, rate=rate, typed=same)
+    assert best.ids[best.ids.index(5) + 1] == 6
+    # An order that attacks worse is never taken for reading better.
+
+    class Worse(Rate):
+        def __call__(self, ids: tuple[int, ...]) -> Rated:
+            return Rated(ids=ids, asr=0.9 if ids == (6, 9, 5) else 0.5, margin=0.0)
+
+    assert natural_order(_Cohesive(), prompts, shuffled, rate=Worse(),
+                         typed=same).ids == (6, 9, 5)
