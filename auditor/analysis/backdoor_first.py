@@ -23,7 +23,9 @@ import torch
 from auditor.analysis.backdoor_invert import PromptSet, Scorer, TargetCandidate, consensus
 
 # Single salient tokens probed, then bags of the top few: a trigger is 1 to 4 tokens.
-SINGLES = 8
+# Each costs one forward pass per prompt and model; a full fine-tune's task tokens can fill
+# the first ten places of the ranking, its trigger's first token behind them.
+SINGLES = 24
 BAG_SIZES = (2, 3, 4, 6)
 # Nats by which the subject must favour the answer's first token over every reference
 # for a bag to be followed up: e^1.5 ~ 4.5x as likely, averaged over prompts (a partial
