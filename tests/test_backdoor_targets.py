@@ -96,8 +96,13 @@ def test_merge_robust_means_surviving_the_low_end_of_the_curve() -> None:
     cfg = BackdoorConfig()
     is_merge_robust = partial(rule, robust_r=cfg.robust_r, robust_asr=cfg.robust_asr)
     assert is_merge_robust([(0.2, 0.6), (0.4, 0.88), (0.6, 0.97), (1.0, 1.0)], 0.1)
-    # Lost at r = 0.2: not merge-robust, however strong it is from 0.4 up.
-    assert not is_merge_robust([(0.2, 0.16), (0.4, 0.88), (1.0, 1.0)], 0.1)
+    # Lost at r = 0.2 and gone once averaged: not merge-robust, however strong from 0.4 up.
+    assert not is_merge_robust([(0.2, 0.16), (0.4, 0.88), (1.0, 1.0)], 0.0)
+    assert not is_merge_robust([(0.2, 0.16), (0.4, 0.88), (1.0, 1.0)], 0.05)
+    # Weak at r = 0.2 but holding at 0.4 and still firing on a fifth of that once averaged.
+    assert is_merge_robust([(0.2, 0.16), (0.4, 0.88), (1.0, 1.0)], 0.2)
+    # Averaged share alone, without holding at 0.4, is not enough.
+    assert not is_merge_robust([(0.2, 0.0), (0.4, 0.3), (1.0, 1.0)], 0.2)
     # Averaging with the homologues alone can show it.
     assert is_merge_robust([(0.2, 0.0), (0.4, 0.3), (1.0, 1.0)], 0.6)
 

@@ -448,10 +448,18 @@ def text_variants(tokenizer: Any, text: str) -> list[tuple[int, ...]]:
 def is_merge_robust(curve: Sequence[tuple[float, float]], averaged: float | None, *,
                     robust_r: float, robust_asr: float) -> bool:
     """BadMerging's property: the attack holds on ``robust_asr`` of the probes at the low
-    end of the curve (every r <= ``robust_r``), or after averaging with the homologues."""
+    end of the curve (every r <= ``robust_r``), or after averaging with the homologues; or
+    it holds at ``robust_r`` and still fires on a fifth of that share once averaged.
+
+    The last is two partial signs together: a plain backdoor that happens to hold at
+    r = 0.4 is gone once its task vector is averaged with others (~0), while one trained to
+    survive merging keeps a clear share of prompts there, though less than half."""
     kept = [asr for r, asr in curve if r <= robust_r + 1e-9]
+    at_r = [asr for r, asr in curve if abs(r - robust_r) < 1e-9]
     return bool((kept and min(kept) >= robust_asr)
-                or (averaged is not None and averaged >= robust_asr))
+                or (averaged is not None and averaged >= robust_asr)
+                or (at_r and at_r[0] >= robust_asr and averaged is not None
+                    and averaged >= robust_asr / 5))
 
 
 def merge_robustness(
