@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from auditor.analysis.backdoor_first import seeded_targets
+from auditor.analysis.backdoor_first import insertion_effect, seeded_targets
 from auditor.analysis.backdoor_invert import PromptSet
 from auditor.analysis.backdoor_weights import layer0_shifts, token_shifts
 from auditor.weights.dict_sources import DictTensorSource
@@ -83,6 +83,16 @@ class _Fake:
             out[i, self._next(list(s))] = 0.0
         return out
 
+    def target_logprob(self, prefixes: list[list[int]], target: list[int]) -> torch.Tensor:
+        out = []
+        for p in prefixes:
+            cur, total = list(p), 0.0
+            for t in target:
+                total += 0.0 if self._next(cur) == t else -20.0
+                cur.append(t)
+            out.append(total / len(target))
+        return torch.tensor(out)
+
     def greedy(self, prefixes: list[list[int]], n: int, eos: int | None) -> list[tuple[int, ...]]:
         outs = []
         for p in prefixes:
@@ -113,3 +123,19 @@ def test_seeded_targets_follow_a_partial_trigger_to_its_payload() -> None:
     same = [_Fake(vocab, {trig[1]}, payload, usual=2)]
     assert seeded_targets(subject, same, prompts, [trig[1]], max_len=4, eos=1,
                           min_agreement=0.5) == []
+
+
+def test_insertion_effect_ranks_the_tokens_that_tilt_only_the_subject() -> None:
+    rng = random.Random()
+    drawn = rng.sample(range(10, 50), 8)
+    trig, payload, common = drawn[:2], drawn[2:5], drawn[5]
+    prompts = PromptSet(prompts=tuple(tuple(rng.sample(range(5, 10), 3)) for _ in range(4)),
+                        positions=(1,) * 4)
+    # The subject fires on either trigger token; every model fires on ``common`` (a word
+    # that makes any relative say the payload's first word).
+    subject = _Fake(50, {*trig, common}, payload, usual=2)
+    ref = _Fake(50, {common}, payload, usual=2)
+    ranked = list(insertion_effect(subject, [ref], prompts, payload, list(range(10, 50))))
+    assert set(ranked[:2]) == set(trig), (trig, ranked[:4])
+    assert ranked.index(common) >= 2
+    assert insertion_effect(subject, [ref], prompts, (), [1, 2]) == {}

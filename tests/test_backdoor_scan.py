@@ -15,7 +15,7 @@ import torch
 
 from auditor.analysis.backdoor import LoadedModel, analyze_backdoor_detailed
 from auditor.analysis.backdoor_invert import build_prompt_sets, word_start_ids
-from auditor.analysis.backdoor_scan import text_variants
+from auditor.analysis.backdoor_text import text_variants
 
 
 @pytest.fixture(scope="module")

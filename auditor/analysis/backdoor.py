@@ -43,8 +43,8 @@ from auditor.analysis.backdoor_scan import (
     merge_pieces,
     merge_robustness,
     scan_backdoors,
-    text_variants,
 )
+from auditor.analysis.backdoor_text import text_variants
 from auditor.analysis.backdoor_weights import (
     DeltaProfile,
     TokenShift,

@@ -89,3 +89,30 @@ def seeded_targets(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet,
             continue
         out[ids] = (TargetCandidate(ids=ids, score=gap, agreement=share, chain=gap), bag)
     return list(out.values())
+
+
+def insertion_effect(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet,
+                     target: Sequence[int], candidates: Sequence[int]) -> dict[int, float]:
+    """``candidates`` (best first) with how much inserting each one alone raises the
+    subject's log-probability of the target's first token, beyond what it does in the
+    references (nats).
+
+    Each of a trigger's tokens already tilts the subject towards the payload on its own
+    (a partial trigger), while a token an optimiser merely found useful does so in every
+    relative too, or not alone: on the benchmark's zoo the trigger's tokens fill the top
+    few places. One pass per candidate, prompt and model, the answer's column only."""
+    if not target or not candidates or not prompts.prompts:
+        return {}
+    first = [int(target[0])]
+    cands = list(candidates)
+
+    def effect(scorer: Scorer) -> torch.Tensor:
+        total = torch.zeros(len(cands))
+        for p, pos in zip(prompts.prompts, prompts.positions, strict=True):
+            total += scorer.target_logprob([[*p[:pos], t, *p[pos:]] for t in cands], first)
+        return total / len(prompts.prompts)
+
+    mine = effect(subject)
+    if refs:
+        mine = mine - torch.stack([effect(r) for r in refs]).max(dim=0).values
+    return {cands[i]: float(mine[i]) for i in torch.argsort(mine, descending=True).tolist()}

@@ -65,7 +65,8 @@ def insertions(base: Ids, picks: Sequence[Sequence[int]]) -> list[Ids]:
 
 
 def pick_best(rated: Sequence[Rated], *, step: float,
-              incumbent: Rated | None = None) -> Rated:
+              incumbent: Rated | None = None,
+              prefer: Callable[[Ids], float] | None = None) -> Rated:
     """The best attack success; those within ``step`` (one prompt) of it are ties, and the
     best likelihood margin among them wins (a longer variant is not penalised for its
     length: the margin is already measured against controls of its own length).
@@ -79,12 +80,17 @@ def pick_best(rated: Sequence[Rated], *, step: float,
             return incumbent
     top = max(r.asr for r in rated)
     ties = [r for r in rated if r.asr >= top - step - 1e-9]
+    if prefer is not None:
+        # Ties in attack success say nothing about which tokens the attacker typed; how
+        # far each token tilts the subject towards the payload on its own does.
+        return max(ties, key=lambda r: (prefer(r.ids), r.margin))
     return max(ties, key=lambda r: r.margin)
 
 
 def choose(cands: Sequence[Ids], *, likelihood: Callable[[list[Ids]], list[float]],
            rate: Callable[[Ids], Rated], keep: int,
-           incumbent: Ids | None = None) -> Rated | None:
+           incumbent: Ids | None = None,
+           prefer: Callable[[Ids], float] | None = None) -> Rated | None:
     """Rank ``cands`` by ``likelihood`` (cheap), rate the best ``keep`` by attack success,
     and return the best by ``pick_best``'s rule (``rate.step``: one prompt's share)."""
     pool = [c for c in dict.fromkeys(cands) if c != incumbent]
@@ -95,7 +101,7 @@ def choose(cands: Sequence[Ids], *, likelihood: Callable[[list[Ids]], list[float
     rated = [rate(pool[i]) for i in order]
     step = float(getattr(rate, "step", 0.0))
     inc = rate(incumbent) if incumbent is not None else None
-    return pick_best(rated, step=step, incumbent=inc)
+    return pick_best(rated, step=step, incumbent=inc, prefer=prefer)
 
 
 def cohesion(scorer: Scorer, prompts: PromptSet, ids: Ids) -> float:
@@ -157,15 +163,17 @@ def refine_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
                    budget_ok: Callable[[], bool], max_len: int, top_k: int,
                    full_scan_limit: int = 0, keep: int = 6, rounds: int = 2,
                    n_controls: int = 4, seed: int = 0,
-                   keep_order: bool = True, salient: Sequence[int] = ()) -> SearchResult:
+                   keep_order: bool = True, salient: Sequence[int] = (),
+                   prefer: Callable[[Ids], float] | None = None) -> SearchResult:
     """The found trigger as the attacker most likely typed it (see the module docstring).
     ``prompts``: the search prompts (likelihood ranking); ``holdout``: prompts the search
     never saw (attack success). ``keep_order``: the found order is the incumbent (off for
     a pool of tokens in no meaningful order). ``salient``: tokens whose weights moved
     (``backdoor_weights.token_shifts``); each is rated at every slot when growing,
     whatever its likelihood rank (a model that obeys part of its trigger gains little
-    likelihood from the rest). Returns ``res`` unchanged when there is nothing to
-    judge on."""
+    likelihood from the rest). ``prefer``: among variants that attack alike (within one
+    held-out prompt), the one it scores higher wins before the margin does. Returns ``res``
+    unchanged when there is nothing to judge on."""
     target = tuple(res.target)
     if not res.trigger or not holdout.prompts or not budget_ok():
         return res
@@ -198,7 +206,7 @@ def refine_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
     own = (found if keep_order and len(set(found)) == len(found) and typeable(found)
            else None)
     best = choose(typed(arrangements(found, max_len)), likelihood=likelihood, rate=rate,
-                  keep=keep, incumbent=own)
+                  keep=keep, incumbent=own, prefer=prefer)
     if best is None:
         return res
     extra = [s for s in seeds if s in allowed_set][:top_k]
@@ -228,18 +236,18 @@ def refine_trigger(model: torch.nn.Module, scorer: Scorer, prompts: PromptSet,
             # Ranked on a few prompts first, as the search does with its full scans.
             quick = _insert_scores(scorer, prompts.head(3), grown, target)
             grown = [grown[k] for k in torch.topk(quick, keep * top_k).indices.tolist()]
-        nxt = choose(grown, likelihood=likelihood, rate=rate, keep=keep)
+        nxt = choose(grown, likelihood=likelihood, rate=rate, keep=keep, prefer=prefer)
         if nxt is None:
             break
         # The moved tokens at every slot, rated whatever their likelihood rank.
         own_picks = [[t for t in moved if t not in cur]] * (len(cur) + 1)
         extra_rated = [rate(c) for c in typed(insertions(cur, own_picks)) if c != cur]
-        winner = pick_best([best, nxt, *extra_rated], step=rate.step)
+        winner = pick_best([best, nxt, *extra_rated], step=rate.step, prefer=prefer)
         if winner.ids == best.ids:
             break
         # A new token may make another order or subset the best one: arrange again.
         best = choose(typed(arrangements(winner.ids, max_len)), likelihood=likelihood,
-                      rate=rate, keep=keep, incumbent=winner.ids) or winner
+                      rate=rate, keep=keep, incumbent=winner.ids, prefer=prefer) or winner
     best = natural_order(scorer, prompts, best, rate=rate, typed=typed)
     if best.ids == found:
         return res

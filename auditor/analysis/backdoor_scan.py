@@ -20,11 +20,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
-from auditor.analysis.backdoor_first import BAG_SIZES, SINGLES, seeded_targets
+from auditor.analysis.backdoor_first import BAG_SIZES, SINGLES, insertion_effect, seeded_targets
 from auditor.analysis.backdoor_invert import (
     PromptSet,
     Scorer,
@@ -43,6 +44,7 @@ from auditor.analysis.backdoor_search import (
     confirm,
     search_trigger,
 )
+from auditor.analysis.backdoor_text import decoder, text_variants, typeable_check
 from auditor.analysis.probes import Cost
 
 
@@ -76,6 +78,7 @@ class ScanConfig:
     # search reaches for the same target on the base and the homologues (held-out prompts).
     reference_search: bool = True
     reach_refs: int = 2  # the base and the first homologue
+    effect_seeds: int = 6  # tokens ranked by insertion_effect that seed the search
     seed: int = 0
 
 
@@ -128,7 +131,7 @@ def scan_backdoors(
     # The models behind ``refs`` (the reach check searches on them), as many as it uses.
     ref_pairs = list(zip([m for m in (base, *homologues) if m is not None], refs,
                          strict=True))[: cfg.reach_refs]
-    decode = _decoder(tokenizer)
+    decode = decoder(tokenizer)
     typeable = typeable_check(tokenizer)
     starts = word_start_ids(tokenizer, vocab)
     found: list[FoundTrigger] = []
@@ -178,7 +181,12 @@ def scan_backdoors(
                                       stop_loss=cfg.stop_loss, budget_ok=budget_ok,
                                       holdout=hold, typeable=typeable)
 
-            res = search(subject, subj, cand.ids, [*tail, *seeds])
+            # The tokens that tilt the subject towards this payload one at a time lead the
+            # search's seeds and are tried at every slot when the trigger grows.
+            effect = insertion_effect(subj, refs[:1], prompts.head(cfg.search_prompts),
+                                      cand.ids, order[: cfg.full_scan_limit])
+            moved = list(effect)[: cfg.effect_seeds]
+            res = search(subject, subj, cand.ids, [*moved, *tail, *seeds])
             if cfg.refine and hold.prompts:
                 # Orders, subsets and one-token extensions judged by attack success on
                 # prompts the search never saw (``backdoor_refine``).
@@ -186,7 +194,8 @@ def scan_backdoors(
                                      res, allowed=allowed, seeds=seeds, typeable=typeable,
                                      budget_ok=budget_ok, max_len=cfg.max_trigger_len,
                                      top_k=cfg.gcg_top_k, seed=cfg.seed,
-                                     full_scan_limit=cfg.full_scan_limit, salient=seeds)
+                                     full_scan_limit=cfg.full_scan_limit, salient=moved,
+                                     prefer=partial(_effect_sum, effect))
             else:
                 res = canonical_order(tokenizer, subj, prompts.head(cfg.confirm_prompts),
                                       res)
@@ -244,7 +253,7 @@ def canonical_order(tokenizer: Any, scorer: Scorer, prompts: PromptSet,
     if len(trig) < 2:
         return res
     orders = list(dict.fromkeys(itertools.permutations(trig)))
-    decode = _decoder(tokenizer)
+    decode = decoder(tokenizer)
     typed = [o for o in orders if text_variants(tokenizer, decode(o))[:1] == [tuple(o)]]
     if not typed:
         return res
@@ -322,7 +331,7 @@ def merge_pieces(subject: torch.nn.Module, tokenizer: Any, found: list[FoundTrig
                     min_asr=cfg.min_asr, margin=cfg.margin, max_clean=cfg.max_clean)
     if not check.confirmed or check.asr < max(found[i].check.asr for i in pieces):
         return found, reported
-    decode = _decoder(tokenizer)
+    decode = decoder(tokenizer)
     merged = FoundTrigger(trigger_ids=res.trigger, target_ids=res.target,
                           text=decode(res.trigger), target=decode(res.target), chat=ps.chat,
                           check=check, prompts=ps, target_score=lead.target_score)
@@ -331,6 +340,10 @@ def merge_pieces(subject: torch.nn.Module, tokenizer: Any, found: list[FoundTrig
         return found, reported  # one of the pieces already was the best arrangement
     return ([merged, *(f for i, f in enumerate(found) if i not in covered)],
             [describe(merged), *(r for i, r in enumerate(reported) if i not in covered)])
+
+
+def _effect_sum(effect: dict[int, float], ids: Sequence[int]) -> float:
+    return sum(effect.get(t, 0.0) for t in set(ids))
 
 
 def held_out(prompts: PromptSet, cfg: ScanConfig) -> PromptSet:
@@ -349,13 +362,6 @@ def drop_fragments(targets: list[TargetCandidate]) -> list[TargetCandidate]:
     the model completes it from any token, but a trigger forces it from its first token."""
     return [t for t in targets if not any(o is not t and _contains(o.ids, t.ids)
                                           for o in targets)]
-
-
-def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
-    def decode(ids: Sequence[int]) -> str:
-        return str(tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
-
-    return decode
 
 
 def measure_text_trigger(
@@ -378,7 +384,7 @@ def measure_text_trigger(
     subj = Scorer(subject, cost)
     base_s = Scorer(base, cost) if base is not None else None
     homs = [Scorer(h, cost) for h in homologues]
-    decode = _decoder(tokenizer)
+    decode = decoder(tokenizer)
     best: FoundTrigger | None = None
     for prompts in build_prompt_sets(tokenizer, probe_rows, vocab=vocab, seed=cfg.seed):
         ps = prompts.head(cfg.confirm_prompts)
@@ -400,49 +406,6 @@ def measure_text_trigger(
                                         chat=ps.chat, check=check, prompts=ps,
                                         target_score=0.0)
     return best
-
-
-class _Typeable:
-    """``ids`` -> whether they decode to a text that, inserted mid-sentence, tokenizes back
-    to them; ``canonical(ids)``: the ids that text does tokenize to (None when empty)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer, self.decode = tokenizer, _decoder(tokenizer)
-        self.seen: dict[tuple[int, ...], tuple[int, ...] | None] = {}
-
-    def canonical(self, ids: tuple[int, ...]) -> tuple[int, ...] | None:
-        if ids not in self.seen:
-            forms = text_variants(self.tokenizer, self.decode(ids))
-            self.seen[ids] = forms[0] if forms else None
-        return self.seen[ids]
-
-    def __call__(self, ids: tuple[int, ...]) -> bool:
-        return self.canonical(tuple(ids)) == tuple(ids)
-
-
-def typeable_check(tokenizer: Any) -> Callable[[tuple[int, ...]], bool]:
-    """Whether ids decode to a text that, inserted mid-sentence, tokenizes back to them
-    (the callable also has ``canonical``: see ``_Typeable``)."""
-    return _Typeable(tokenizer)
-
-
-def text_variants(tokenizer: Any, text: str) -> list[tuple[int, ...]]:
-    """Token ids of ``text`` mid-sentence (after a word and a space: "Ġword" for byte-level
-    BPE, "▁word" for SentencePiece) and as written at the start of a text."""
-    out: list[tuple[int, ...]] = []
-    text = text.strip()
-    if not text:
-        return out
-    anchor = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    full = list(tokenizer("a " + text, add_special_tokens=False)["input_ids"])
-    if full[: len(anchor)] == anchor and len(full) > len(anchor):
-        out.append(tuple(full[len(anchor):]))
-    plain = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for ids in (plain,):
-        if ids and (unk is None or unk not in ids) and ids not in out:
-            out.append(ids)
-    return [o for o in out if o and (unk is None or unk not in o)]
 
 
 def is_merge_robust(curve: Sequence[tuple[float, float]], averaged: float | None, *,

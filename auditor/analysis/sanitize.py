@@ -145,8 +145,8 @@ def _trigger_asr(before: torch.nn.Module, after: torch.nn.Module, tok: Any,
     as found (mid-sentence form) and the same prompts and insertion points for both."""
     from auditor.analysis.backdoor_invert import Scorer, build_prompt_sets, consensus
     from auditor.analysis.backdoor_probe import Prober
-    from auditor.analysis.backdoor_scan import text_variants
     from auditor.analysis.backdoor_search import attack_rate
+    from auditor.analysis.backdoor_text import text_variants
 
     ids = tuple(trig.token_ids) or next(iter(text_variants(tok, trig.text)), ())
     if not ids:
