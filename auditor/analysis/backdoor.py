@@ -81,7 +81,8 @@ class BackdoorConfig:
     gen_tokens: int = 4
     scales: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
     # Merge-robust when the attack still succeeds on at least this share of probes at the
-    # low end of the curve (r <= robust_r) or after averaging with the homologues.
+    # low end of the curve (r <= robust_r) or after averaging with the homologues, or at
+    # robust_r with a fifth of this share left once averaged (``is_merge_robust``).
     robust_r: float = 0.4
     robust_asr: float = 0.5
     max_forward_passes: int = 20_000
