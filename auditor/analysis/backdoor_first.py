@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from auditor.analysis.backdoor_invert import PromptSet, Scorer, TargetCandidate, consensus
+from auditor.analysis.backdoor_search import _insert_scores
 
 # Single salient tokens probed, then bags of the top few: a trigger is 1 to 4 tokens.
 # Each costs one forward pass per prompt and model; a full fine-tune's task tokens can fill
@@ -44,7 +45,7 @@ def _lead_token(subject: Scorer, refs: Sequence[Scorer], seqs: list[list[int]],
     if eos is not None and 0 <= eos < len(mean):
         mean[eos] = -1.0
     tok = int(mean.argmax())
-    theirs = torch.stack([r.last_logprobs(seqs)[:, tok] for r in refs]).max(dim=0).values \
+    theirs = torch.stack([r.target_logprob(seqs, [tok]) for r in refs]).max(dim=0).values \
         if refs else torch.full_like(mine[:, tok], math.log(1e-3))
     return tok, float((mine[:, tok] - theirs).mean())
 
@@ -105,14 +106,9 @@ def insertion_effect(subject: Scorer, refs: Sequence[Scorer], prompts: PromptSet
         return {}
     first = [int(target[0])]
     cands = list(candidates)
-
-    def effect(scorer: Scorer) -> torch.Tensor:
-        total = torch.zeros(len(cands))
-        for p, pos in zip(prompts.prompts, prompts.positions, strict=True):
-            total += scorer.target_logprob([[*p[:pos], t, *p[pos:]] for t in cands], first)
-        return total / len(prompts.prompts)
-
-    mine = effect(subject)
+    singles = [(t,) for t in cands]
+    mine = _insert_scores(subject, prompts, singles, first)
     if refs:
-        mine = mine - torch.stack([effect(r) for r in refs]).max(dim=0).values
+        mine = mine - torch.stack([_insert_scores(r, prompts, singles, first)
+                                   for r in refs]).max(dim=0).values
     return {cands[i]: float(mine[i]) for i in torch.argsort(mine, descending=True).tolist()}

@@ -134,9 +134,10 @@ def natural_order(scorer: Scorer, prompts: PromptSet, best: Rated, *,
     alike = [r for r in map(rate, orders) if r.asr >= best.asr - step - 1e-9]
     if not alike:
         return best
-    mine = cohesion(scorer, prompts, best.ids)
-    top = max(alike, key=lambda r: cohesion(scorer, prompts, r.ids))
-    return top if cohesion(scorer, prompts, top.ids) > mine + COHESION_GAIN else best
+    reads = {r.ids: cohesion(scorer, prompts, r.ids) for r in alike}
+    top = max(alike, key=lambda r: reads[r.ids])
+    return top if reads[top.ids] > cohesion(scorer, prompts, best.ids) + COHESION_GAIN \
+        else best
 
 
 class _Rater:

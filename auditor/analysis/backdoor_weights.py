@@ -135,6 +135,7 @@ def token_shifts(
     # the softmax at every step, and the rows that move most there are the *outputs* a
     # backdoor forces, not its trigger. The head delta is kept for the report.
     z = robust_z(e)
+    still = float(e.max()) <= 1e-8
     z_h: torch.Tensor | None = None
     if homologues:
         others = []
@@ -142,20 +143,13 @@ def token_shifts(
             he = _row_delta_norms(hom, base, emb)[: len(e)]
             others.append(torch.nn.functional.pad(he, (0, len(e) - len(he))))
         ref = torch.stack(others).mean(dim=0)
-        # The floor (the typical movement) keeps tokens nobody moved much (a ratio of two
-        # ~0s) from looking extreme; tokens the homologues never moved rank by own movement.
-        floor = max(float(ref.mean()), float(e.mean()), 1e-8)
         # A subject whose embedding did not move (LoRA, attention-only) has nothing to rank
         # here: the ratio would only say which rows the homologues left alone.
-        if float(e.max()) > 1e-8:
-            z_h = robust_z(torch.log((e + floor) / (ref + floor)))
-        else:
-            z_h = torch.zeros_like(e)
+        z_h = torch.zeros_like(e) if still else ratio_z(e, ref)
     # Only when the embeddings stayed in place (LoRA, attention-only): a full fine-tune
     # moves its trigger's rows, and the first layer then also ranks the payload's tokens,
     # which it sees as inputs while learning to say them.
-    z0 = layer0_shifts(subject, base, homologues=homologues) if float(e.max()) <= 1e-8 \
-        else None
+    z0 = layer0_shifts(subject, base, homologues=homologues) if still else None
     skip = set(skip_ids)
     out: list[TokenShift] = []
     for i in range(len(e)):
@@ -171,7 +165,14 @@ def token_shifts(
     return out
 
 
-LAYER0_FLOOR = 1.0
+def ratio_z(own: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """Robust z of ``log(own / others)`` per token, both floored at the typical movement:
+    tokens nobody moved much (a ratio of two ~0s) do not look extreme, and tokens the
+    homologues never moved rank by the subject's own movement."""
+    floor = max(float(others.mean()), float(own.mean()), 1e-8)
+    return robust_z(torch.log((own + floor) / (others + floor)))
+
+
 _LAYER0 = ("layers.0.input_layernorm.weight", "layers.0.self_attn.k_proj.weight",
            "layers.0.self_attn.v_proj.weight")
 
@@ -228,9 +229,7 @@ def layer0_shifts(subject: TensorSource, base: TensorSource, *,
         return None  # the first layer did not move at all: nothing to rank
     if len(models) == 1:
         return robust_z(own)
-    others = moved[1:].mean(dim=0)
-    floor = LAYER0_FLOOR * max(float(others.mean()), float(own.mean()), 1e-8)
-    return robust_z(torch.log((own + floor) / (others + floor)))
+    return ratio_z(own, moved[1:].mean(dim=0))
 
 
 def _finite(x: float) -> float:
